@@ -1,0 +1,30 @@
+# The two commands a newcomer needs:  make demo  (the embedded demo workflow)  and  make test.
+# Each creates the Python environment in .venv/ first if it is missing.
+VENV   := .venv
+CORES  ?= 2
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint dryrun-paper clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	snakemake --cores $(CORES) --rerun-incomplete
+	@echo "open results/report.html"
+
+test: $(VENV)/.installed
+	pytest -q
+
+lint: $(VENV)/.installed
+	snakemake --lint
+
+dryrun-paper: $(VENV)/.installed
+	snakemake -n --configfile config/retfound_paper.yaml --config missing_data=warn
+
+clean:
+	rm -rf results logs benchmarks .snakemake

@@ -1,0 +1,175 @@
+"""Configuration helpers shared by the Snakefile and the entry points.
+
+The JSON schema (``config/schema.yaml``) checks types, names and defaults; this module checks
+what a schema cannot: cross-references between sections (a task naming an unknown dataset, a
+model naming a pretraining method that is not run, ...) and paths that must exist on disk.
+It also expands the config into the DAG's fan-out (task x model x fraction x seed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+MODALITIES = ("cfp", "oct")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key."""
+
+
+def fraction_tag(fraction: float) -> str:
+    """Format a label fraction the way it appears in target paths (``0.1`` -> ``"0.1"``)."""
+    return format(float(fraction), "g")
+
+
+def dataset_path(config: dict, name: str, key: str = "path") -> Path | None:
+    """Absolute path of a dataset's ``path``/``images`` entry, resolved against ``data_root``."""
+    value = config["datasets"][name].get(key)
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        path = Path(config.get("data_root", ".")) / path
+    return path
+
+
+def semantic_errors(config: dict) -> list[str]:
+    """Every cross-reference problem in a schema-valid config, each naming its key."""
+    errors: list[str] = []
+    datasets = config["datasets"]
+    for name, ds in datasets.items():
+        if ds["source"] == "phantom" and "phantom" not in ds:
+            errors.append(f"datasets.{name}: source 'phantom' needs a 'phantom:' block")
+        if ds["source"] != "phantom" and "path" not in ds:
+            errors.append(f"datasets.{name}: source '{ds['source']}' needs 'path'")
+    pools = config["pretrain"].get("pools", {})
+    for modality, names in pools.items():
+        for name in names:
+            if name not in datasets:
+                errors.append(f"pretrain.pools.{modality}: unknown dataset '{name}'")
+            elif datasets[name]["modality"] != modality:
+                errors.append(
+                    f"pretrain.pools.{modality}: dataset '{name}' has modality "
+                    f"'{datasets[name]['modality']}'"
+                )
+    methods = set(config["pretrain"]["methods"])
+    for name, model in config["models"].items():
+        if model["init"] == "pretrained" and model.get("method") not in methods:
+            errors.append(
+                f"models.{name}: method '{model.get('method')}' is not in pretrain.methods "
+                f"{sorted(methods)}"
+            )
+        if model["init"] == "file" and not model.get("path"):
+            errors.append(f"models.{name}: init 'file' needs 'path'")
+    for name, task in config["tasks"].items():
+        ds = task["dataset"]
+        if ds not in datasets:
+            errors.append(f"tasks.{name}.dataset: unknown dataset '{ds}'")
+            continue
+        if datasets[ds]["role"] != "labelled":
+            errors.append(f"tasks.{name}.dataset: '{ds}' has role '{datasets[ds]['role']}', not 'labelled'")
+        modality = datasets[ds]["modality"]
+        if any(m["init"] == "pretrained" for m in config["models"].values()) and not pools.get(modality):
+            errors.append(f"tasks.{name}: no pretraining pool for modality '{modality}' (pretrain.pools.{modality})")
+        for ext in task.get("external", []):
+            if ext not in datasets:
+                errors.append(f"tasks.{name}.external: unknown dataset '{ext}'")
+            elif datasets[ext]["modality"] != modality:
+                errors.append(f"tasks.{name}.external: '{ext}' is {datasets[ext]['modality']}, task is {modality}")
+        if len(set(map(str, task["classes"]))) != len(task["classes"]):
+            errors.append(f"tasks.{name}.classes: duplicate class names")
+    splits = config.get("splits", {})
+    total = sum(splits.get(k, d) for k, d in (("train", 0.6), ("val", 0.2), ("test", 0.2)))
+    if abs(total - 1.0) > 1e-6:
+        errors.append(f"splits: train + val + test must be 1, got {total:g}")
+    return errors
+
+
+def missing_paths(config: dict) -> list[str]:
+    """Dataset and weight files named in the config that do not exist, as ``key: path`` lines."""
+    missing = []
+    for name, ds in config["datasets"].items():
+        if ds["source"] == "phantom":
+            continue
+        for key in ("path", "images"):
+            path = dataset_path(config, name, key)
+            if path is not None and not path.exists():
+                missing.append(f"datasets.{name}.{key}: {path}")
+    init = config["pretrain"].get("init")
+    if init and not Path(init).exists():
+        missing.append(f"pretrain.init: {init}")
+    for name, model in config["models"].items():
+        if model["init"] != "file":
+            continue
+        paths = model.get("path") or {}
+        for key, path in (paths.items() if isinstance(paths, dict) else [("", paths)]):
+            if not Path(path).exists():
+                missing.append(f"models.{name}.path{'.' + key if key else ''}: {path}")
+    return missing
+
+
+def model_weights_file(config: dict, model: str, modality: str) -> str | None:
+    """The local weights file a ``init: file`` model starts from for ``modality``."""
+    path = config["models"][model].get("path")
+    if isinstance(path, dict):
+        if modality not in path:
+            raise ConfigError(f"models.{model}.path has no entry for modality '{modality}'")
+        return path[modality]
+    return path
+
+
+def task_modality(config: dict, task: str) -> str:
+    return config["datasets"][config["tasks"][task]["dataset"]]["modality"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One downstream training run: the unit a user reruns."""
+
+    protocol: str
+    task: str
+    model: str
+    fraction: float
+    seed: int
+
+    @property
+    def dir(self) -> str:
+        return (
+            f"{self.protocol}/{self.task}/{self.model}/frac{fraction_tag(self.fraction)}/seed{self.seed}"
+        )
+
+
+def downstream_runs(config: dict, task: str | None = None) -> list[Run]:
+    """The fan-out protocol x task x model x fraction x seed (optionally for one task)."""
+    tasks = [task] if task else list(config["tasks"])
+    return [
+        Run(p, t, m, f, s)
+        for p, t, m, f, s in itertools.product(
+            config.get("protocols", ["finetune"]),
+            tasks,
+            config["models"],
+            config.get("fractions", [1.0]),
+            config.get("seeds", [0]),
+        )
+    ]
+
+
+def pretrain_runs(config: dict) -> list[tuple[str, str]]:
+    """(method, modality) pairs that some model needs."""
+    needed = set()
+    for model in config["models"].values():
+        if model["init"] != "pretrained":
+            continue
+        for task in config["tasks"]:
+            needed.add((model["method"], task_modality(config, task)))
+    return sorted(needed)
+
+
+def resources(config: dict, kind: str) -> dict:
+    """Resources for a rule kind: the ``default`` entry overlaid with the kind's entry."""
+    res = {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
+    res.update(config.get("resources", {}).get("default", {}))
+    res.update(config.get("resources", {}).get(kind, {}))
+    return res

@@ -1,0 +1,85 @@
+"""Torch datasets over prepared stores (``images.npy`` + ``manifest.parquet``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_manifest(store: Path | str) -> pd.DataFrame:
+    return pd.read_parquet(Path(store) / "manifest.parquet")
+
+
+def train_transform(size: int, crop_scale=(0.2, 1.0), hflip: bool = True) -> v2.Compose:
+    steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_float())
+
+
+def eval_transform(size: int) -> v2.Compose:
+    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_float())
+
+
+def _to_float():
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+class StoreDataset(Dataset):
+    """Rows ``indices`` of a store as (image tensor C x H x W, label) pairs.
+
+    Images are read lazily from a memory-mapped array; grayscale (OCT) images are replicated to
+    ``in_chans`` channels at model input. ``labels`` (class indices) may be None for
+    unlabelled pretraining, in which case the label is -1.
+    """
+
+    def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
+        self.images = np.load(Path(store) / "images.npy", mmap_mode="r")
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.in_chans = in_chans
+        self.aug_seed: int | None = None
+
+    def set_aug_seed(self, seed: int | None) -> None:
+        """Seed augmentations per (seed, item): identical across resumes and worker counts."""
+        self.aug_seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img = torch.from_numpy(np.array(self.images[self.indices[i]])).permute(2, 0, 1)
+        if img.shape[0] != self.in_chans:
+            img = img[:1].expand(self.in_chans, -1, -1) if self.in_chans == 3 else img.float().mean(0, keepdim=True).to(torch.uint8)
+        if self.transform is not None:
+            if self.aug_seed is not None:
+                torch.manual_seed(int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0]))
+            img = self.transform(img)
+        label = -1 if self.labels is None else int(self.labels[i])
+        return img, label
+
+
+def encode_labels(values: pd.Series, classes: list) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw label values to class indices; returns (indices, valid mask). Unknown/NaN -> invalid."""
+    lookup = {str(c): i for i, c in enumerate(classes)}
+
+    def norm(v):
+        if pd.isna(v):
+            return None
+        s = str(v)
+        if s.endswith(".0") and s[:-2].lstrip("-").isdigit():
+            s = s[:-2]
+        return lookup.get(s)
+
+    mapped = values.map(norm)
+    valid = mapped.notna().to_numpy()
+    return mapped.fillna(-1).astype(int).to_numpy(), valid
