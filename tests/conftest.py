@@ -13,3 +13,48 @@ def real_data() -> Path:
     if not REAL.is_dir():
         pytest.skip(f"real retinal sample data not found at {REAL} (only present next to CI checkouts)")
     return REAL
+
+
+WORKFLOW_FILES = ("Snakefile", "rules", "config", "config.yaml", "workflow_scripts", "src")
+
+
+def make_workdir(tmp_path: Path) -> Path:
+    """A scratch copy of the workflow (symlinks) so runs never touch the checkout's results/."""
+    work = tmp_path / "wf"
+    work.mkdir()
+    for name in WORKFLOW_FILES:
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 600):
+    """Run the snakemake CLI in ``workdir`` with the project's Python first on PATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def job_counts(stdout: str) -> dict:
+    """Parse the 'Job stats' table of a (dry-)run."""
+    counts, in_table = {}, False
+    for line in stdout.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if not parts or set(line.strip()) <= {"-", " "}:
+                if counts:
+                    break
+                continue
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+    return counts

@@ -1,0 +1,36 @@
+# retflow: retinal foundation models, from images to a report, as one Snakemake DAG.
+# Default config = the embedded demo (phantoms, tiny ViTs, CPU minutes);
+# config/retfound_paper.yaml = the RETFound paper at full scale.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# config.yaml (the demo) is the default; `--configfile X` replaces it instead of merging into it
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+container: config["container"]
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/finetune.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RESULTS}/report.html",

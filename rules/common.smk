@@ -1,0 +1,154 @@
+# Config helpers: all logic lives in retflow.config; this file only wires it into the DAG.
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from retflow import config as rfc  # noqa: E402
+
+_errors = rfc.semantic_errors(config)
+if _errors:
+    _listing = "\n  ".join(_errors)
+    raise ValueError(f"invalid config:\n  {_listing}")
+_missing = rfc.missing_paths(config)
+if _missing:
+    _listing = "\n  ".join(_missing)
+    _msg = f"missing input paths named in the config:\n  {_listing}"
+    if config["missing_data"] == "error":
+        raise ValueError(f"{_msg}\n(set missing_data: warn to dry-run without them)")
+    print(f"WARNING: {_msg}", file=sys.stderr)
+
+RESULTS = config["results"]
+DATASETS = config["datasets"]
+TASKS = config["tasks"]
+MODELS = config["models"]
+RUN_DIR = f"{RESULTS}/{{protocol}}/{{task}}/{{model}}/frac{{frac}}/seed{{seed}}"
+RUN_LOG = "{protocol}/{task}/{model}/frac{frac}/seed{seed}"
+PRETRAIN = rfc.pretrain_runs(config)
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True)
+
+
+def res(kind, key):
+    return rfc.resources(config, kind)[key]
+
+
+def store_dir(dataset):
+    return f"{RESULTS}/data/{dataset}"
+
+
+def store_manifest(dataset):
+    return f"{store_dir(dataset)}/manifest.parquet"
+
+
+def run_metrics(run):
+    """All metrics.json files of one downstream run: internal test + each external set."""
+    d = f"{RESULTS}/{run.dir}"
+    out = [f"{d}/metrics.json"]
+    out += [f"{d}/external/{ext}/metrics.json" for ext in TASKS[run.task]["external"]]
+    return out
+
+
+def all_metrics(task=None):
+    return [m for run in rfc.downstream_runs(config, task) for m in run_metrics(run)]
+
+
+def phantom_names():
+    return [n for n, d in DATASETS.items() if d["source"] == "phantom"]
+
+
+def prepare_inputs(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    if ds["source"] == "phantom":
+        return {"raw": f"{RESULTS}/raw/{wildcards.dataset}"}
+    paths = {}
+    for key in ("path", "images"):
+        p = rfc.dataset_path(config, wildcards.dataset, key)
+        if p is not None and p.exists():
+            paths[key] = str(p)
+    return paths
+
+
+def prepare_location(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    if ds["source"] == "phantom":
+        return f"{RESULTS}/raw/{wildcards.dataset}"
+    return str(rfc.dataset_path(config, wildcards.dataset, "path"))
+
+
+def images_option(wildcards):
+    p = rfc.dataset_path(config, wildcards.dataset, "images")
+    return f"--images '{p}'" if p is not None else ""
+
+
+def pretrain_settings(wildcards):
+    p = config["pretrain"]
+    settings = {
+        k: v for k, v in p.items() if k not in ("methods", "pools", "mask_ratio")
+    }
+    settings.update(
+        method=wildcards.method,
+        modality=wildcards.modality,
+        mask_ratio=p["mask_ratio"][wildcards.modality],
+        vit=config["vit"],
+        seed=config["seeds"][0],
+        device=config["device"],
+    )
+    return as_json(settings)
+
+
+def n_processes(wildcards, resources):
+    return max(1, int(resources.gpu))
+
+
+def init_checkpoint(wildcards):
+    model = MODELS[wildcards.model]
+    modality = rfc.task_modality(config, wildcards.task)
+    if model["init"] == "pretrained":
+        return f"{RESULTS}/pretrain/{model['method']}/{modality}/checkpoint.pth"
+    if model["init"] == "file":
+        path = rfc.model_weights_file(config, wildcards.model, modality)
+        return path if Path(path).exists() else []
+    return []
+
+
+def init_option(wildcards):
+    model = MODELS[wildcards.model]
+    if model["init"] == "random":
+        return ""
+    if model["init"] == "file":
+        return rfc.model_weights_file(
+            config, wildcards.model, rfc.task_modality(config, wildcards.task)
+        )
+    return init_checkpoint(wildcards)
+
+
+def finetune_settings(wildcards):
+    task = TASKS[wildcards.task]
+    settings = dict(config[wildcards.protocol])
+    settings.update(
+        task={
+            "name": wildcards.task,
+            **{k: task[k] for k in ("label", "type", "classes")},
+        },
+        vit=config["vit"],
+        protocol=wildcards.protocol,
+        fraction=float(wildcards.frac),
+        seed=int(wildcards.seed),
+        device=config["device"],
+    )
+    return as_json(settings)
+
+
+def evaluate_args(wildcards, eval_set):
+    task = TASKS[wildcards.task]
+    classes = " ".join(str(c) for c in task["classes"])
+    return (
+        f"--task {wildcards.task} --task-type {task['type']} --protocol {wildcards.protocol}"
+        f" --model {wildcards.model} --fraction {wildcards.frac} --seed {wildcards.seed}"
+        f" --eval-set {eval_set} --classes {classes}"
+        f" --n-boot {config['evaluate']['n_boot']} --boot-seed {config['evaluate']['seed']}"
+    )

@@ -1,0 +1,60 @@
+# Data stage: phantom generation (demo) and per-dataset preprocessing into a store.
+
+
+rule phantom_dataset:
+    """Generate one procedural phantom dataset (fundus photos, B-scans or NIfTI volumes)."""
+    output:
+        directory(f"{RESULTS}/raw/{{dataset}}"),
+    log:
+        "logs/data/phantom_{dataset}.log",
+    benchmark:
+        "benchmarks/data/phantom_{dataset}.tsv"
+    wildcard_constraints:
+        dataset="|".join(phantom_names()) or "no_phantoms",
+    threads: res("data", "threads")
+    resources:
+        mem_mb=res("data", "mem_mb"),
+        runtime=res("data", "runtime"),
+    params:
+        spec=lambda w: DATASETS[w.dataset]["phantom"],
+    shell:
+        "python workflow_scripts/phantoms.py --kind {params.spec[kind]} --n {params.spec[n]}"
+        " --seed {params.spec[seed]} --style {params.spec[style]} --size {params.spec[size]}"
+        " --n-slices {params.spec[n_slices]} --labelled {params.spec[labelled]}"
+        " --out {output} > {log} 2>&1"
+
+
+rule prepare_dataset:
+    """Ingest, preprocess, split by patient, check leakage, quarantine bad inputs, store."""
+    input:
+        unpack(prepare_inputs),
+    output:
+        images=f"{RESULTS}/data/{{dataset}}/images.npy",
+        manifest=f"{RESULTS}/data/{{dataset}}/manifest.parquet",
+        quarantine=f"{RESULTS}/data/{{dataset}}/quarantine.csv",
+        qc=f"{RESULTS}/data/{{dataset}}/qc.json",
+    log:
+        "logs/data/prepare_{dataset}.log",
+    benchmark:
+        "benchmarks/data/prepare_{dataset}.tsv"
+    threads: res("data", "threads")
+    resources:
+        mem_mb=res("data", "mem_mb"),
+        runtime=res("data", "runtime"),
+    params:
+        spec=lambda w: as_json(DATASETS[w.dataset]),
+        location=prepare_location,
+        images=images_option,
+        prep=as_json(config["preprocess"]),
+        splits=as_json(config["splits"]),
+        out=lambda w, output: str(Path(output.manifest).parent),
+    shell:
+        "python workflow_scripts/prepare_dataset.py --name {wildcards.dataset} --spec {params.spec:q}"
+        " --location {params.location:q} {params.images} --preprocess {params.prep:q}"
+        " --splits {params.splits:q} --out-dir {params.out} > {log} 2>&1"
+
+
+rule data_all:
+    """All prepared datasets."""
+    input:
+        [store_manifest(d) for d in DATASETS],

@@ -1,0 +1,62 @@
+# Downstream training: protocol x task x model x label fraction x seed.
+
+
+wildcard_constraints:
+    protocol="finetune|probe",
+    task="|".join(TASKS),
+    model="|".join(MODELS),
+    frac=r"[0-9.]+",
+    seed=r"\d+",
+
+
+rule finetune:
+    """Fine-tune (or linear-probe) one model on one task at one label fraction and seed."""
+    input:
+        store=lambda w: store_manifest(TASKS[w.task]["dataset"]),
+        init=init_checkpoint,
+    output:
+        best=f"{RUN_DIR}/best.pth",
+        log=f"{RUN_DIR}/train_log.csv",
+        predictions=f"{RUN_DIR}/predictions.parquet",
+    log:
+        f"logs/{RUN_LOG}/train.log",
+    benchmark:
+        f"benchmarks/{RUN_LOG}/train.tsv"
+    threads: res("finetune", "threads")
+    resources:
+        mem_mb=res("finetune", "mem_mb"),
+        runtime=res("finetune", "runtime"),
+        gpu=res("finetune", "gpu"),
+    params:
+        settings=finetune_settings,
+        store=lambda w: store_dir(TASKS[w.task]["dataset"]),
+        init=init_option,
+        out=lambda w, output: str(Path(output.best).parent),
+    shell:
+        "OMP_NUM_THREADS={threads} python workflow_scripts/finetune.py --settings {params.settings:q}"
+        " --store {params.store} --init '{params.init}' --out-dir {params.out} > {log} 2>&1"
+
+
+rule predict_external:
+    """Apply a trained model, unchanged, to an external validation set."""
+    input:
+        best=f"{RUN_DIR}/best.pth",
+        store=lambda w: store_manifest(w.external),
+    output:
+        f"{RUN_DIR}/external/{{external}}/predictions.parquet",
+    log:
+        f"logs/{RUN_LOG}/predict_{{external}}.log",
+    benchmark:
+        f"benchmarks/{RUN_LOG}/predict_{{external}}.tsv"
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    params:
+        store=lambda w: store_dir(w.external),
+        label=lambda w: TASKS[w.task]["label"],
+        device=config["device"],
+    shell:
+        "OMP_NUM_THREADS={threads} python workflow_scripts/predict.py --checkpoint {input.best}"
+        " --store {params.store} --label {params.label} --device {params.device}"
+        " --out {output} > {log} 2>&1"

@@ -1,0 +1,95 @@
+"""The workflow through Snakemake's CLI: dry-runs of every config, lint, startup errors."""
+
+import yaml
+
+from conftest import ROOT, job_counts, make_workdir, snakemake
+
+
+def out(result) -> str:
+    return result.stdout + result.stderr
+
+
+def write_config(path, edit):
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_demo_dry_run_fans_out_every_stage(tmp_path):
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "-n", "--cores", "1")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    # 3 tasks x 2 models x 2 fractions x 1 seed x 1 protocol = 12 runs, 3 with one external set each
+    assert counts["finetune"] == 12 and counts["evaluate_internal"] == 12
+    assert counts["predict_external"] == 12 and counts["evaluate_external"] == 12
+    assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 6 and counts["phantom_dataset"] == 6
+    assert counts["report"] == 1
+
+
+def test_single_run_target_and_task_rule(tmp_path):
+    work = make_workdir(tmp_path)
+    one = snakemake(work, "-n", "--cores", "1", "results/finetune/dr_grading/mae/frac0.1/seed0/metrics.json")
+    assert one.returncode == 0, one.stderr
+    counts = job_counts(one.stdout)
+    assert counts["finetune"] == 1 and counts["pretrain"] == 1 and "report" not in counts
+    task = snakemake(work, "-n", "--cores", "1", "task_oct_diagnosis")
+    assert task.returncode == 0, task.stderr
+    assert job_counts(task.stdout)["finetune"] == 4
+
+
+def test_paper_config_dry_run_reports_missing_data_and_full_job_count(tmp_path):
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", "config/retfound_paper.yaml",
+                       "--config", "missing_data=warn")
+    assert result.returncode == 0, result.stderr
+    assert "datasets.aptos2019.path: /data/retfound/downstream/APTOS2019" in out(result)
+    counts = job_counts(result.stdout)
+    # 2 protocols x 8 tasks x 3 models x 3 fractions x 5 seeds
+    assert counts["finetune"] == 720 and counts["pretrain"] == 2
+    assert counts["prepare_dataset"] == 13 and "phantom_dataset" not in counts
+    # 3 DR tasks x 2 external sets each x 90 runs
+    assert counts["predict_external"] == 540
+
+
+def test_paper_config_without_data_fails_at_startup_naming_paths(tmp_path):
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", "config/retfound_paper.yaml")
+    assert result.returncode != 0
+    assert "models.retfound.path.cfp: /data/retfound/weights/RETFound_cfp_weights.pth" in out(result)
+    assert "missing_data: warn" in out(result)
+
+
+def test_lint_is_clean(tmp_path):
+    result = snakemake(make_workdir(tmp_path), "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_typo_fails_at_startup_naming_the_key(tmp_path):
+    work = make_workdir(tmp_path)
+    bad = write_config(tmp_path / "bad.yaml", lambda c: c["finetune"].update(epochz=3))
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "'epochz' was unexpected" in out(result) and "finetune" in out(result)
+
+
+def test_unknown_dataset_reference_is_named(tmp_path):
+    work = make_workdir(tmp_path)
+    bad = write_config(tmp_path / "bad.yaml", lambda c: c["tasks"]["glaucoma"].update(dataset="cfp_clinc"))
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "tasks.glaucoma.dataset: unknown dataset 'cfp_clinc'" in out(result)
+
+
+def test_missing_dataset_path_fails_at_startup_naming_it(tmp_path):
+    work = make_workdir(tmp_path)
+
+    def add(cfg):
+        cfg["datasets"]["clinic_b"] = {"modality": "cfp", "role": "external", "source": "csv",
+                                       "path": "/nonexistent/labels.csv"}
+
+    bad = write_config(tmp_path / "bad.yaml", add)
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
+    assert result.returncode != 0
+    assert "datasets.clinic_b.path: /nonexistent/labels.csv" in out(result)

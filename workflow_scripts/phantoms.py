@@ -1,0 +1,10 @@
+"""Entry point: generate one phantom dataset."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.phantoms.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

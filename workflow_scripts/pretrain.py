@@ -1,0 +1,10 @@
+"""Entry point: MAE pretraining (launched by torchrun)."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.train.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main())
