@@ -1,0 +1,239 @@
+"""timm Vision Transformer construction and encoder-weight loading.
+
+All models are built with ``pretrained=False``: weights only ever come from
+local files given by the workflow (:func:`load_checkpoint_file`), never from
+the network.
+
+Fine-tuning recipe (RETFound / MAE ``main_finetune.py``), implemented by
+:func:`load_encoder_weights`:
+
+* the classifier uses ``global_pool="avg"``; timm then puts a LayerNorm
+  *after* pooling (``model.fc_norm``) and replaces ``model.norm`` by
+  ``nn.Identity``;
+* the pretrained encoder's final ``norm.weight`` / ``norm.bias`` are therefore
+  **discarded** and ``fc_norm`` keeps its fresh initialisation (weight 1,
+  bias 0) - exactly what RETFound does (it deletes ``model.norm`` when
+  ``global_pool`` is set and expects ``fc_norm.*`` among the missing keys);
+* the head is re-initialised with ``trunc_normal(std=2e-5)`` and zero bias.
+
+With ``global_pool="token"`` the model keeps ``norm`` and the encoder's final
+norm is loaded into it (linear-probe style / MAE-native layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from torch import nn
+from timm.layers import trunc_normal_
+from timm.models import adapt_input_conv
+from timm.models.vision_transformer import VisionTransformer
+
+from .pos_embed import interpolate_pos_embed
+
+__all__ = ["ViTSpec", "create_vit", "load_encoder_weights", "load_checkpoint_file"]
+
+#: keyword arguments :func:`create_vit` sets itself; not allowed in ``model_kwargs``.
+_RESERVED_KWARGS = frozenset(
+    {"pretrained", "img_size", "patch_size", "in_chans", "num_classes", "drop_path_rate", "global_pool"}
+)
+#: prefixes stripped (repeatedly, in any order) from checkpoint keys.
+_STRIP_PREFIXES = ("module.", "encoder.", "backbone.")
+_BLOCK_KEY = re.compile(r"^blocks\.\d+\.")
+
+
+@dataclasses.dataclass
+class ViTSpec:
+    """Architecture of a ViT encoder.
+
+    ``arch`` is a timm model name (e.g. ``"vit_large_patch16_224"``); the
+    other fields override the registered defaults.  ``model_kwargs`` carries
+    further timm ``VisionTransformer`` arguments (``embed_dim``, ``depth``,
+    ``num_heads``, ``mlp_ratio`` ...).
+    """
+
+    arch: str
+    img_size: int
+    patch_size: int
+    in_chans: int = 3
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model_kwargs = dict(self.model_kwargs or {})
+        clash = sorted(_RESERVED_KWARGS & self.model_kwargs.keys())
+        if clash:
+            raise ValueError(f"ViTSpec.model_kwargs may not set {clash}; use the dedicated fields")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ViTSpec":
+        """Build from a config mapping; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ViTSpec keys {unknown}; allowed: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (safe to store in a weights_only checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+def create_vit(
+    spec: ViTSpec, num_classes: int, drop_path_rate: float = 0.0, global_pool: str = "avg"
+) -> VisionTransformer:
+    """Create a randomly initialised timm ``VisionTransformer`` (never downloads).
+
+    ``global_pool="avg"`` gives timm's ``fc_norm`` after mean pooling of the
+    patch tokens (RETFound); ``"token"`` uses the class token and ``norm``.
+    ``num_classes=0`` yields ``head = nn.Identity()``.
+    """
+    if not timm.is_model(spec.arch):
+        raise ValueError(f"unknown timm architecture {spec.arch!r}")
+    model = timm.create_model(
+        spec.arch,
+        pretrained=False,
+        img_size=spec.img_size,
+        patch_size=spec.patch_size,
+        in_chans=spec.in_chans,
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+        global_pool=global_pool,
+        **spec.model_kwargs,
+    )
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{spec.arch!r} is not a timm VisionTransformer ({type(model).__name__})")
+    return model
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``.
+
+    Torch files are read with ``weights_only=True`` (``argparse.Namespace`` is
+    allow-listed because MAE/RETFound checkpoints store their ``args`` as one).
+    A ``{'model': sd}`` or ``{'state_dict': sd}`` wrapper is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path), device="cpu")
+    else:
+        import argparse
+
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not contain a state dict of tensors")
+    return dict(obj)
+
+
+def _strip_prefix(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _STRIP_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _is_dropped(key: str, uses_fc_norm: bool) -> bool:
+    """Keys that are never loaded into a classifier ViT."""
+    if key.startswith("decoder_") or key.startswith("decoder.") or key == "mask_token":
+        return True  # MAE decoder
+    if key.startswith("head.") or key.startswith("head_dist."):
+        return True  # classifier head of the source model
+    return uses_fc_norm and key.startswith("norm.")  # RETFound: fresh fc_norm, encoder norm discarded
+
+
+def _preview(keys: list[str], n: int = 8) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_encoder_weights(
+    vit: VisionTransformer, state_dict: Mapping[str, torch.Tensor], strict_report: bool = True
+) -> dict[str, list[str]]:
+    """Load a pretrained encoder into ``vit`` following the RETFound recipe.
+
+    Steps: strip ``module.``/``encoder.``/``backbone.`` prefixes; drop MAE
+    decoder keys (``decoder_*``, ``mask_token``) and any ``head.*``; when the
+    model pools with ``fc_norm`` (``norm`` is Identity) drop ``norm.*`` (see
+    module docstring); bicubically resize ``pos_embed`` if the patch grid
+    differs; adapt ``patch_embed.proj.weight`` to a different ``in_chans``
+    (timm ``adapt_input_conv``); then load and re-initialise the head
+    (trunc-normal std 2e-5, bias 0).
+
+    Any shape mismatch raises ``ValueError``.  Missing keys other than
+    ``head.*`` / ``fc_norm.*`` mean a wrong checkpoint: with
+    ``strict_report=True`` (default) they raise ``ValueError`` naming them;
+    with ``False`` they are only reported, but a checkpoint that provides no
+    transformer-block weight at all still raises.
+
+    Returns ``{"missing": [...], "unexpected": [...], "dropped": [...]}``
+    (``unexpected``: checkpoint keys with no place in the model, not loaded;
+    ``dropped``: keys removed on purpose as described above).
+    """
+    uses_fc_norm = isinstance(vit.norm, nn.Identity) and not isinstance(vit.fc_norm, nn.Identity)
+    target = vit.state_dict()
+    sd: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for raw_key, value in state_dict.items():
+        key = _strip_prefix(raw_key)
+        if _is_dropped(key, uses_fc_norm):
+            dropped.append(key)
+        else:
+            sd[key] = value
+
+    if "pos_embed" in sd and vit.pos_embed is not None and sd["pos_embed"].shape != vit.pos_embed.shape:
+        num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], tuple(vit.patch_embed.grid_size), num_prefix)
+
+    w_key = "patch_embed.proj.weight"
+    if w_key in sd and w_key in target and sd[w_key].ndim == 4:
+        old_c, new_c = sd[w_key].shape[1], target[w_key].shape[1]
+        if old_c != new_c:
+            sd[w_key] = adapt_input_conv(new_c, sd[w_key], base_chans=old_c)
+
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if bad_shapes:
+        raise ValueError("checkpoint does not fit this ViT (shape mismatch): " + "; ".join(bad_shapes))
+
+    missing = sorted(k for k in target if k not in sd)
+    required_missing = [k for k in missing if not (k.startswith("head.") or k.startswith("fc_norm."))]
+    if not any(_BLOCK_KEY.match(k) and k in target for k in sd):
+        raise ValueError(
+            "checkpoint provides no transformer block weights - wrong file? "
+            f"Its keys look like: {_preview(sorted(state_dict))}"
+        )
+    if required_missing and strict_report:
+        raise ValueError(
+            f"checkpoint is missing {len(required_missing)} encoder weights: {_preview(required_missing)}"
+        )
+
+    result = vit.load_state_dict(sd, strict=False)
+    if isinstance(vit.head, nn.Linear):
+        trunc_normal_(vit.head.weight, std=2e-5)
+        nn.init.zeros_(vit.head.bias)
+    return {
+        "missing": sorted(result.missing_keys),
+        "unexpected": sorted(result.unexpected_keys),
+        "dropped": sorted(dropped),
+    }

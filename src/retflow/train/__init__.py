@@ -1,0 +1,1 @@
+"""Training utilities: learning-rate schedule and atomic checkpointing."""

@@ -1,0 +1,47 @@
+"""MAE reconstruction figure: original, masked input, reconstruction (visible patches pasted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retflow.atomic import atomic_path
+from retflow.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _to_rgb(t: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (t.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, device, seed: int = 0,
+                               n: int = 6) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    count = min(n, len(dataset))
+    picks = np.random.default_rng(seed).choice(len(dataset), size=count, replace=False)
+    imgs = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
+    torch.manual_seed(seed)
+    masked, recon = model.reconstruct(imgs, mask_ratio)
+    fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5.0), squeeze=False)
+    for col in range(count):
+        for row, (title, t) in enumerate((("original", imgs[col]), ("masked", masked[col]), ("reconstruction", recon[col]))):
+            ax = axes[row][col]
+            ax.imshow(_to_rgb(t))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(title, fontsize=8)
+    fig.suptitle(f"MAE reconstructions (mask ratio {mask_ratio:g})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

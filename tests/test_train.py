@@ -1,0 +1,126 @@
+"""Pretraining (incl. interrupted + resumed runs) and fine-tuning / probing, in-process, tiny."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from retflow.train import finetune as ft
+from retflow.train import pretrain as pt
+from retflow.train.checkpoint import load_state
+
+VIT = {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8,
+       "model_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+
+
+def make_store(path, n=48, labelled=True, channels=3):
+    """Images whose class is a bright square in one of two corners; 12 patients x 4 images."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 60, (n, 32, 32, channels), dtype=np.uint8)
+    labels = np.arange(n) % 2
+    for i, y in enumerate(labels):
+        imgs[i, 4:14, (4 if y == 0 else 18):(14 if y == 0 else 28)] = 220
+    path.mkdir(parents=True)
+    np.save(path / "images.npy", imgs)
+    split = np.array(["train", "train", "val", "test"])[(np.arange(n) // 2) % 4]
+    manifest = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "patient_id": [f"p{i // 4}" for i in range(n)],
+                             "split": split if labelled else "pool", "index": np.arange(n)})
+    if labelled:
+        manifest["label"] = labels.astype(str)
+    manifest.to_parquet(path / "manifest.parquet")
+    return path
+
+
+def pretrain_cfg(**kw):
+    cfg = {"vit": VIT, "decoder": {"embed_dim": 16, "depth": 1, "num_heads": 2}, "norm_pix_loss": True,
+           "mask_ratio": 0.75, "epochs": 3, "batch_size": 8, "accum_iter": 1, "blr": 1.5e-4, "min_lr": 0.0,
+           "warmup_epochs": 1, "weight_decay": 0.05, "crop_scale": [0.5, 1.0], "init": None, "seed": 0,
+           "device": "cpu", "num_workers": 0, "checkpoint_every_steps": 0}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture
+def pool(tmp_path):
+    return str(make_store(tmp_path / "pool", labelled=False))
+
+
+def test_pretrain_writes_checkpoint_log_and_figure(pool, tmp_path):
+    out = tmp_path / "mae"
+    assert pt.run(pretrain_cfg(), [pool], out) == 0
+    state = load_state(out / "checkpoint.pth")
+    assert any(k.startswith("encoder.blocks.0") for k in state["model"])
+    log = pd.read_csv(out / "log.csv")
+    assert log.epoch.tolist() == [0, 1, 2] and np.isfinite(log.loss).all()
+    assert (out / "recon.png").stat().st_size > 1000
+
+
+class StopAfter:
+    """Stands in for SLURM's SIGUSR1: 'raised' after a given number of checks (steps)."""
+
+    def __init__(self, steps):
+        self.left = steps
+
+    @property
+    def raised(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def test_interrupted_pretraining_resumes_to_identical_weights(pool, tmp_path, monkeypatch):
+    ref = tmp_path / "ref"
+    assert pt.run(pretrain_cfg(), [pool], ref) == 0
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(pt, "StopFlag", lambda: StopAfter(8))  # mid-epoch 1 (6 steps per epoch)
+    assert pt.run(pretrain_cfg(), [pool], cut) == 143
+    saved = load_state(cut / "resume" / "last.pth")
+    assert (saved["epoch"], saved["batch"]) == (1, 3) and not (cut / "checkpoint.pth").exists()
+    monkeypatch.setattr(pt, "StopFlag", lambda: StopAfter(10**9))
+    assert pt.run(pretrain_cfg(), [pool], cut) == 0
+    a, b = load_state(ref / "checkpoint.pth")["model"], load_state(cut / "checkpoint.pth")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=f"{key} differs after resume")
+    assert pd.read_csv(cut / "log.csv").epoch.tolist() == [0, 1, 2]
+
+
+def test_nonfinite_loss_stops_with_message(pool, tmp_path, capsys):
+    assert pt.run(pretrain_cfg(blr=1e30, warmup_epochs=0), [pool], tmp_path / "nan") == 3
+    assert "loss is" in capsys.readouterr().err
+
+
+def finetune_cfg(protocol="finetune", **kw):
+    cfg = {"task": {"name": "toy", "label": "label", "type": "binary", "classes": ["0", "1"]}, "vit": VIT,
+           "protocol": protocol, "fraction": 1.0, "seed": 0, "device": "cpu", "epochs": 3, "batch_size": 8,
+           "blr": 1e-3, "layer_decay": 0.75, "weight_decay": 0.05, "drop_path": 0.1, "label_smoothing": 0.1,
+           "warmup_epochs": 1, "min_lr": 1e-6, "crop_scale": [0.8, 1.0], "min_steps": 0, "select_by": "primary"}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.parametrize("protocol", ["finetune", "probe"])
+def test_finetune_from_mae_writes_predictions(pool, tmp_path, protocol):
+    mae = tmp_path / "mae"
+    pt.run(pretrain_cfg(epochs=1), [pool], mae)
+    store = str(make_store(tmp_path / "labelled"))
+    out = tmp_path / protocol
+    assert ft.run(finetune_cfg(protocol, fraction=0.5), store, str(mae / "checkpoint.pth"), out) == 0
+    preds = pd.read_parquet(out / "predictions.parquet")
+    assert len(preds) == 12 and np.allclose(preds[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["n_train"] == 12  # half of 24 training images, stratified
+    best = load_state(out / "best.pth")
+    assert best["classes"] == ["0", "1"] and best["probe_head"] == (protocol == "probe")
+    if protocol == "probe":  # encoder frozen: block weights identical to the MAE encoder
+        enc = load_state(mae / "checkpoint.pth")["model"]["encoder.blocks.0.attn.qkv.weight"]
+        torch.testing.assert_close(best["model"]["blocks.0.attn.qkv.weight"], enc)
+
+
+def test_finetune_missing_split_is_a_clear_error(tmp_path):
+    store = make_store(tmp_path / "s")
+    manifest = pd.read_parquet(store / "manifest.parquet")
+    manifest.loc[manifest.split == "val", "label"] = "9"  # no valid val labels
+    manifest.to_parquet(store / "manifest.parquet")
+    with pytest.raises(SystemExit, match="no labelled images in split 'val'"):
+        ft.run(finetune_cfg(), str(store), None, tmp_path / "o")
