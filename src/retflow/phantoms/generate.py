@@ -1,0 +1,183 @@
+"""Write phantom datasets to disk (PNG images / NIfTI volumes + ``labels.csv``).
+
+Layouts (``out_dir`` is e.g. ``results/raw/<dataset>``):
+
+* ``cfp``: ``images/{patient}_{eye}.png`` (RGB, H = size, W = round(1.25 size)); every
+  patient has a right and a left eye (with odd ``n`` the last patient has only "R").
+  Columns ``image,patient_id,eye,dr_grade,glaucoma,cdr``.
+* ``oct``: ``images/{patient}_{eye}_{k}.png`` single grey B-scans of size x size (square so
+  that they feed the same square model input as fundus photos), 1-3 per patient, all from the
+  same eye, at positions ~ N(0, 0.15) (clipped to +-0.35) around the fovea.  Columns
+  ``image,patient_id,eye,diagnosis,drusen,irf,srf,ped``.
+* ``oct_volume``: ``volumes/{patient}_{eye}.nii.gz`` uint8 NIfTI, identity affine, array
+  axes ``(x, y, z) = (W, H, n_slices)``: ``x`` lateral, ``y`` depth (row 0 = top of the
+  B-scan), ``z`` the B-scan index with the fovea at ``z = n_slices // 2``; so
+  ``nii.get_fdata()[:, :, k].T`` is B-scan ``k`` as an (H, W) image.  1-2 eyes per patient.
+  Columns ``volume,patient_id,eye,diagnosis,drusen,irf,srf,ped`` (key signs: union over slices).
+
+With ``labelled=False`` only the id, ``patient_id`` and ``eye`` columns are written (a pool
+for self-supervised pretraining).  Everything is reproducible from ``seed``; the style does
+not enter the seed, so the same seed under styles A and B gives the same patients imaged by
+two devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .cfp import make_cfp
+from .oct import DIAGNOSES, KEY_SIGNS, render_bscan, sample_oct_eye
+
+__all__ = ["generate_dataset", "save_volume", "load_volume", "main", "KINDS", "DR_GRADE_P",
+           "GLAUCOMA_P"]
+
+KINDS = ("cfp", "oct", "oct_volume")
+DR_GRADE_P = (0.40, 0.15, 0.20, 0.15, 0.10)  # ICDR grade prevalence (per patient)
+GLAUCOMA_P = 0.30
+CDR_HEALTHY = (0.2, 0.5)
+CDR_GLAUCOMA = (0.55, 0.85)
+_ID_COLS = {"cfp": "image", "oct": "image", "oct_volume": "volume"}
+
+
+def _pid(i: int, n: int) -> str:
+    return f"P{i:0{max(4, len(str(max(n - 1, 0))))}d}"
+
+
+def _save_png(arr: np.ndarray, path: Path) -> None:
+    Image.fromarray(arr).save(path, compress_level=1)
+
+
+def save_volume(vol: np.ndarray, path: Path) -> None:
+    """Write a B-scan stack uint8 (n_slices, H, W) as NIfTI with axes (x, y, z) = (W, H, n_slices)."""
+    data = np.ascontiguousarray(np.asarray(vol, np.uint8).transpose(2, 1, 0))
+    nii = nib.Nifti1Image(data, np.eye(4))
+    nii.header.set_data_dtype(np.uint8)
+    nib.save(nii, path)
+
+
+def load_volume(path: Path) -> np.ndarray:
+    """Inverse of :func:`save_volume`: uint8 (n_slices, H, W)."""
+    data = np.asanyarray(nib.load(path).dataobj)
+    return np.ascontiguousarray(data.astype(np.uint8).transpose(2, 1, 0))
+
+
+def _cfp(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -> list[dict]:
+    n_pat = (n + 1) // 2
+    pop = np.random.default_rng(ss.spawn(1)[0])
+    rows = []
+    for i, child in enumerate(ss.spawn(n_pat)):
+        pid = _pid(i, n_pat)
+        grade = int(pop.choice(5, p=DR_GRADE_P))
+        glaucoma = int(pop.random() < GLAUCOMA_P)
+        eyes = ("R", "L") if 2 * i + 1 < n else ("R",)
+        other = int(np.clip(grade + pop.choice([-1, 0, 1], p=[0.2, 0.6, 0.2]), 0, 4))
+        for eye, g, rng in zip(eyes, (grade, other), (np.random.default_rng(c) for c in child.spawn(2))):
+            cdr = float(pop.uniform(*(CDR_GLAUCOMA if glaucoma else CDR_HEALTHY)))
+            name = f"{pid}_{eye}.png"
+            _save_png(make_cfp(rng, size, g, cdr, eye, style), out / "images" / name)
+            rows.append(dict(image=name, patient_id=pid, eye=eye, dr_grade=g, glaucoma=glaucoma,
+                             cdr=round(cdr, 3)))
+    return rows
+
+
+def _oct(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -> list[dict]:
+    pop = np.random.default_rng(ss.spawn(1)[0])
+    rows, i = [], 0
+    while len(rows) < n:
+        pid, rng = _pid(i, n), np.random.default_rng(ss.spawn(1)[0])
+        diagnosis, eye = str(pop.choice(DIAGNOSES)), str(pop.choice(["R", "L"]))
+        e = sample_oct_eye(rng, diagnosis)
+        for k in range(min(int(pop.integers(1, 4)), n - len(rows))):
+            pos = float(np.clip(pop.normal(0.0, 0.15), -0.35, 0.35))
+            img, signs = render_bscan(e, rng, (size, size), pos, style)
+            name = f"{pid}_{eye}_{k}.png"
+            _save_png(img, out / "images" / name)
+            rows.append(dict(image=name, patient_id=pid, eye=eye, diagnosis=diagnosis, **signs))
+        i += 1
+    return rows
+
+
+def _oct_volume(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int,
+                n_slices: int) -> list[dict]:
+    pop = np.random.default_rng(ss.spawn(1)[0])
+    pos = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+    rows, i = [], 0
+    while len(rows) < n:
+        pid = _pid(i, n)
+        eyes = ["R", "L"] if pop.random() < 0.5 and n - len(rows) >= 2 else [str(pop.choice(["R", "L"]))]
+        for eye in eyes:
+            rng = np.random.default_rng(ss.spawn(1)[0])
+            diagnosis = str(pop.choice(DIAGNOSES))
+            e = sample_oct_eye(rng, diagnosis)
+            vol = np.empty((n_slices, size, size), np.uint8)
+            signs = dict.fromkeys(KEY_SIGNS, 0)
+            for z, p in enumerate(pos.tolist()):
+                vol[z], s = render_bscan(e, rng, (size, size), p, style)
+                signs = {k: max(signs[k], s[k]) for k in KEY_SIGNS}
+            name = f"{pid}_{eye}.nii.gz"
+            save_volume(vol, out / "volumes" / name)
+            rows.append(dict(volume=name, patient_id=pid, eye=eye, diagnosis=diagnosis, **signs))
+        i += 1
+    return rows
+
+
+def generate_dataset(
+    kind: str, out_dir: Path, n: int, seed: int, style: str = "A", size: int = 128,
+    n_slices: int = 9, labelled: bool = True,
+) -> pd.DataFrame:
+    """Generate ``n`` images (``cfp``, ``oct``) or volumes (``oct_volume``) under ``out_dir``.
+
+    Writes the files and ``out_dir/labels.csv`` (layout in the module docstring) and returns
+    the labels table as written.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    out = Path(out_dir)
+    (out / ("volumes" if kind == "oct_volume" else "images")).mkdir(parents=True, exist_ok=True)
+    ss = np.random.SeedSequence([int(seed), KINDS.index(kind)])
+    if kind == "cfp":
+        rows = _cfp(out, n, ss, style, size)
+    elif kind == "oct":
+        rows = _oct(out, n, ss, style, size)
+    else:
+        rows = _oct_volume(out, n, ss, style, size, n_slices)
+    table = pd.DataFrame(rows)
+    if not labelled:
+        table = table[[_ID_COLS[kind], "patient_id", "eye"]]
+    table.to_csv(out / "labels.csv", index=False)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m retflow.phantoms.generate --kind cfp --n 300 --seed 1 --out DIR``."""
+    ap = argparse.ArgumentParser(prog="python -m retflow.phantoms.generate",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--kind", choices=KINDS, required=True)
+    ap.add_argument("--n", type=int, required=True, help="number of images (cfp, oct) or volumes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--style", choices=("A", "B"), default="A", help="imaging device")
+    ap.add_argument("--size", type=int, default=128, help="image height in pixels")
+    ap.add_argument("--n-slices", type=int, default=9, help="B-scans per volume (oct_volume)")
+    ap.add_argument("--unlabelled", action="store_true", help="write only id/patient/eye columns")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    table = generate_dataset(a.kind, a.out, a.n, a.seed, a.style, a.size, a.n_slices, not a.unlabelled)
+    dt = time.perf_counter() - t0
+    what = "volumes" if a.kind == "oct_volume" else "images"
+    print(f"phantoms: {len(table)} {a.kind} {what} of {table['patient_id'].nunique()} patients "
+          f"(style {a.style}, size {a.size}) -> {a.out} in {dt:.1f}s ({len(table) / dt:.0f}/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Gather workflow outputs (metrics.json, benchmarks, pretraining logs, quarantine lists) into tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+PROTOCOLS = ("finetune", "probe")
+RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
+
+
+def _num(value) -> float:
+    """JSON number or null -> float (null -> NaN)."""
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_metrics_json(path) -> dict | None:
+    """Parse one JSON file (metrics.json, qc.json); warn and return None if it is unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"skipping unreadable JSON file {path}: {exc}", stacklevel=2)
+        return None
+
+
+def collect_results(results_dir) -> pd.DataFrame:
+    """One row per ``results/{finetune,probe}/**/metrics.json``.
+
+    Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, path (the JSON file)
+    and, per metric, ``<metric>``, ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined).
+    """
+    rows = []
+    for protocol in PROTOCOLS:
+        root = Path(results_dir) / protocol
+        for path in sorted(root.glob("**/metrics.json")) if root.is_dir() else []:
+            data = load_metrics_json(path)
+            if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+                continue
+            row = {key: data.get(key) for key in RESULT_KEYS}
+            row["protocol"] = row["protocol"] or protocol
+            row["eval_set"] = row["eval_set"] or "internal"
+            row["path"] = str(path)
+            for name, m in data["metrics"].items():
+                m = m if isinstance(m, dict) else {"value": m}
+                row[name] = _num(m.get("value"))
+                row[f"{name}_lo"] = _num(m.get("ci_low"))
+                row[f"{name}_hi"] = _num(m.get("ci_high"))
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else RESULT_KEYS + ["path"])
+    if rows:
+        df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce")
+        df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
+    return df
+
+
+def collect_benchmarks(benchmarks_dir) -> pd.DataFrame:
+    """One row per Snakemake benchmark TSV under ``benchmarks_dir``.
+
+    Columns: job (path relative to the folder, without ``.tsv``), s (seconds; mean over repeats),
+    max_rss_mb (max over repeats; NaN where Snakemake wrote ``-``), cpu_time (where recorded).
+    """
+    rows = []
+    root = Path(benchmarks_dir)
+    for path in sorted(root.glob("**/*.tsv")) if root.is_dir() else []:
+        try:
+            tab = pd.read_csv(path, sep="\t", na_values=["-", "NA"])
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable benchmark file {path}: {exc}", stacklevel=2)
+            continue
+        if "s" not in tab.columns or tab.empty:
+            continue
+        rows.append(
+            {
+                "job": path.relative_to(root).with_suffix("").as_posix(),
+                "s": pd.to_numeric(tab["s"], errors="coerce").mean(),
+                "max_rss_mb": pd.to_numeric(tab.get("max_rss", pd.Series(dtype=float)), errors="coerce").max(),
+                "cpu_time": pd.to_numeric(tab.get("cpu_time", pd.Series(dtype=float)), errors="coerce").mean(),
+            }
+        )
+    return pd.DataFrame(rows, columns=["job", "s", "max_rss_mb", "cpu_time"])
+
+
+def collect_pretrain(results_dir) -> pd.DataFrame:
+    """One row per ``results/pretrain/{method}/{modality}/`` folder.
+
+    Columns: method, modality, dir, log_csv / recon_png (paths, None when absent), epochs,
+    final_loss and seconds (total of the log's ``seconds`` column) from log.csv.
+    """
+    rows = []
+    root = Path(results_dir) / "pretrain"
+    for d in sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []:
+        log, recon = d / "log.csv", d / "recon.png"
+        row = {
+            "method": d.parent.name,
+            "modality": d.name,
+            "dir": str(d),
+            "log_csv": str(log) if log.is_file() else None,
+            "recon_png": str(recon) if recon.is_file() else None,
+            "epochs": math.nan,
+            "final_loss": math.nan,
+            "seconds": math.nan,
+        }
+        if log.is_file():
+            try:
+                tab = pd.read_csv(log)
+                row["epochs"] = len(tab)
+                if "loss" in tab and len(tab):
+                    row["final_loss"] = float(tab["loss"].iloc[-1])
+                if "seconds" in tab:
+                    row["seconds"] = float(pd.to_numeric(tab["seconds"], errors="coerce").sum())
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"unreadable pretraining log {log}: {exc}", stacklevel=2)
+        rows.append(row)
+    return pd.DataFrame(
+        rows, columns=["method", "modality", "dir", "log_csv", "recon_png", "epochs", "final_loss", "seconds"]
+    )
+
+
+def collect_quarantine(results_dir) -> pd.DataFrame:
+    """Counts of rejected inputs per dataset and reason from ``results/data/*/quarantine.csv``.
+
+    Columns: dataset, reason, count (long format; empty frame when nothing was quarantined).
+    """
+    parts = []
+    for path in sorted((Path(results_dir) / "data").glob("*/quarantine.csv")):
+        try:
+            tab = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            continue
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"unreadable quarantine file {path}: {exc}", stacklevel=2)
+            continue
+        if tab.empty:
+            continue
+        reasons = tab["reason"].fillna("unknown").astype(str) if "reason" in tab else pd.Series(["unknown"] * len(tab))
+        counts = reasons.value_counts().rename_axis("reason").reset_index(name="count")
+        counts.insert(0, "dataset", path.parent.name)
+        parts.append(counts)
+    if not parts:
+        return pd.DataFrame(columns=["dataset", "reason", "count"])
+    return pd.concat(parts, ignore_index=True).sort_values(
+        ["dataset", "count"], ascending=[True, False], ignore_index=True
+    )
+
+
+def collect_qc(results_dir) -> pd.DataFrame:
+    """Per-dataset summary from ``results/data/*/qc.json``.
+
+    Columns: dataset, modality, role, n_sources, n_images, quarantined, splits (e.g.
+    ``"train 300, val 100, test 100"``). Unreadable files are skipped with a warning.
+    """
+    rows = []
+    for path in sorted((Path(results_dir) / "data").glob("*/qc.json")):
+        data = load_metrics_json(path)
+        if not isinstance(data, dict):
+            continue
+        splits = data.get("split_counts") or {}
+        rows.append(
+            {
+                "dataset": data.get("dataset", path.parent.name),
+                "modality": data.get("modality"),
+                "role": data.get("role"),
+                "n_sources": data.get("n_sources"),
+                "n_images": data.get("n_images"),
+                "quarantined": data.get("quarantined"),
+                "splits": ", ".join(f"{k} {v}" for k, v in splits.items()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["dataset", "modality", "role", "n_sources", "n_images", "quarantined", "splits"])

@@ -1,0 +1,112 @@
+"""End to end: a reduced demo through the real Snakemake CLI, with a killed + resumed pretraining.
+
+One module-scoped run (about two minutes on 2 cores): phantoms -> preprocess -> MAE pretraining
+(killed with SIGKILL mid-run, then resumed by rerunning snakemake) -> fine-tune -> external
+prediction -> evaluation -> report.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, make_workdir, snakemake
+
+PRETRAIN_TARGET = "results/pretrain/mae/cfp/checkpoint.pth"
+
+
+def reduced_config(path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    sizes = {"cfp_pool": 240, "oct_pool": 240, "cfp_clinic": 160, "oct_clinic": 120,
+             "cfp_device_b": 60, "oct_device_b": 60}
+    for name, n in sizes.items():
+        cfg["datasets"][name]["phantom"].update(n=n, size=64)
+    cfg["pretrain"].update(epochs=6, batch_size=32)
+    cfg["finetune"].update(epochs=2, min_steps=6)
+    cfg["fractions"] = [0.5]
+    cfg["evaluate"]["n_boot"] = 50
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    pids = [proc.pid] + descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("demo"))
+    config = reduced_config(work / "demo.yaml")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", PRETRAIN_TARGET, "--cores", "2",
+                             "--configfile", str(config)], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = work / "results/pretrain/mae/cfp/resume/last.pth"
+    deadline = time.time() + 300
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    kill_tree(proc)
+    killed_with_checkpoint = resume.exists() and not (work / PRETRAIN_TARGET).exists()
+    snakemake(work, "--unlock", "--configfile", str(config))
+    result = snakemake(work, "--cores", "2", "--configfile", str(config), timeout=900)
+    return {"work": work, "result": result, "killed_with_checkpoint": killed_with_checkpoint}
+
+
+def test_demo_workflow_completes(demo):
+    result = demo["result"]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_killed_pretraining_resumes_from_last_checkpoint(demo):
+    assert demo["killed_with_checkpoint"], "pretraining was not caught mid-run"
+    log = (demo["work"] / "logs/pretrain/mae_cfp.log").read_text()
+    assert "Resuming from" in log
+    epochs = pd.read_csv(demo["work"] / "results/pretrain/mae/cfp/log.csv").epoch.tolist()
+    assert epochs == list(range(6))
+
+
+def test_demo_outputs_metrics_for_every_run(demo):
+    results = demo["work"] / "results"
+    metrics = sorted(results.glob("finetune/*/*/frac0.5/seed0/**/metrics.json"))
+    assert len(metrics) == 12  # 3 tasks x 2 models x (internal + 1 external)
+    for path in metrics:
+        data = json.loads(path.read_text())
+        assert 0.0 <= data["metrics"]["accuracy"]["value"] <= 1.0
+        assert data["metrics"]["accuracy"]["ci_low"] <= data["metrics"]["accuracy"]["ci_high"]
+
+
+def test_demo_report_is_self_contained(demo):
+    html = (demo["work"] / "results/report.html").read_text()
+    for name in ("dr_grading", "glaucoma", "oct_diagnosis", "mae", "scratch", "cfp_device_b"):
+        assert name in html
+    assert "data:image/png;base64," in html
+    assert 'src="http' not in html and "href=\"http" not in html
