@@ -15,6 +15,7 @@ rule pretrain:
         "benchmarks/pretrain/{method}_{modality}.tsv"
     wildcard_constraints:
         modality="cfp|oct",
+    priority: 10  # the critical path of the DAG
     threads: res("pretrain", "threads")
     resources:
         mem_mb=res("pretrain", "mem_mb"),

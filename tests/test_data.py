@@ -127,6 +127,12 @@ def test_label_fractions_are_nested_and_stratified():
     assert set(label_fraction_indices(labels, 0.1, seed=2)) != small
 
 
+def test_file_ids_drop_double_extensions():
+    from retflow.data.ingest import file_id
+
+    assert file_id("vols/P01_R.nii.gz") == "P01_R" and file_id("a/b.PNG") == "b"
+
+
 def test_encode_labels_marks_unknown_and_nan_invalid():
     idx, valid = encode_labels(pd.Series(["0", "2", None, "7", "1.0"]), ["0", "1", "2"])
     assert idx.tolist()[:2] == [0, 2] and valid.tolist() == [True, True, False, False, True]

@@ -15,6 +15,16 @@ from pathlib import Path
 import pandas as pd
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
+MULTI_SUFFIXES = (".nii.gz",)
+
+
+def file_id(name: str) -> str:
+    """A file's id: its name without folder and extension (``P01_R.nii.gz`` -> ``P01_R``)."""
+    base = Path(name).name
+    for suffix in MULTI_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return Path(base).stem
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -55,9 +65,9 @@ def records_from_csv(csv_path: Path, image_dir: Path, spec: dict, name: str) -> 
     ]
     out = pd.DataFrame(
         {
-            "image_id": table[id_col].map(lambda s: Path(s).stem),
+            "image_id": table[id_col].map(file_id),
             "source": table[id_col].map(lambda s: str(image_dir / s)),
-            "patient_id": table[patient_col] if patient_col else table[id_col].map(lambda s: Path(s).stem),
+            "patient_id": table[patient_col] if patient_col else table[id_col].map(file_id),
             "eye": table[eye_col].fillna("") if eye_col else "",
             "given_split": "",
         }

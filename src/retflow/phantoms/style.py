@@ -41,7 +41,7 @@ class DeviceStyle:
     blur_sigma: float  # extra optical blur in pixels at 128 px (Gaussian; slow, B uses 0)
     resolution: float  # native resolution as a fraction of the output size (box down,
     #                    bilinear up: this is also the device's blur)
-    noise: float  # sensor noise (grey levels at full brightness)
+    noise: float  # sensor noise (grey levels at full brightness, at the native resolution)
     # OCT
     speckle_shape: float  # gamma-distribution shape of the speckle (smaller = stronger)
     oct_gain: float  # contrast gain before the display curve
@@ -60,7 +60,7 @@ STYLES: dict[str, DeviceStyle] = {
     ),
     "B": DeviceStyle(
         name="B", field_radius=0.44, magnification=1.18, vignette=0.6,
-        colour_gain=(0.9, 1.08, 0.72), gamma=0.88, blur_sigma=0.0, resolution=0.6, noise=4.0,
+        colour_gain=(0.9, 1.08, 0.72), gamma=0.88, blur_sigma=0.0, resolution=0.6, noise=7.0,
         speckle_shape=2.2, oct_gain=1.25, oct_gamma=0.8, oct_floor=0.05, oct_blur=0.6,
         oct_resolution=0.6,
     ),
@@ -129,27 +129,24 @@ def smooth_noise(rng: np.random.Generator, h: int, w: int, cy: float, cx: float 
 def finish_rgb(bands: np.ndarray, style: str | DeviceStyle, rng: np.random.Generator) -> np.ndarray:
     """Device pipeline for a fundus photo given as float channels (3, H, W) in [0, 1].
 
-    Lower native resolution -> optical blur -> colour cast and gamma (lookup table) -> sensor
-    noise proportional to sqrt(intensity), so the black border stays exactly black.  Returns
+    Sensor noise proportional to sqrt(intensity) (so the black border stays exactly black) ->
+    lower native resolution (box down, bilinear up: the noise is averaged like a real coarser
+    sensor's) -> optional extra blur -> colour cast and gamma (one lookup table).  Returns
     uint8 (H, W, 3).  Works channel by channel: contiguous (H, W) arrays are much faster than
     (H, W, 3) broadcasting.
     """
     st = get_style(style)
-    h = bands.shape[1]
-    cast = st.colour_gain != (1.0, 1.0, 1.0) or st.gamma != 1.0
-    if st.resolution < 1.0 or st.blur_sigma > 0.05 or cast:
-        pil = Image.merge("RGB", [Image.fromarray(_to_u8(b)) for b in bands])
-        pil = _blur(_resample(pil, st.resolution, st.resolution), st.blur_sigma * h / 128.0)
-        if cast:
-            pil = pil.point(_colour_lut(st.colour_gain, st.gamma))
-        bands = [np.asarray(b, dtype=np.float32) * (1.0 / 255.0) for b in pil.split()]
     noise = quantile_noise(rng, bands[0].shape) * (st.noise / 255.0) if st.noise > 0 else None
     out = []
     for b in bands:
         if noise is not None:
             b = b + noise * np.sqrt(np.maximum(b, 0.0))
         out.append(Image.fromarray(_to_u8(b)))
-    return np.array(Image.merge("RGB", out))
+    pil = Image.merge("RGB", out)
+    pil = _blur(_resample(pil, st.resolution, st.resolution), st.blur_sigma * bands[0].shape[0] / 128.0)
+    if st.colour_gain != (1.0, 1.0, 1.0) or st.gamma != 1.0:
+        pil = pil.point(_colour_lut(st.colour_gain, st.gamma))
+    return np.array(pil)
 
 
 def _to_u8(x: np.ndarray) -> np.ndarray:
