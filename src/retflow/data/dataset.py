@@ -58,8 +58,10 @@ class StoreDataset(Dataset):
 
     def __getitem__(self, i: int):
         img = torch.from_numpy(np.array(self.images[self.indices[i]])).permute(2, 0, 1)
-        if img.shape[0] != self.in_chans:
-            img = img[:1].expand(self.in_chans, -1, -1) if self.in_chans == 3 else img.float().mean(0, keepdim=True).to(torch.uint8)
+        if img.shape[0] == 1 and self.in_chans == 3:  # grayscale OCT into an RGB patch embed
+            img = img.expand(3, -1, -1)
+        elif img.shape[0] == 3 and self.in_chans == 1:  # colour into a 1-channel patch embed
+            img = img.float().mean(0, keepdim=True).round().to(torch.uint8)
         if self.transform is not None:
             if self.aug_seed is not None:
                 torch.manual_seed(int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0]))
