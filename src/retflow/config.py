@@ -12,9 +12,6 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-MODALITIES = ("cfp", "oct")
-
-
 class ConfigError(ValueError):
     """A configuration problem, reported with the offending key."""
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"}
 MULTI_SUFFIXES = (".nii.gz",)
 
 

@@ -237,3 +237,8 @@ def load_encoder_weights(
         "unexpected": sorted(result.unexpected_keys),
         "dropped": sorted(dropped),
     }
+
+
+def attach_probe_head(model: VisionTransformer) -> None:
+    """MAE linear probe: a BatchNorm without affine parameters before the linear head."""
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)

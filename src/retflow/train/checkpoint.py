@@ -11,34 +11,29 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from retflow.atomic import atomic_path
+
 __all__ = ["save_atomic", "load_state", "capture_rng_state", "restore_rng_state"]
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the target folder, fsync, then ``os.replace``.
+    """``torch.save`` via :func:`retflow.atomic.atomic_path`, fsynced before the rename.
 
     A crash leaves either the old file or the new one, never a partial file;
     the temp file is removed on error.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     try:  # persist the rename itself (best effort; not possible on every OS)
         dir_fd = os.open(path.parent, os.O_RDONLY)
     except OSError:

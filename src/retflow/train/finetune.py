@@ -24,17 +24,12 @@ from retflow.data.dataset import StoreDataset, eval_transform, load_manifest, tr
 from retflow.data.splits import label_fraction_indices
 from retflow.evaluate.metrics import PRIMARY_METRIC, compute_metrics
 from retflow.models.lr_decay import param_groups_lrd
-from retflow.models.vit import ViTSpec, create_vit, load_checkpoint_file, load_encoder_weights
+from retflow.models.vit import ViTSpec, attach_probe_head, create_vit, load_checkpoint_file, load_encoder_weights
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.distributed import pick_device
 from retflow.train.engine_finetune import train_one_epoch
 from retflow.train.predict import labelled_rows, predict_probs, write_predictions
 from retflow.train.sampling import loader, repeated_order
-
-
-def attach_probe_head(model) -> None:
-    """MAE linear probe: a BatchNorm without affine parameters before the linear head."""
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
 
 
 def build_model(cfg: dict, spec: ViTSpec, num_classes: int, init_path: str | None):

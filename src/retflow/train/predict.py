@@ -13,7 +13,7 @@ import torch
 
 from retflow.atomic import atomic_path
 from retflow.data.dataset import StoreDataset, encode_labels, eval_transform, load_manifest
-from retflow.models.vit import ViTSpec, create_vit
+from retflow.models.vit import ViTSpec, attach_probe_head, create_vit
 from retflow.train.checkpoint import load_state
 
 
@@ -52,7 +52,6 @@ def load_finetuned(checkpoint: Path, device):
     spec = ViTSpec.from_dict(state["spec"])
     model = create_vit(spec, num_classes=len(state["classes"]), global_pool="avg")
     if state.get("probe_head"):
-        from retflow.train.finetune import attach_probe_head
         attach_probe_head(model)
     model.load_state_dict(state["model"])
     return model.to(device), state, spec
