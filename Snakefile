@@ -15,7 +15,8 @@ if not workflow.config_settings.configfiles:
 validate(config, "config/schema.yaml")
 
 
-container: config["container"]
+# CPU image for every rule that names none; GPU rules name config["containers"]["gpu"]
+container: config["containers"]["cpu"]
 
 
 include: "rules/common.smk"

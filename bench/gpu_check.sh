@@ -9,12 +9,13 @@ WORK=$(mktemp -d)
 python3 - "$WORK" <<'PY'
 import sys, numpy as np, pandas as pd
 from pathlib import Path
+from retflow.data.store import write_images
 root = Path(sys.argv[1])
 for name, n, labelled in (("pool", 4096, False), ("clinic", 512, True)):
     d = root / name; d.mkdir()
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 255, (n, 224, 224, 3), dtype=np.uint8)
-    np.save(d / "images.npy", imgs)
+    write_images(d, imgs, shard_size=1024)
     split = np.array(["train", "train", "val", "test"])[np.arange(n) % 4]
     m = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
                       "split": split if labelled else "pool", "index": np.arange(n)})

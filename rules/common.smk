@@ -6,6 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from retflow import config as rfc  # noqa: E402
+from retflow.train import launch  # noqa: E402
+from retflow.data.labels import label_specs  # noqa: E402
 
 _errors = rfc.semantic_errors(config)
 if _errors:
@@ -20,6 +22,7 @@ if _missing:
     print(f"WARNING: {_msg}", file=sys.stderr)
 
 RESULTS = config["results"]
+CONTAINERS = config["containers"]
 DATASETS = config["datasets"]
 TASKS = config["tasks"]
 MODELS = config["models"]
@@ -79,6 +82,14 @@ def prepare_location(wildcards):
     return str(rfc.dataset_path(config, wildcards.dataset, "path"))
 
 
+def allowed_labels(wildcards):
+    return as_json(label_specs(config, wildcards.dataset))
+
+
+def leakage_report():
+    return f"{RESULTS}/data/leakage.json"
+
+
 def images_option(wildcards):
     p = rfc.dataset_path(config, wildcards.dataset, "images")
     return f"--images '{p}'" if p is not None else ""
@@ -93,15 +104,17 @@ def pretrain_settings(wildcards):
         method=wildcards.method,
         modality=wildcards.modality,
         mask_ratio=p["mask_ratio"][wildcards.modality],
-        vit=config["vit"],
+        vit=rfc.vit_settings(config, wildcards.modality),
+        normalize=rfc.normalize_settings(config, wildcards.modality),
         seed=config["seeds"][0],
         device=config["device"],
     )
     return as_json(settings)
 
 
-def n_processes(wildcards, resources):
-    return max(1, int(resources.gpu))
+def pretrain_launch(wildcards, threads):
+    """srun (nodes > 1 only) + the launcher that builds torchrun's rendezvous from SLURM's env."""
+    return launch.launcher_command(rfc.resources(config, "pretrain"), threads)
 
 
 def init_checkpoint(wildcards):
@@ -134,7 +147,10 @@ def finetune_settings(wildcards):
             "name": wildcards.task,
             **{k: task[k] for k in ("label", "type", "classes")},
         },
-        vit=config["vit"],
+        vit=rfc.vit_settings(config, rfc.task_modality(config, wildcards.task)),
+        normalize=rfc.normalize_settings(
+            config, rfc.task_modality(config, wildcards.task)
+        ),
         protocol=wildcards.protocol,
         fraction=float(wildcards.frac),
         seed=int(wildcards.seed),

@@ -30,7 +30,7 @@ rule prepare_dataset:
     input:
         unpack(prepare_inputs),
     output:
-        images=f"{RESULTS}/data/{{dataset}}/images.npy",
+        shards=directory(f"{RESULTS}/data/{{dataset}}/shards"),
         manifest=f"{RESULTS}/data/{{dataset}}/manifest.parquet",
         quarantine=f"{RESULTS}/data/{{dataset}}/quarantine.csv",
         qc=f"{RESULTS}/data/{{dataset}}/qc.json",
@@ -49,14 +49,41 @@ rule prepare_dataset:
         images=images_option,
         prep=as_json(config["preprocess"]),
         splits=as_json(config["splits"]),
+        labels=allowed_labels,
+        leakage=as_json(config["leakage"]),
         out=lambda w, output: str(Path(output.manifest).parent),
     shell:
         "python workflow_scripts/prepare_dataset.py --name {wildcards.dataset} --spec {params.spec:q}"
         " --location {params.location:q} {params.images} --preprocess {params.prep:q}"
-        " --splits {params.splits:q} --out-dir {params.out} > {log} 2>&1"
+        " --splits {params.splits:q} --labels {params.labels:q} --leakage {params.leakage:q}"
+        " --workers {threads} --out-dir {params.out} > {log} 2>&1"
+
+
+rule leakage_check:
+    """Pretraining pools and training splits against every other dataset's test images."""
+    input:
+        [store_manifest(d) for d in DATASETS],
+    output:
+        leakage_report(),
+    log:
+        "logs/data/leakage_check.log",
+    benchmark:
+        "benchmarks/data/leakage_check.tsv"
+    priority: 10
+    threads: 1
+    resources:
+        mem_mb=res("data", "mem_mb"),
+        runtime=res("data", "runtime"),
+    params:
+        leakage=as_json(config["leakage"]),
+        stores=[store_dir(d) for d in DATASETS],
+    shell:
+        "python workflow_scripts/leakage_check.py --stores {params.stores} --leakage {params.leakage:q}"
+        " --out {output} > {log} 2>&1"
 
 
 rule data_all:
-    """All prepared datasets."""
+    """All prepared datasets and the cross-dataset leakage check."""
     input:
         [store_manifest(d) for d in DATASETS],
+        leakage_report(),

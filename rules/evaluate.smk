@@ -11,6 +11,8 @@ rule evaluate_internal:
         f"logs/{RUN_LOG}/evaluate.log",
     benchmark:
         f"benchmarks/{RUN_LOG}/evaluate.tsv"
+    container:
+        CONTAINERS["cpu"]
     threads: 1
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -31,6 +33,8 @@ rule evaluate_external:
         f"logs/{RUN_LOG}/evaluate_{{external}}.log",
     benchmark:
         f"benchmarks/{RUN_LOG}/evaluate_{{external}}.tsv"
+    container:
+        CONTAINERS["cpu"]
     threads: 1
     resources:
         mem_mb=res("evaluate", "mem_mb"),

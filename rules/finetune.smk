@@ -14,6 +14,7 @@ rule finetune:
     input:
         store=lambda w: store_manifest(TASKS[w.task]["dataset"]),
         init=init_checkpoint,
+        leakage=leakage_report(),
     output:
         best=f"{RUN_DIR}/best.pth",
         log=f"{RUN_DIR}/train_log.csv",
@@ -22,11 +23,13 @@ rule finetune:
         f"logs/{RUN_LOG}/train.log",
     benchmark:
         f"benchmarks/{RUN_LOG}/train.tsv"
+    container:
+        CONTAINERS["gpu"]
     threads: res("finetune", "threads")
     resources:
-        mem_mb=res("finetune", "mem_mb"),
-        runtime=res("finetune", "runtime"),
-        gpu=res("finetune", "gpu"),
+        **launch.slurm_resources(
+            rfc.resources(config, "finetune"), checkpoint_signal=False
+        ),
     params:
         settings=finetune_settings,
         store=lambda w: store_dir(TASKS[w.task]["dataset"]),
@@ -48,6 +51,8 @@ rule predict_external:
         f"logs/{RUN_LOG}/predict_{{external}}.log",
     benchmark:
         f"benchmarks/{RUN_LOG}/predict_{{external}}.tsv"
+    container:
+        CONTAINERS["gpu"]
     threads: res("evaluate", "threads")
     resources:
         mem_mb=res("evaluate", "mem_mb"),

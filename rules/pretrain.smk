@@ -5,6 +5,7 @@ rule pretrain:
     """Masked-autoencoder pretraining under torchrun (resumes from resume/last.pth)."""
     input:
         lambda w: [store_manifest(d) for d in config["pretrain"]["pools"][w.modality]],
+        leakage=leakage_report(),
     output:
         checkpoint=f"{RESULTS}/pretrain/{{method}}/{{modality}}/checkpoint.pth",
         log=f"{RESULTS}/pretrain/{{method}}/{{modality}}/log.csv",
@@ -16,20 +17,22 @@ rule pretrain:
     wildcard_constraints:
         modality="cfp|oct",
     priority: 10  # the critical path of the DAG
+    container:
+        CONTAINERS["gpu"]
     threads: res("pretrain", "threads")
     resources:
-        mem_mb=res("pretrain", "mem_mb"),
-        runtime=res("pretrain", "runtime"),
-        gpu=res("pretrain", "gpu"),
+        # gpu + cpus_per_gpu (one node) or nodes + gres + mpi (several), and the checkpoint
+        # signal before the time limit: retflow.train.launch.slurm_resources
+        **launch.slurm_resources(rfc.resources(config, "pretrain")),
     params:
         settings=pretrain_settings,
         stores=lambda w: [store_dir(d) for d in config["pretrain"]["pools"][w.modality]],
-        nproc=n_processes,
+        launch=pretrain_launch,
         out=lambda w, output: str(Path(output.checkpoint).parent),
     shell:
-        "OMP_NUM_THREADS={threads} torchrun --standalone --nnodes=1 --nproc_per_node={params.nproc}"
-        " workflow_scripts/pretrain.py --settings {params.settings:q} --stores {params.stores}"
-        " --out-dir {params.out} > {log} 2>&1"
+        # exec: no shell between SLURM's signal and the workers that checkpoint on it
+        "exec {params.launch} workflow_scripts/pretrain.py --settings {params.settings:q}"
+        " --stores {params.stores} --out-dir {params.out} > {log} 2>&1"
 
 
 rule pretrain_all:

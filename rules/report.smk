@@ -13,6 +13,8 @@ rule report:
         "logs/report.log",
     benchmark:
         "benchmarks/report.tsv"
+    container:
+        CONTAINERS["cpu"]
     threads: 1
     resources:
         mem_mb=res("default", "mem_mb"),

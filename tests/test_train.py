@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from retflow.data.store import write_images
 from retflow.train import finetune as ft
 from retflow.train import pretrain as pt
 from retflow.train.checkpoint import load_state
@@ -23,7 +24,7 @@ def make_store(path, n=48, labelled=True, channels=3):
     for i, y in enumerate(labels):
         imgs[i, 4:14, (4 if y == 0 else 18):(14 if y == 0 else 28)] = 220
     path.mkdir(parents=True)
-    np.save(path / "images.npy", imgs)
+    write_images(path, imgs, shard_size=20)  # several shards
     split = np.array(["train", "train", "val", "test"])[(np.arange(n) // 2) % 4]
     manifest = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "patient_id": [f"p{i // 4}" for i in range(n)],
                              "split": split if labelled else "pool", "index": np.arange(n)})

@@ -170,3 +170,17 @@ def resources(config: dict, kind: str) -> dict:
     res.update(config.get("resources", {}).get("default", {}))
     res.update(config.get("resources", {}).get(kind, {}))
     return res
+
+
+def vit_settings(config: dict, modality: str) -> dict:
+    """The ``vit`` section for one modality (``in_chans`` may be given per modality)."""
+    vit = dict(config["vit"])
+    chans = vit.get("in_chans", 3)
+    vit["in_chans"] = int(chans.get(modality, 3) if isinstance(chans, dict) else chans)
+    return vit
+
+
+def normalize_settings(config: dict, modality: str) -> dict:
+    """Model-input intensity normalisation (mean/std per channel) of a modality."""
+    default = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    return dict(config.get("preprocess", {}).get(modality, {}).get("normalize") or default)

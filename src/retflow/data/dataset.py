@@ -1,4 +1,4 @@
-"""Torch datasets over prepared stores (``images.npy`` + ``manifest.parquet``)."""
+"""Torch datasets over prepared stores (image shards + ``manifest.parquet``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from retflow.data.labels import normalise_label
+from retflow.data.store import ImageStore
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -18,19 +21,34 @@ def load_manifest(store: Path | str) -> pd.DataFrame:
     return pd.read_parquet(Path(store) / "manifest.parquet")
 
 
-def train_transform(size: int, crop_scale=(0.2, 1.0), hflip: bool = True) -> v2.Compose:
+def norm_stats(normalize: dict | None, in_chans: int) -> tuple[tuple, tuple]:
+    """Per-channel (mean, std) for the model input; one value is broadcast, three are averaged
+    for a one-channel patch embedding. Default: ImageNet statistics (as RETFound)."""
+    normalize = normalize or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    out = []
+    for key in ("mean", "std"):
+        vals = [float(v) for v in normalize[key]]
+        if len(vals) != in_chans:
+            vals = [float(np.mean(vals))] * in_chans
+        out.append(tuple(vals))
+    return out[0], out[1]
+
+
+def train_transform(size: int, crop_scale=(0.2, 1.0), hflip: bool = True, normalize: dict | None = None,
+                    in_chans: int = 3) -> v2.Compose:
     steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_float())
+    return v2.Compose(steps + _to_float(normalize, in_chans))
 
 
-def eval_transform(size: int) -> v2.Compose:
-    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_float())
+def eval_transform(size: int, normalize: dict | None = None, in_chans: int = 3) -> v2.Compose:
+    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_float(normalize, in_chans))
 
 
-def _to_float():
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+def _to_float(normalize: dict | None, in_chans: int):
+    mean, std = norm_stats(normalize, in_chans)
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 class StoreDataset(Dataset):
@@ -42,7 +60,7 @@ class StoreDataset(Dataset):
     """
 
     def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
-        self.images = np.load(Path(store) / "images.npy", mmap_mode="r")
+        self.images = ImageStore(store)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -57,7 +75,7 @@ class StoreDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(np.array(self.images[self.indices[i]])).permute(2, 0, 1)
+        img = torch.from_numpy(self.images[int(self.indices[i])]).permute(2, 0, 1)
         if img.shape[0] == 1 and self.in_chans == 3:  # grayscale OCT into an RGB patch embed
             img = img.expand(3, -1, -1)
         elif img.shape[0] == 3 and self.in_chans == 1:  # colour into a 1-channel patch embed
@@ -73,15 +91,6 @@ class StoreDataset(Dataset):
 def encode_labels(values: pd.Series, classes: list) -> tuple[np.ndarray, np.ndarray]:
     """Map raw label values to class indices; returns (indices, valid mask). Unknown/NaN -> invalid."""
     lookup = {str(c): i for i, c in enumerate(classes)}
-
-    def norm(v):
-        if pd.isna(v):
-            return None
-        s = str(v)
-        if s.endswith(".0") and s[:-2].lstrip("-").isdigit():
-            s = s[:-2]
-        return lookup.get(s)
-
-    mapped = values.map(norm)
+    mapped = values.map(lambda v: lookup.get(normalise_label(v)))
     valid = mapped.notna().to_numpy()
     return mapped.fillna(-1).astype(int).to_numpy(), valid

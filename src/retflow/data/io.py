@@ -1,12 +1,21 @@
-"""Reading images and OCT volumes, with failures classified into quarantine reasons."""
+"""Reading 2-D images, with every failure classified into a quarantine reason.
+
+OCT volumes are read by :mod:`retflow.data.volumes`; both raise :class:`UnreadableInput`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+# PIL modes and how they become uint8 (H, W) or (H, W, 3)
+GRAY_MODES = {"L", "1", "LA", "La"}
+COLOUR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr"}
+HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 class UnreadableInput(Exception):
@@ -27,72 +36,74 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """Read an image as uint8 (H, W) or (H, W, 3); 16-bit is rescaled, alpha dropped."""
+def source_digest(path: Path | str) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, sorted) for B-scan folders."""
     path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode())
+        digest.update(bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()
+
+
+def check_file(path: Path) -> None:
+    """Raise the quarantine reason for a path that is not a non-empty regular file."""
     if not path.exists():
         raise UnreadableInput(path, "missing_file")
+    if not path.is_file():
+        raise UnreadableInput(path, "not_a_file", "a directory or special file")
     if path.stat().st_size == 0:
         raise UnreadableInput(path, "zero_bytes")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() if arr.max() > 0 else 1.0
-                return np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
-    except UnidentifiedImageError as exc:
-        raise UnreadableInput(path, "not_an_image", str(exc)) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UnreadableInput(path, "truncated_or_corrupt", str(exc)) from None
 
 
-def read_volume(path: Path | str) -> np.ndarray:
-    """Read an OCT volume as (n_bscans, H, W) float array.
+def _to_array(im: Image.Image, path: Path) -> np.ndarray:
+    mode = im.mode
+    if mode in HIGH_DEPTH_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return np.clip((arr - lo) * scale, 0, 255).astype(np.uint8)
+    if mode in GRAY_MODES:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if mode in COLOUR_MODES or im.mode in COLOUR_MODES:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    raise UnreadableInput(path, "wrong_mode", f"PIL mode {mode}")
 
-    NIfTI files follow retflow's convention: array axes (x, y, z) = (A-scan, depth, B-scan);
-    ``.npy``/``.npz`` stacks are (n_bscans, H, W) already (first array of an npz).
+
+def read_image(path: Path | str, draft_size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an image as uint8 (H, W) or (H, W, 3); returns ``(array, (orig_h, orig_w))``.
+
+    16-bit and 32-bit integer images are min/max-scaled to 8 bits, alpha is dropped, palette
+    and CMYK are converted to RGB, bilevel masks become 0/255. ``draft_size`` lets JPEG decode at
+    a reduced scale that is still at least that many pixels on the short side (much faster for
+    large fundus photos that are resized anyway). Multi-frame files (animated GIF, multi-page
+    TIFF) are refused: a stack of frames is a volume, not an image.
     """
     path = Path(path)
-    if not path.exists():
-        raise UnreadableInput(path, "missing_file")
-    if path.stat().st_size == 0:
-        raise UnreadableInput(path, "zero_bytes")
-    name = path.name.lower()
+    check_file(path)
     try:
-        if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            data = np.asarray(nib.load(str(path)).dataobj)
-            if data.ndim == 2:
-                data = data[:, :, None]
-            if data.ndim != 3:
-                raise UnreadableInput(path, "wrong_shape", f"NIfTI with {data.ndim} dims")
-            return np.transpose(data, (2, 1, 0))
-        if name.endswith(".npy"):
-            data = np.load(path, allow_pickle=False)
-        elif name.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                data = z[z.files[0]]
-        else:
-            raise UnreadableInput(path, "unsupported_volume_format", path.suffix)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                orig = (im.height, im.width)
+                n_frames = getattr(im, "n_frames", 1)
+                if n_frames > 1:
+                    raise UnreadableInput(path, "multi_frame", f"{n_frames} frames; declare it as a volume")
+                if draft_size and im.format == "JPEG" and min(orig) > draft_size:
+                    factor = draft_size / min(orig)  # PIL keeps the decoded size >= the request
+                    im.draft(im.mode, (int(np.ceil(orig[1] * factor)), int(np.ceil(orig[0] * factor))))
+                im.load()
+                return _to_array(im, path), orig
     except UnreadableInput:
         raise
-    except Exception as exc:  # a reader refusing a file is a quarantine reason, never a crash
-        raise UnreadableInput(path, "unreadable_volume", f"{type(exc).__name__}: {exc}") from None
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise UnreadableInput(path, "wrong_shape", f"array with {data.ndim} dims")
-    return data
-
-
-def central_bscans(volume: np.ndarray, k: int) -> list[tuple[int, np.ndarray]]:
-    """The ``k`` B-scans around the volume's centre (the fovea in macular scans), with indices."""
-    n = volume.shape[0]
-    k = min(k, n)
-    start = (n - k) // 2
-    return [(i, volume[i]) for i in range(start, start + k)]
+    except UnidentifiedImageError as exc:
+        raise UnreadableInput(path, "not_an_image", str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableInput(path, "too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise UnreadableInput(path, reason, f"{type(exc).__name__}: {exc}") from None

@@ -1,8 +1,11 @@
-"""Prepare one dataset: ingest -> preprocess -> patient-level split -> checks -> store.
+"""Prepare one dataset: ingest -> check labels -> preprocess -> split by patient -> leakage -> store.
 
-Writes ``images.npy`` (uint8 N x H x W x C), ``manifest.parquet``, ``quarantine.csv`` and
-``qc.json`` into the output folder. Unusable inputs are quarantined with a reason, never
-dropped silently; the step fails only when the quarantined fraction exceeds the configured limit.
+Writes into the output folder: ``shards/`` (uint8 image shards, see :mod:`retflow.data.store`),
+``manifest.parquet`` (one row per stored image), ``quarantine.csv`` (every input or label that
+was not used, with its reason) and ``qc.json`` (counts for the report). Nothing is dropped
+silently: an unusable file, a bad label or an unknown eye value is a row in ``quarantine.csv``;
+the step fails only when the fraction of quarantined inputs exceeds
+``preprocess.max_quarantine_fraction`` or when a leakage check set to ``error`` fires.
 """
 
 from __future__ import annotations
@@ -10,123 +13,148 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from retflow.atomic import atomic_path, write_json
-from retflow.data.ingest import DatasetError, is_volume_dataset, list_records
-from retflow.data.io import UnreadableInput, central_bscans, read_image, read_volume, sha256_file
-from retflow.data.preprocess import preprocess_cfp, preprocess_oct
-from retflow.data.splits import patient_split
+from retflow.data import leakage
+from retflow.data.ingest import DatasetError, is_volume_dataset, label_columns, list_records, unlisted_files
+from retflow.data.io import UnreadableInput
+from retflow.data.labels import check_labels
+from retflow.data.preprocess import process_record
+from retflow.data.splits import complete_given_splits, patient_split
+from retflow.data.store import ShardWriter
 
-BASE_COLUMNS = ("image_id", "source", "patient_id", "eye", "given_split")
-
-
-class LeakageError(ValueError):
-    """The same patient or the same image appears in two splits."""
-
-
-def _preprocess_record(rec: dict, spec: dict, prep: dict, volume: bool):
-    """Yield (row, image) pairs for one record (several for a multi-B-scan volume)."""
-    modality = spec["modality"]
-    min_side = prep.get("min_side", 32)
-    if volume:
-        vol = read_volume(rec["source"])
-        if min(vol.shape[1:]) < min_side:
-            raise UnreadableInput(rec["source"], "too_small", f"B-scan {vol.shape[1:]}")
-        k = prep["oct"].get("bscans", 1)
-        for index, bscan in central_bscans(vol, k):
-            img, info = preprocess_oct(bscan, prep["oct"]["size"])
-            suffix = f"_b{index:03d}" if k > 1 else ""
-            yield {**rec, "image_id": rec["image_id"] + suffix, "frame": index, **info}, img
-        return
-    raw = read_image(rec["source"])
-    if min(raw.shape[:2]) < min_side:
-        raise UnreadableInput(rec["source"], "too_small", f"{raw.shape[1]}x{raw.shape[0]}")
-    if modality == "cfp":
-        img, info = preprocess_cfp(raw, prep["cfp"]["size"], prep["cfp"].get("crop_border", True))
-    else:
-        img, info = preprocess_oct(raw, prep["oct"]["size"])
-    yield {**rec, "frame": -1, **info}, img
+QUARANTINE_COLUMNS = ["image_id", "source", "reason", "detail", "column", "scope"]
 
 
-def assign_splits(manifest: pd.DataFrame, role: str, label_columns: list[str], splits: dict) -> pd.Series:
+def assign_splits(manifest: pd.DataFrame, spec: dict, labels: list[str], splits: dict) -> pd.Series:
+    role = spec["role"]
     if role == "pretrain":
-        return pd.Series("pool", index=manifest.index)
+        return pd.Series("pool", index=manifest.index, name="split")
     if role == "external":
-        return pd.Series("test", index=manifest.index)
-    given = manifest["given_split"]
-    if (given != "").all():
-        return given.rename("split")
-    strata = manifest[label_columns[0]] if label_columns else None
-    return patient_split(manifest["patient_id"], strata, splits, splits.get("seed", 0))
+        return pd.Series("test", index=manifest.index, name="split")
+    strata = manifest[labels[0]].astype(str) if labels else None
+    seed = splits.get("seed", 0)
+    if (manifest["given_split"] != "").all():
+        return complete_given_splits(manifest["given_split"], manifest["patient_id"], strata, splits, seed)
+    return patient_split(manifest["patient_id"], strata, splits, seed)
 
 
-def check_leakage(manifest: pd.DataFrame) -> list[str]:
-    """Problems where a patient or an identical source file is in more than one split."""
-    problems = []
-    per_patient = manifest.groupby("patient_id")["split"].nunique()
-    for patient in per_patient[per_patient > 1].index[:20]:
-        splits = sorted(manifest.loc[manifest.patient_id == patient, "split"].unique())
-        problems.append(f"patient {patient} in splits {splits}")
-    per_hash = manifest.groupby("sha256")["split"].nunique()
-    for digest in per_hash[per_hash > 1].index[:20]:
-        ids = manifest.loc[manifest.sha256 == digest, "image_id"].tolist()
-        problems.append(f"identical image in several splits: {ids}")
-    return problems
+def _work(rec: dict, modality: str, prep: dict, volume: bool):
+    """Worker: ``("ok", rows, images)`` or ``("bad", reason, detail)``; never raises."""
+    try:
+        rows, images = process_record(rec, modality, prep, volume)
+        return "ok", rows, images
+    except UnreadableInput as exc:
+        return "bad", exc.reason, exc.detail
+    except MemoryError:
+        return "bad", "too_large", "out of memory while decoding"
+    except Exception as exc:  # a library failing on one odd file must not lose the dataset
+        return "bad", "unreadable", f"{type(exc).__name__}: {exc}"
+
+
+def _map(records: list[dict], worker, workers: int):
+    if workers <= 1 or len(records) < 8:
+        yield from map(worker, records)
+        return
+    with get_context("spawn").Pool(workers) as pool:  # spawn: no fork of a threaded parent
+        yield from pool.imap(worker, records, chunksize=max(1, min(32, len(records) // (8 * workers))))
+
+
+def _quarantine_row(rec: dict, reason: str, detail: str, column: str = "", scope: str = "input") -> dict:
+    return {"image_id": rec["image_id"], "source": rec["source"], "reason": reason, "detail": detail,
+            "column": column, "scope": scope}
 
 
 def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep: dict,
-            splits: dict, out_dir: Path) -> dict:
+            splits: dict, out_dir: Path, allowed_labels: dict | None = None, leakage_cfg: dict | None = None,
+            workers: int = 1) -> dict:
+    t0 = time.perf_counter()
     records = list_records(name, spec, location, image_dir)
-    label_columns = [c for c in records.columns if c not in BASE_COLUMNS]
-    volume = is_volume_dataset(spec)
-    rows, images, quarantine = [], [], []
-    for rec in records.to_dict("records"):
-        try:
-            digest = sha256_file(rec["source"])
-            for row, img in _preprocess_record(rec, spec, prep, volume):
-                rows.append({**row, "sha256": digest})
-                images.append(img)
-        except (UnreadableInput, FileNotFoundError) as exc:
-            reason = getattr(exc, "reason", "missing_file")
-            quarantine.append({"source": rec["source"], "image_id": rec["image_id"], "reason": reason,
-                               "detail": getattr(exc, "detail", str(exc))})
-    n_total = len(records)
-    frac = len(quarantine) / max(1, n_total)
-    limit = prep.get("max_quarantine_fraction", 0.05)
+    records, label_problems = check_labels(records, allowed_labels or {})
+    labels = label_columns(records)
+    quarantine = [_quarantine_row(p, p["reason"], p["detail"], p["column"], "label") for p in label_problems]
+    if "eye_unknown" in records:
+        for rec in records[records["eye_unknown"] != ""].to_dict("records"):
+            quarantine.append(_quarantine_row(rec, "unknown_eye", f"eye value {rec['eye_unknown']!r}", "eye", "label"))
+        records = records.drop(columns="eye_unknown")
+    flagged = records[records["issue"] != ""]
+    for rec in flagged.to_dict("records"):
+        quarantine.append(_quarantine_row(rec, rec["issue"], rec["issue_detail"]))
+    todo = records[records["issue"] == ""].drop(columns=["issue", "issue_detail"]).to_dict("records")
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    qdf = pd.DataFrame(quarantine, columns=["source", "image_id", "reason", "detail"])
+    writer = ShardWriter(out_dir, prep.get("shard_size", 4096))
+    rows = []
+    worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec))
+    try:
+        for rec, result in zip(todo, _map(todo, worker, workers)):
+            if result[0] == "bad":
+                quarantine.append(_quarantine_row(rec, result[1], result[2]))
+                continue
+            for row, img in zip(result[1], result[2]):
+                row["index"] = writer.add(img)
+                rows.append(row)
+    except BaseException:
+        writer.abort()
+        raise
+    n_total = len(records)
+    qdf = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
     with atomic_path(out_dir / "quarantine.csv") as tmp:
         qdf.to_csv(tmp, index=False)
+    inputs_out = qdf.loc[qdf.scope == "input", "source"].nunique()
+    frac = inputs_out / max(1, n_total)
+    limit = prep.get("max_quarantine_fraction", 0.05)
+    counts = qdf["reason"].value_counts().to_dict()
+    if not rows:
+        writer.abort()
+        raise DatasetError(f"dataset '{name}': no usable images among {n_total} inputs; reasons {counts}; "
+                           f"see {out_dir / 'quarantine.csv'}")
     if frac > limit:
-        counts = qdf["reason"].value_counts().to_dict()
+        writer.abort()
         raise DatasetError(
-            f"dataset '{name}': {len(quarantine)}/{n_total} inputs quarantined ({frac:.1%} > "
+            f"dataset '{name}': {inputs_out}/{n_total} inputs quarantined ({frac:.1%} > "
             f"preprocess.max_quarantine_fraction {limit:.1%}); reasons {counts}; see {out_dir / 'quarantine.csv'}"
         )
-    if not rows:
-        raise DatasetError(f"dataset '{name}': no usable images")
     manifest = pd.DataFrame(rows)
     manifest["bounds"] = manifest["bounds"].map(json.dumps)
-    manifest["split"] = assign_splits(manifest, spec["role"], label_columns, splits).to_numpy()
-    manifest["index"] = np.arange(len(manifest))
+    if spec.get("group_by", "patient") == "image":  # toys only: B-scans of one eye may cross splits
+        manifest["patient_id"] = manifest["image_id"]
+    try:
+        manifest["split"] = assign_splits(manifest, spec, labels, splits).to_numpy()
+    except ValueError as exc:
+        writer.abort()
+        raise DatasetError(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients "
+                           f"into train/val/test ({exc})") from None
     manifest["dataset"] = name
-    leaks = check_leakage(manifest)
-    if leaks:
-        raise DatasetError(f"dataset '{name}': leakage between splits:\n  " + "\n  ".join(leaks))
-    stack = np.stack(images).astype(np.uint8)
-    with atomic_path(out_dir / "images.npy") as tmp:
-        np.save(tmp, stack)
+    leak_cfg = {**(leakage_cfg or {}), **spec.get("leakage", {})}
+    findings = leakage.within_dataset(manifest, name, leak_cfg)
+    errors = [f for f in findings if f.action == "error"]
+    if errors:
+        writer.abort()
+        listing = "\n  ".join(f.line() for f in errors[:30])
+        raise DatasetError(f"dataset '{name}': leakage between splits ({len(errors)} findings; set "
+                           f"leakage.<kind>: warn to continue):\n  {listing}")
+    shape = writer.close()
     with atomic_path(out_dir / "manifest.parquet") as tmp:
         manifest.to_parquet(tmp, index=False)
+    unlisted = unlisted_files(records, image_dir or (location.parent if location.is_file() else None))
+    quality_cols = [c for c in manifest.columns if c.startswith("q_") and manifest[c].dtype == bool]
     qc = {
         "dataset": name, "modality": spec["modality"], "role": spec["role"], "n_sources": n_total,
-        "n_images": int(len(manifest)), "shape": list(stack.shape), "label_columns": label_columns,
-        "split_counts": manifest["split"].value_counts().to_dict(),
-        "quarantined": int(len(quarantine)), "quarantine_reasons": qdf["reason"].value_counts().to_dict(),
+        "n_images": int(len(manifest)), "shape": shape, "n_shards": writer.n_shards,
+        "label_columns": labels, "split_counts": manifest["split"].value_counts().to_dict(),
+        "quarantined_inputs": int(inputs_out), "quarantined_labels": int((qdf.scope == "label").sum()),
+        "quarantine_reasons": counts, "unlisted_files": len(unlisted), "unlisted_examples": unlisted[:10],
+        "quality_flags": {c[2:]: int(manifest[c].sum()) for c in quality_cols},
+        "leakage_warnings": [f.line() for f in findings],
+        "seconds": round(time.perf_counter() - t0, 2), "workers": workers,
     }
     write_json(qc, out_dir / "qc.json")
     return qc
@@ -140,16 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=None)
     ap.add_argument("--preprocess", required=True, help="preprocess config, JSON")
     ap.add_argument("--splits", required=True, help="splits config, JSON")
+    ap.add_argument("--labels", default="{}", help="allowed values per label column, JSON")
+    ap.add_argument("--leakage", default="{}", help="leakage config, JSON")
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
     try:
         qc = prepare(args.name, json.loads(args.spec), Path(args.location),
                      Path(args.images) if args.images else None, json.loads(args.preprocess),
-                     json.loads(args.splits), Path(args.out_dir))
+                     json.loads(args.splits), Path(args.out_dir), json.loads(args.labels),
+                     json.loads(args.leakage), args.workers)
     except DatasetError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(qc))
+    print(json.dumps({k: v for k, v in qc.items() if k != "leakage_warnings"}))
+    for line in qc["leakage_warnings"]:
+        print(f"WARNING: leakage {line}", file=sys.stderr)
     return 0
 
 

@@ -68,3 +68,18 @@ def label_fraction_indices(labels: np.ndarray, fraction: float, seed: int) -> np
         keep = max(1, int(np.ceil(fraction * len(members))))
         chosen.append(order[:keep])
     return np.sort(np.concatenate(chosen))
+
+
+def complete_given_splits(given: pd.Series, patients: pd.Series, strata: pd.Series | None, ratios: dict,
+                          seed: int) -> pd.Series:
+    """Keep a dataset's own split names; when it ships only train/test, carve val out of train
+    by patient (stratified, ratio ``val / (train + val)``)."""
+    split = given.copy().rename("split")
+    if (split == "val").any() or not (split == "train").any() or ratios.get("val", 0.2) <= 0:
+        return split
+    train = split == "train"
+    val_rel = ratios.get("val", 0.2) / max(1e-9, ratios.get("train", 0.6) + ratios.get("val", 0.2))
+    sub = patient_split(patients[train], None if strata is None else strata[train],
+                        {"train": 1 - val_rel, "val": val_rel, "test": 0.0}, seed)
+    split.loc[train] = sub.to_numpy()
+    return split

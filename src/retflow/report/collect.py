@@ -162,15 +162,57 @@ def collect_qc(results_dir) -> pd.DataFrame:
         if not isinstance(data, dict):
             continue
         splits = data.get("split_counts") or {}
+        flags = data.get("quality_flags") or {}
+        n_images = data.get("n_images")
+        low_quality = None if "quality_ok" not in flags or n_images is None else n_images - flags["quality_ok"]
         rows.append(
             {
                 "dataset": data.get("dataset", path.parent.name),
                 "modality": data.get("modality"),
                 "role": data.get("role"),
                 "n_sources": data.get("n_sources"),
-                "n_images": data.get("n_images"),
-                "quarantined": data.get("quarantined"),
+                "n_images": n_images,
+                "quarantined": data.get("quarantined_inputs", data.get("quarantined")),
+                "bad_labels": data.get("quarantined_labels"),
+                "unlisted_files": data.get("unlisted_files"),
+                "low_quality": low_quality,
+                "leakage_warnings": len(data.get("leakage_warnings") or []),
                 "splits": ", ".join(f"{k} {v}" for k, v in splits.items()),
             }
         )
-    return pd.DataFrame(rows, columns=["dataset", "modality", "role", "n_sources", "n_images", "quarantined", "splits"])
+    return pd.DataFrame(rows, columns=QC_COLUMNS)
+
+
+QC_COLUMNS = ["dataset", "modality", "role", "n_sources", "n_images", "quarantined", "bad_labels", "unlisted_files",
+              "low_quality", "leakage_warnings", "splits"]
+
+
+def collect_quarantine_examples(results_dir, per_dataset: int = 20) -> pd.DataFrame:
+    """The first quarantined entries of each dataset (what a user opens to fix the data)."""
+    parts = []
+    for path in sorted((Path(results_dir) / "data").glob("*/quarantine.csv")):
+        try:
+            tab = pd.read_csv(path, keep_default_na=False, nrows=per_dataset)
+        except (OSError, ValueError):
+            continue
+        if tab.empty:
+            continue
+        tab.insert(0, "dataset", path.parent.name)
+        parts.append(tab[[c for c in ("dataset", "image_id", "reason", "detail", "source") if c in tab]])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["dataset", "image_id", "reason"])
+
+
+def collect_leakage(results_dir) -> list[str]:
+    """Leakage findings (warnings; errors stop the workflow) within and across datasets."""
+    lines = []
+    for path in sorted((Path(results_dir) / "data").glob("*/qc.json")):
+        data = load_metrics_json(path)
+        if isinstance(data, dict):
+            lines += list(data.get("leakage_warnings") or [])
+    path = Path(results_dir) / "data" / "leakage.json"
+    report = load_metrics_json(path) if path.exists() else None
+    if isinstance(report, dict):
+        for f in report.get("findings", []):
+            ids = ", ".join(f.get("ids", [])[:6])
+            lines.append(f"[{f.get('kind')}] {f.get('where')}: {ids} -- {f.get('detail', '')}")
+    return lines

@@ -28,6 +28,8 @@ from .collect import (
     collect_pretrain,
     collect_qc,
     collect_quarantine,
+    collect_quarantine_examples,
+    collect_leakage,
     collect_results,
     load_metrics_json,
 )
@@ -189,6 +191,18 @@ def _qc_section(results_dir: Path) -> str:
         pivot["total"] = pivot.sum(axis=1)
         rows = [[ds, *map(int, vals)] for ds, vals in zip(pivot.index, pivot.values)]
         parts.append(_table(["dataset", *pivot.columns], rows))
+        parts.append("<p>Counts per reason. Label-level reasons (missing_label, unknown_label, unknown_eye) "
+                     "keep the image for other uses; every other reason keeps the file out of the store. "
+                     "Full lists: <code>results/data/&lt;dataset&gt;/quarantine.csv</code>.</p>")
+        examples = collect_quarantine_examples(results_dir)
+        parts.append("<details><summary>First quarantined entries per dataset</summary>"
+                     + _table(list(examples.columns), examples.values.tolist()) + "</details>")
+    leaks = collect_leakage(results_dir)
+    parts.append("<h3>Leakage checks</h3>")
+    parts.append("<p>No leakage warnings (patient, identical file or perceptual near-duplicate across splits, "
+                 "and pretraining pools / training splits against test sets).</p>" if not leaks else
+                 f"<p>{len(leaks)} warnings (checks set to <code>warn</code>):</p><ul>"
+                 + "".join(f"<li>{escape(line)}</li>" for line in leaks[:50]) + "</ul>")
     return "\n".join(parts)
 
 

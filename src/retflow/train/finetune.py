@@ -74,9 +74,12 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     keep = label_fraction_indices(tr_y, cfg["fraction"], cfg["seed"])
     tr_rows, tr_y = tr_rows[keep], tr_y[keep]
     index = manifest["index"].to_numpy()
-    train_ds = StoreDataset(store, index[tr_rows], tr_y, train_transform(spec.img_size, cfg["crop_scale"]), spec.in_chans)
-    val_ds = StoreDataset(store, index[parts["val"][0]], parts["val"][1], eval_transform(spec.img_size), spec.in_chans)
-    test_ds = StoreDataset(store, index[parts["test"][0]], parts["test"][1], eval_transform(spec.img_size), spec.in_chans)
+    norm = cfg.get("normalize")
+    train_tf = train_transform(spec.img_size, cfg["crop_scale"], normalize=norm, in_chans=spec.in_chans)
+    eval_tf = eval_transform(spec.img_size, normalize=norm, in_chans=spec.in_chans)
+    train_ds = StoreDataset(store, index[tr_rows], tr_y, train_tf, spec.in_chans)
+    val_ds = StoreDataset(store, index[parts["val"][0]], parts["val"][1], eval_tf, spec.in_chans)
+    test_ds = StoreDataset(store, index[parts["test"][0]], parts["test"][1], eval_tf, spec.in_chans)
 
     batch = min(cfg["batch_size"], len(train_ds))
     epochs = cfg["epochs"]
@@ -100,7 +103,7 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    meta = {"spec": cfg["vit"], "classes": classes, "task": task["name"], "probe_head": cfg["protocol"] == "probe"}
+    meta = {"spec": cfg["vit"], "normalize": norm, "classes": classes, "task": task["name"], "probe_head": cfg["protocol"] == "probe"}
     for epoch in range(start, epochs):
         train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
         order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)

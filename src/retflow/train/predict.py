@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, y, excluded = labelled_rows(manifest, args.label, state["classes"], args.split)
     if excluded:
         print(f"{excluded} images without a known '{args.label}' label were not predicted", file=sys.stderr)
-    ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], y, eval_transform(spec.img_size), spec.in_chans)
+    ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], y, eval_transform(spec.img_size, state.get("normalize"), spec.in_chans), spec.in_chans)
     probs = predict_probs(model, ds, device)
     write_predictions(Path(args.out), manifest["image_id"].to_numpy()[rows], y, probs)
     print(json.dumps({"n": len(rows), "excluded": excluded, "out": args.out}))

@@ -29,11 +29,13 @@ from retflow.train.engine_pretrain import NonFiniteLoss, train_one_epoch
 from retflow.train.sampling import epoch_order, loader
 
 
-def build_pool(stores: list[str], spec: ViTSpec, crop_scale) -> torch.utils.data.ConcatDataset:
+def build_pool(stores: list[str], spec: ViTSpec, crop_scale, normalize: dict | None = None
+               ) -> torch.utils.data.ConcatDataset:
     parts = []
     for store in stores:
         n = len(load_manifest(store))
-        parts.append(StoreDataset(store, np.arange(n), None, train_transform(spec.img_size, crop_scale), spec.in_chans))
+        transform = train_transform(spec.img_size, crop_scale, normalize=normalize, in_chans=spec.in_chans)
+        parts.append(StoreDataset(store, np.arange(n), None, transform, spec.in_chans))
     return torch.utils.data.ConcatDataset(parts)
 
 
@@ -71,7 +73,7 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
     info = D.init_distributed(cfg.get("device", "auto"))
     torch.manual_seed(cfg["seed"] + info.rank)
     spec = ViTSpec.from_dict(cfg["vit"])
-    dataset = build_pool(stores, spec, cfg["crop_scale"])
+    dataset = build_pool(stores, spec, cfg["crop_scale"], cfg.get("normalize"))
     model = build_model(cfg).to(info.device)
     eff_batch = cfg["batch_size"] * cfg["accum_iter"] * info.world_size
     cfg = {**cfg, "lr": cfg["blr"] * eff_batch / 256}
@@ -107,7 +109,9 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
         dl = loader(dataset, order, cfg["batch_size"], start_batch, cfg.get("num_workers", 0))
 
         def on_step(next_batch: int, epoch=epoch) -> bool:
-            stop_now = stop.raised
+            # a signal reaches the ranks at slightly different steps: agree, or the next
+            # collective would hang between a stopped rank and a running one
+            stop_now = D.any_rank(stop.raised)
             if stop_now or (every and next_batch % every == 0 and next_batch < n_batches):
                 save(epoch, next_batch)
             return stop_now
@@ -141,7 +145,8 @@ def finish(model, cfg, dataset, log_rows, out_dir: Path, device) -> None:
 
     with atomic_path(out_dir / "log.csv") as tmp:
         pd.DataFrame(log_rows).to_csv(tmp, index=False)
-    save_reconstruction_figure(model, dataset, cfg["mask_ratio"], out_dir / "recon.png", device, seed=cfg["seed"])
+    save_reconstruction_figure(model, dataset, cfg["mask_ratio"], out_dir / "recon.png", device, seed=cfg["seed"],
+                              normalize=cfg.get("normalize"))
     save_atomic({"model": model.state_dict(), "epoch": cfg["epochs"],
                  "args": json.loads(json.dumps(cfg))}, out_dir / "checkpoint.pth")
 

@@ -8,18 +8,19 @@ import numpy as np
 import torch
 
 from retflow.atomic import atomic_path
-from retflow.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from retflow.data.dataset import norm_stats
 
 
-def _to_rgb(t: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (t.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+def _to_rgb(t: torch.Tensor, normalize: dict | None) -> np.ndarray:
+    chans = t.shape[0]
+    mean, std = (torch.tensor(v).view(chans, 1, 1) for v in norm_stats(normalize, chans))
+    img = (t.float().cpu() * std + mean).clamp(0, 1)
+    return img.expand(3, -1, -1).permute(1, 2, 0).numpy()
 
 
 @torch.no_grad()
 def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, device, seed: int = 0,
-                               n: int = 6) -> None:
+                               n: int = 6, normalize: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +36,7 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
     for col in range(count):
         for row, (title, t) in enumerate((("original", imgs[col]), ("masked", masked[col]), ("reconstruction", recon[col]))):
             ax = axes[row][col]
-            ax.imshow(_to_rgb(t))
+            ax.imshow(_to_rgb(t, normalize))
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:

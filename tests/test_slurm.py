@@ -1,0 +1,330 @@
+"""A real SLURM cluster on localhost runs a reduced demo through the project's `slurm` profile.
+
+The module fixture installs Debian's slurm-wlm + munge when absent (root only; otherwise the
+test is skipped, saying why), starts munged, slurmctld and slurmd with all state in a temp
+folder (one node, 2 CPUs, two fake GPUs as a ``gpu`` GRES), links /etc/slurm/slurm.conf to it
+(``srun`` inside the jobs does not see SLURM_CONF), runs ``snakemake --profile slurm`` (the
+profile from profiles/slurm with this cluster's partition, no account and ``squeue`` status
+checks: no slurmdbd here) under ``timeout -s KILL``, and stops the daemons by PID.
+About 3 minutes on 2 cores (+ about 1 minute for apt-get on a fresh machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_workdir
+
+pytestmark = pytest.mark.slurm
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+DAEMONS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
+CLIENTS = ["sbatch", "squeue", "srun", "scontrol", "sinfo", "scancel"]
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+RUN_LIMIT_S = 900  # hard limit (timeout -s KILL) for the whole snakemake run
+
+
+def ensure_installed() -> None:
+    missing = [p for p in DAEMONS if not Path(p).exists()] + [c for c in CLIENTS if not shutil.which(c)]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"SLURM/munge not installed ({', '.join(missing)}) and cannot apt-get them "
+                    f"(need root + apt): apt-get install {' '.join(PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            pytest.skip(f"could not install SLURM ({' '.join(cmd)}): {r.stderr[-800:]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_gpu(path: Path) -> None:
+    """A character device (like /dev/null) so slurmd sets CUDA_VISIBLE_DEVICES; else a file."""
+    try:
+        os.mknod(path, 0o666 | 0o020000, os.makedev(1, 3))
+    except OSError:
+        path.touch()
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_pid(pid: int | None, timeout: float = 15) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Cluster:
+    def __init__(self, base: Path, ngpu: int = 2):
+        self.base, self.ngpu = base, ngpu
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = base / "slurm.conf"
+        self.pidfiles = [base / "run/slurmd.pid", base / "run/slurmctld.pid", base / "munge/munged.pid"]
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.previous_link: str | None = None
+        self.linked = False
+
+    def write_config(self) -> None:
+        b = self.base
+        for d in ("state", "spool", "run", "log", "dev", "munge"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        for i in range(self.ngpu):
+            fake_gpu(b / f"dev/nvidia{i}")
+        (b / "gres.conf").write_text(
+            f"NodeName={self.host} Name=gpu Type=fake File={b}/dev/nvidia[0-{self.ngpu - 1}]\n")
+        mem_mb = min(4000, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 - 500)
+        self.conf.write_text(f"""\
+ClusterName=retflowtest
+SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={b}/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation={b}/state
+SlurmdSpoolDir={b}/spool
+SlurmctldPidFile={b}/run/slurmctld.pid
+SlurmdPidFile={b}/run/slurmd.pid
+SlurmctldLogFile={b}/log/slurmctld.log
+SlurmdLogFile={b}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+GresTypes=gpu
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+ReturnToService=2
+MinJobAge=600
+KillWait=10
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={mem_mb} Gres=gpu:fake:{self.ngpu} State=UNKNOWN
+PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def link_system_config(self) -> None:
+        if SYSTEM_CONF.exists() and not SYSTEM_CONF.is_symlink():
+            pytest.skip(f"{SYSTEM_CONF} is a real SLURM configuration: not replacing it")
+        if SYSTEM_CONF.is_symlink():
+            self.previous_link = os.readlink(SYSTEM_CONF)
+            SYSTEM_CONF.unlink()
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.symlink_to(self.conf)
+        self.linked = True
+
+    def start(self) -> None:
+        b = self.base
+        key = b / "munge/munge.key"
+        key.write_bytes(os.urandom(1024))
+        shutil.chown(b / "munge", "munge", "munge")
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+        self.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", f"--socket={b}/munge/munge.socket",
+                  f"--key-file={key}", f"--log-file={b}/munge/munged.log", f"--pid-file={b}/munge/munged.pid",
+                  f"--seed-file={b}/munge/munged.seed"], "munged")
+        self.link_system_config()
+        self.run(["/usr/sbin/slurmctld", "-f", str(self.conf)], "slurmctld")
+        self.run(["/usr/sbin/slurmd", "-f", str(self.conf), "-N", self.host], "slurmd")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if r.stdout.strip() == "idle":
+                return
+            if "fatal:" in self.log_tail():
+                break
+            time.sleep(0.5)
+        self.skip(f"node not idle (sinfo: {r.stdout.strip()!r} {r.stderr.strip()!r})")
+
+    def run(self, cmd: list[str], name: str) -> None:
+        r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            self.skip(f"{name} did not start: {r.stdout[-400:]} {r.stderr[-400:]}")
+
+    def skip(self, reason: str) -> None:
+        self.stop()
+        pytest.skip(f"local SLURM cluster could not be started: {reason}\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 15) -> str:
+        out = []
+        for log in sorted(self.base.glob("**/*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-n:]
+            out.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        if read_pid(self.base / "run/slurmctld.pid"):
+            subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True, timeout=30)
+        for pidfile in self.pidfiles:
+            stop_pid(read_pid(pidfile))
+        if self.linked and SYSTEM_CONF.is_symlink() and os.readlink(SYSTEM_CONF) == str(self.conf):
+            SYSTEM_CONF.unlink()
+            if self.previous_link and Path(self.previous_link).exists():
+                SYSTEM_CONF.symlink_to(self.previous_link)
+        self.linked = False
+
+    def job(self, job_id: str) -> str:
+        return subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.env,
+                              capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if sys.platform != "linux":
+        pytest.skip("the local SLURM cluster needs Linux")
+    ensure_installed()
+    base = Path(tempfile.mkdtemp(prefix="retflow-slurm-"))
+    base.chmod(0o755)  # munged runs as user munge and must reach base/munge
+    c = Cluster(base)
+    c.write_config()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def tiny_config(path: Path) -> Path:
+    """The demo reduced to one binary task, its external set, the pretrained model, 2 epochs."""
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    name, task = next((n, t) for n, t in cfg["tasks"].items() if t["type"] == "binary" and t.get("external"))
+    modality = cfg["datasets"][task["dataset"]]["modality"]
+    pool = cfg["pretrain"]["pools"][modality]
+    keep = {task["dataset"], task["external"][0], *pool}
+    sizes = {"pretrain": 240, "labelled": 160, "external": 60}
+    cfg["datasets"] = {k: v for k, v in cfg["datasets"].items() if k in keep}
+    for ds in cfg["datasets"].values():
+        ds["phantom"].update(n=sizes[ds["role"]], size=64)
+    cfg["tasks"] = {name: {**task, "external": task["external"][:1]}}
+    cfg["pretrain"]["pools"] = {modality: pool}
+    cfg["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1)
+    cfg["models"] = {k: m for k, m in cfg["models"].items() if m["init"] == "pretrained"}
+    cfg["finetune"].update(epochs=1, min_steps=4)
+    cfg.update(fractions=[1.0], seeds=[0], protocols=["finetune"])
+    cfg["evaluate"]["n_boot"] = 20
+    small = {"threads": 1, "mem_mb": 500, "runtime": 10, "gpu": 0}
+    cfg["resources"] = {
+        "default": small, "data": small, "evaluate": small,
+        "pretrain": {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 1, "cpus_per_gpu": 1},
+        "finetune": {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cluster_profile(folder: Path) -> Path:
+    """profiles/slurm/config.yaml with this cluster's partition, no account, squeue status."""
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    profile["default-resources"]["slurm_partition"] = "debug"
+    del profile["default-resources"]["slurm_account"]
+    profile.update({"slurm-no-account": True, "slurm-status-command": "squeue",
+                    "slurm-init-seconds-before-status-checks": 1, "jobs": 4,
+                    "latency-wait": 5, "retries": 1})
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory):
+    work = make_workdir(tmp_path_factory.mktemp("slurm"))
+    cluster_profile(work / "slurm")  # found by the bare name `--profile slurm`, as from the repo root
+    config = tiny_config(work / "tiny.yaml")
+    env = dict(cluster.env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    result = subprocess.run(["timeout", "-s", "KILL", str(RUN_LIMIT_S), sys.executable, "-m", "snakemake",
+                             "--profile", "slurm", "--configfile", str(config)],
+                            cwd=work, env=env, capture_output=True, text=True)
+    return {"work": work, "result": result, "seconds": time.time() - t0, "cluster": cluster,
+            "config": yaml.safe_load(config.read_text())}
+
+
+def submitted(stdout: str) -> dict[str, list[str]]:
+    """rule -> SLURM job ids, from 'Job N has been submitted with SLURM jobid X (log: .../rule_R/...)'."""
+    jobs: dict[str, list[str]] = {}
+    for job_id, log in re.findall(r"SLURM jobid (\d+) \(log: (\S+)\)", stdout):
+        rule = re.search(r"/rule_([A-Za-z0-9_]+)/", log).group(1)
+        jobs.setdefault(rule, []).append(job_id)
+    return jobs
+
+
+def test_reduced_demo_runs_through_the_slurm_profile(slurm_run):
+    r = slurm_run["result"]
+    assert r.returncode == 0, (f"rc={r.returncode} after {slurm_run['seconds']:.0f}s\n{r.stdout[-3000:]}\n"
+                               f"{r.stderr[-4000:]}\n{slurm_run['cluster'].log_tail()}")
+    work, cfg = slurm_run["work"], slurm_run["config"]
+    results = work / cfg["results"]
+    (task,), (model,) = cfg["tasks"], cfg["models"]
+    run = results / f"finetune/{task}/{model}/frac1/seed0"
+    metrics = [run / "metrics.json", run / f"external/{cfg['tasks'][task]['external'][0]}/metrics.json"]
+    for path in metrics:
+        value = json.loads(path.read_text())["metrics"]["accuracy"]["value"]
+        assert 0.0 <= value <= 1.0
+    assert (results / "report.html").stat().st_size > 10_000
+    out = r.stdout + r.stderr
+    jobs = submitted(out)
+    for rule in ("phantom_dataset", "prepare_dataset", "pretrain", "finetune", "predict_external",
+                 "evaluate_internal", "evaluate_external", "report"):
+        assert rule in jobs, f"{rule} was not submitted to SLURM: {sorted(jobs)}"
+    assert list((work / "logs/slurm").glob("rule_pretrain/**/*.log")), "no SLURM log under logs/slurm/"
+    print(f"\nSLURM run: {sum(map(len, jobs.values()))} jobs in {slurm_run['seconds']:.0f} s")
+
+
+def test_pretraining_got_its_gpu_and_checkpoint_signal(slurm_run):
+    assert slurm_run["result"].returncode == 0
+    jobs = submitted(slurm_run["result"].stdout + slurm_run["result"].stderr)
+    record = slurm_run["cluster"].job(jobs["pretrain"][-1])
+    assert "gres:gpu:1" in record or "gres/gpu=1" in record, record
+    assert "CpusPerTres=gres:gpu:1" in record or "cpus-per-gpu" in record.lower() or "NumCPUs=1" in record, record
+    (modality,) = slurm_run["config"]["pretrain"]["pools"]
+    log = (slurm_run["work"] / f"logs/pretrain/mae_{modality}.log").read_text()
+    env_line = next(line for line in log.splitlines() if line.startswith("launch: env"))
+    assert "SLURM_GPUS_ON_NODE=1" in env_line, env_line  # the GRES reached the job step
+    if (slurm_run["cluster"].base / "dev/nvidia0").is_char_device():
+        assert "CUDA_VISIBLE_DEVICES=0" in env_line, env_line
+    assert "--standalone" in log and "--nproc_per_node=1" in log
+    # the sbatch flags the plugin used, as Snakemake printed the job's resources
+    assert "slurm_extra=--signal=TERM@150" in slurm_run["result"].stdout + slurm_run["result"].stderr

@@ -1,0 +1,10 @@
+"""Entry point: start a training script under torchrun (standalone, or SLURM multi-node)."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.train.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main())
