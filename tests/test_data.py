@@ -310,3 +310,19 @@ def test_unsupported_volume_is_reported_not_crashed(real_data):
     with pytest.raises(UnreadableInput) as exc:
         read_volume(real_data / "heidelberg_vol" / "onh.vol")
     assert exc.value.reason == "unsupported_scan_pattern"
+
+
+def test_leakage_rule_fails_listing_ids_and_writes_nothing(tmp_path):
+    from retflow.data.cross_dataset_leakage import main as leakage_main
+
+    img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    for name, split, sha in (("pool", "pool", "s1"), ("clinic", "test", "s1")):
+        (tmp_path / name).mkdir()
+        pd.DataFrame({"image_id": [f"{name}_0"], "split": [split], "sha256": [sha],
+                      "phash": [phash(img)]}).to_parquet(tmp_path / name / "manifest.parquet")
+    out = tmp_path / "leakage.json"
+    stores = [str(tmp_path / "pool"), str(tmp_path / "clinic")]
+    assert leakage_main(["--stores", *stores, "--out", str(out)]) == 1 and not out.exists()
+    assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", '{"exact": "warn"}']) == 0
+    report = json.loads(out.read_text())
+    assert report["n_warnings"] == 1 and report["findings"][0]["ids"] == ["pool_0", "clinic_0"]
