@@ -326,3 +326,17 @@ def test_leakage_rule_fails_listing_ids_and_writes_nothing(tmp_path):
     assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", '{"exact": "warn"}']) == 0
     report = json.loads(out.read_text())
     assert report["n_warnings"] == 1 and report["findings"][0]["ids"] == ["pool_0", "clinic_0"]
+
+
+def test_split_column_is_kept_with_aliases_and_bad_values_quarantined(tmp_path):
+    spec = make_csv_dataset(tmp_path / "raw", n_patients=6)
+    table = pd.read_csv(tmp_path / "raw" / "labels.csv")
+    table["part"] = ["Training"] * 6 + ["valid"] * 2 + ["test"] * 3 + ["holdout"]
+    table.to_csv(tmp_path / "raw" / "labels.csv", index=False)
+    spec = {**spec, "split_column": "part", "label_columns": ["grade"]}
+    prepare("given", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images",
+            {**PREP, "max_quarantine_fraction": 0.2}, SPLITS, tmp_path / "out")
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert manifest.split.value_counts().to_dict() == {"train": 6, "test": 3, "val": 2}
+    q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    assert q.reason.tolist() == ["unknown_split"] and "holdout" in q.detail[0]

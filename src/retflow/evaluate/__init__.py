@@ -1,6 +1,29 @@
-"""Evaluation: metrics, bootstrap confidence intervals and the metrics.json writer."""
+"""Evaluation: metrics, bootstrap confidence intervals, paired comparisons and the metrics.json writer."""
 
-from .bootstrap import bootstrap_ci
-from .metrics import METRICS_BY_TYPE, PRIMARY_METRIC, compute_metrics, confusion, roc_curves
+from .bootstrap import bootstrap_all, bootstrap_ci
+from .metrics import (
+    LOWER_IS_BETTER,
+    METRICS_BY_TYPE,
+    PRIMARY_METRIC,
+    TASK_TYPES,
+    compute_metrics,
+    confusion,
+    per_class_metrics,
+    roc_curves,
+)
+from .retfound_metrics import retfound_current, retfound_v1
 
-__all__ = ["METRICS_BY_TYPE", "PRIMARY_METRIC", "bootstrap_ci", "compute_metrics", "confusion", "roc_curves"]
+__all__ = [
+    "LOWER_IS_BETTER",
+    "METRICS_BY_TYPE",
+    "PRIMARY_METRIC",
+    "TASK_TYPES",
+    "bootstrap_all",
+    "bootstrap_ci",
+    "compute_metrics",
+    "confusion",
+    "per_class_metrics",
+    "retfound_current",
+    "retfound_v1",
+    "roc_curves",
+]

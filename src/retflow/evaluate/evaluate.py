@@ -1,10 +1,18 @@
-"""Turn a predictions parquet into metrics.json (metrics with bootstrap CIs, confusion, ROC).
+"""Turn a predictions parquet into metrics.json (metrics with bootstrap CIs, per class, confusion, ROC).
 
 Command line::
 
     python -m retflow.evaluate.evaluate --predictions P --out O --task T --task-type ordinal \\
         --protocol finetune --model mae --fraction 0.1 --seed 0 --eval-set internal \\
         --classes 0 1 2 3 4 [--n-boot 1000] [--boot-seed 0]
+
+Predictions parquet formats (one row per test image):
+
+* binary / multiclass / ordinal: ``image_id``, ``y_true`` (class index), ``prob_0..prob_{K-1}``
+  (softmax, rows sum to 1), ``y_pred`` (ignored: the arg-max of the probabilities is used);
+* multilabel: ``image_id``, ``y_true_0..y_true_{K-1}`` (0/1 per sign), ``prob_0..prob_{K-1}``
+  (sigmoid per sign, in [0, 1]);
+* regression: ``image_id``, ``y_true`` and ``y_pred`` (floats); ``--classes`` may be left out.
 """
 
 from __future__ import annotations
@@ -18,42 +26,95 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import write_json
-from .bootstrap import bootstrap_ci
-from .metrics import PRIMARY_METRIC, TASK_TYPES, confusion, roc_curves
+from .bootstrap import bootstrap_all
+from .metrics import (
+    CLASSIFICATION_TYPES,
+    ECE_BINS,
+    LOWER_IS_BETTER,
+    METRICS_BY_TYPE,
+    PRIMARY_METRIC,
+    TASK_TYPES,
+    absent_classes,
+    confusion,
+    roc_curves,
+)
+from .multilabel_metrics import predict_labels
+from .retfound_metrics import retfound_current, retfound_v1
 
 META_FIELDS = ("task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "classes")
 PROB_SUM_TOLERANCE = 1e-2
 
 
-def load_predictions(pred_path, n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate a predictions parquet; returns ``(y_true, probs)``.
-
-    Raises ``SystemExit`` with a message naming the file when it is missing, unreadable, empty,
-    lacks ``image_id``/``y_true``/``prob_0..prob_{K-1}``, has NaN probabilities, rows that do not
-    sum to 1, or labels outside ``[0, K)``.
-    """
-    path = Path(pred_path)
+def _read_frame(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SystemExit(f"predictions file not found: {path}")
     try:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise SystemExit(f"cannot read predictions parquet {path}: {exc}") from None
+    return df
+
+
+def _require(df: pd.DataFrame, path: Path, columns: list[str], expected: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SystemExit(
+            f"predictions file {path} is missing columns {missing} (expected {expected}; has {list(df.columns)})"
+        )
+    if len(df) == 0:
+        raise SystemExit(f"predictions file {path} has no rows")
+
+
+def _finite(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
+        raise SystemExit(f"predictions file {path} has {bad} rows with NaN/inf {what}")
+    return values
+
+
+def _count_prob_columns(df: pd.DataFrame) -> int:
+    return sum(1 for c in df.columns if str(c).startswith("prob_"))
+
+
+def read_predictions(pred_path, task_type: str, n_classes: int | None = None):
+    """Read and validate a predictions parquet of ``task_type``: ``(image_ids, y_true, probs)``.
+
+    ``probs`` are the (n, K) probabilities, or the (n,) predictions of a regression task. Raises
+    ``SystemExit`` with a message naming the file when it is missing, unreadable, empty, lacks a
+    column of its format (module docstring), or holds invalid values.
+    """
+    if task_type not in TASK_TYPES:
+        raise SystemExit(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    path = Path(pred_path)
+    df = _read_frame(path)
+    if task_type == "regression":
+        _require(df, path, ["image_id", "y_true", "y_pred"], "image_id, y_true, y_pred")
+        y_true = _finite(df["y_true"].to_numpy(dtype=np.float64), path, "y_true")
+        y_pred = _finite(df["y_pred"].to_numpy(dtype=np.float64), path, "y_pred")
+        return df["image_id"].to_numpy(), y_true, y_pred
     if n_classes is None:
-        n_classes = sum(1 for c in df.columns if str(c).startswith("prob_"))
+        n_classes = _count_prob_columns(df)
     prob_cols = [f"prob_{i}" for i in range(n_classes)]
-    missing = [c for c in ["image_id", "y_true", *prob_cols] if c not in df.columns]
-    if missing or n_classes < 2:
+    if task_type == "multilabel":
+        true_cols = [f"y_true_{i}" for i in range(n_classes)]
+        _require(df, path, ["image_id", *true_cols, *prob_cols] if n_classes else ["image_id", "prob_0"],
+                 "image_id, y_true_0..y_true_{K-1}, prob_0..prob_{K-1}")
+        probs = _finite(df[prob_cols].to_numpy(dtype=np.float64), path, "probabilities")
+        if (probs < 0).any() or (probs > 1).any():
+            raise SystemExit(f"predictions file {path}: multilabel probabilities must lie in [0, 1] (sigmoid)")
+        y = df[true_cols]
+        if y.isna().any().any() or not np.isin(y.to_numpy(), (0, 1)).all():
+            raise SystemExit(f"predictions file {path}: y_true_* must be 0/1 without missing values")
+        return df["image_id"].to_numpy(), y.to_numpy().astype(np.int64), probs
+    if n_classes < 2 or any(c not in df.columns for c in ["image_id", "y_true", *prob_cols]):
+        missing = [c for c in ["image_id", "y_true", *prob_cols] if c not in df.columns]
         raise SystemExit(
             f"predictions file {path} is missing columns {missing or prob_cols} "
             f"(expected image_id, y_true, prob_0..prob_{max(n_classes, 2) - 1}, y_pred; has {list(df.columns)})"
         )
     if len(df) == 0:
         raise SystemExit(f"predictions file {path} has no rows")
-    probs = df[prob_cols].to_numpy(dtype=np.float64)
-    if not np.isfinite(probs).all():
-        bad = int((~np.isfinite(probs)).any(axis=1).sum())
-        raise SystemExit(f"predictions file {path} has {bad} rows with NaN/inf probabilities")
+    probs = _finite(df[prob_cols].to_numpy(dtype=np.float64), path, "probabilities")
     sums = probs.sum(axis=1)
     if (probs < 0).any() or np.abs(sums - 1).max() > PROB_SUM_TOLERANCE:
         raise SystemExit(
@@ -68,6 +129,17 @@ def load_predictions(pred_path, n_classes: int | None = None) -> tuple[np.ndarra
         raise SystemExit(
             f"predictions file {path}: y_true outside [0, {n_classes}) (range {y_true.min()}..{y_true.max()})"
         )
+    return df["image_id"].to_numpy(), y_true, probs
+
+
+def load_predictions(pred_path, n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate a classification predictions parquet; returns ``(y_true, probs)``.
+
+    Raises ``SystemExit`` with a message naming the file when it is missing, unreadable, empty,
+    lacks ``image_id``/``y_true``/``prob_0..prob_{K-1}``, has NaN probabilities, rows that do not
+    sum to 1, or labels outside ``[0, K)``.
+    """
+    _, y_true, probs = read_predictions(pred_path, "multiclass", n_classes)
     return y_true, probs
 
 
@@ -84,32 +156,83 @@ def _nan_to_none(obj):
     return obj
 
 
+def _per_class_by_name(per_class: dict[str, list], classes: list[str], counts: list[int]) -> dict:
+    """``{metric: [ci per class]}`` -> ``{class name: {"n_positive": ..., metric: ci, ...}}``."""
+    out = {}
+    for c, name in enumerate(classes):
+        entry: dict = {"n_positive": int(counts[c])}
+        entry.update({metric: values[c] for metric, values in per_class.items()})
+        out[name] = entry
+    return out
+
+
 def evaluate_predictions(pred_path, task_meta: dict, out_path, n_boot: int = 1000, seed: int = 0) -> dict:
     """Evaluate one predictions parquet and write ``out_path`` (metrics.json); returns the dict.
 
     ``task_meta`` supplies task, task_type, protocol, model, fraction, seed, eval_set and classes;
-    they are merged into the output next to ``n``, ``class_counts``, ``metrics`` (value/ci_low/ci_high
-    per metric), ``confusion_matrix`` and ``roc``. Undefined values are written as JSON null.
-    Predicted classes are the arg-max of the probabilities (a ``y_pred`` column is not trusted).
+    they are merged into the output next to:
+
+    * ``n``, ``primary_metric``, ``lower_is_better`` (the metrics of this task type where lower
+      is better), ``n_boot``;
+    * ``metrics``: ``{metric: {"value", "ci_low", "ci_high"}}`` (seeded percentile bootstrap);
+    * classification and multilabel: ``class_counts`` (cases per class / positives per sign),
+      ``per_class`` (``{class: {"n_positive", metric: {"value", "ci_low", "ci_high"}}}``, e.g.
+      per-class one-vs-rest AUROC/AUPR), ``absent_classes`` (classes without positive cases:
+      left out of the macro ranking metrics) and ``roc`` curves;
+    * binary / multiclass / ordinal: ``ece_bins``, ``confusion_matrix``, and the two RETFound
+      metric definitions ``retfound_v1`` and ``retfound_current`` (point values, see
+      :mod:`.retfound_metrics`);
+    * multilabel: ``confusion_per_class`` (``{sign: [[tn, fp], [fn, tp]]}`` at threshold 0.5).
+
+    Undefined values are written as JSON null. Predicted classes are the arg-max of the
+    probabilities (a ``y_pred`` column is not trusted).
     """
     task_type = task_meta.get("task_type")
     if task_type not in TASK_TYPES:
         raise SystemExit(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
     classes = task_meta.get("classes")
-    y_true, probs = load_predictions(pred_path, len(classes) if classes else None)
+    n_classes = len(classes) if classes and task_type != "regression" else None
+    _, y_true, probs = read_predictions(pred_path, task_type, n_classes)
+    result = {field: task_meta.get(field) for field in META_FIELDS}
+    boot = bootstrap_all(y_true, probs, task_type, n_boot=n_boot, seed=seed)
+    result.update(
+        n=int(y_true.shape[0]),
+        primary_metric=PRIMARY_METRIC[task_type],
+        lower_is_better=[m for m in METRICS_BY_TYPE[task_type] if m in LOWER_IS_BETTER],
+        n_boot=int(n_boot),
+        metrics=boot["metrics"],
+    )
+    if task_type == "regression":
+        result["classes"] = [str(c) for c in classes] if classes else []
+        return _write(result, out_path)
     k = probs.shape[1]
     classes = [str(c) for c in classes] if classes else [str(i) for i in range(k)]
-    result = {field: task_meta.get(field) for field in META_FIELDS}
     result["classes"] = classes
+    if task_type == "multilabel":
+        counts = y_true.sum(axis=0).astype(int).tolist()
+        pred = predict_labels(probs)
+        result["confusion_per_class"] = {
+            name: confusion(y_true[:, j], pred[:, j], 2) for j, name in enumerate(classes)
+        }
+    else:
+        counts = np.bincount(y_true, minlength=k).astype(int).tolist()
     result.update(
-        n=int(y_true.size),
-        class_counts=np.bincount(y_true, minlength=k).astype(int).tolist(),
-        primary_metric=PRIMARY_METRIC[task_type],
-        n_boot=int(n_boot),
-        metrics=bootstrap_ci(y_true, probs, task_type, n_boot=n_boot, seed=seed),
-        confusion_matrix=confusion(y_true, probs.argmax(axis=1), k),
-        roc=roc_curves(y_true, probs, classes),
+        class_counts=counts,
+        absent_classes=[classes[c] for c in absent_classes(y_true, probs, task_type)],
+        per_class=_per_class_by_name(boot["per_class"], classes, counts),
     )
+    if task_type in CLASSIFICATION_TYPES:
+        result.update(
+            ece_bins=ECE_BINS,
+            confusion_matrix=confusion(y_true, probs.argmax(axis=1), k),
+            retfound_v1=retfound_v1(y_true, probs, task_type),
+            retfound_current=retfound_current(y_true, probs, task_type),
+        )
+    result["roc"] = roc_curves(y_true, probs, classes)
+    return _write(result, out_path)
+
+
+def _write(result: dict, out_path) -> dict:
     result = _nan_to_none(result)
     write_json(result, out_path)  # temp file + os.replace
     return result
@@ -126,10 +249,13 @@ def _parse_args(argv):
     ap.add_argument("--fraction", required=True, type=float)
     ap.add_argument("--seed", required=True, type=int, help="training seed (recorded in the JSON)")
     ap.add_argument("--eval-set", default="internal")
-    ap.add_argument("--classes", nargs="+", required=True)
+    ap.add_argument("--classes", nargs="*", default=None, help="class / sign names (not needed for regression)")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap resampling")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.task_type != "regression" and not args.classes:
+        ap.error(f"--classes is required for task type {args.task_type}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -115,9 +115,16 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``.
 
     Torch files are read with ``weights_only=True`` (``argparse.Namespace`` is
-    allow-listed because MAE/RETFound checkpoints store their ``args`` as one).
-    A ``{'model': sd}`` or ``{'state_dict': sd}`` wrapper is unwrapped.
+    allow-listed because MAE/RETFound checkpoints store their ``args`` as one;
+    numpy scalars too).  A ``{'model': sd}`` or ``{'state_dict': sd}`` wrapper is
+    unwrapped.  DINOv2 layouts (``{'teacher': {'backbone.*': ...}}`` as in
+    RETFound-DINOv2, or a flat DINOv2 backbone) are converted to timm key names
+    (:func:`retflow.models.checkpoint_layouts.convert_dinov2`).  Other keys are
+    returned unchanged (``encoder.`` / decoder keys stay; see
+    :func:`load_encoder_weights`).
     """
+    from .checkpoint_layouts import _is_dinov2_flat, _safe_globals, convert_dinov2
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {path}")
@@ -128,8 +135,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         import argparse
 
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_safe_globals()]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
+        teacher = obj["teacher"]
+        backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
+        return convert_dinov2(backbone or teacher)[0]
     if isinstance(obj, Mapping):
         for wrapper in ("model", "state_dict"):
             if isinstance(obj.get(wrapper), Mapping):
@@ -137,6 +148,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not contain a state dict of tensors")
+    if _is_dinov2_flat(obj) and not any(k.startswith(("encoder.", "decoder_")) for k in obj):
+        return convert_dinov2(obj)[0]
     return dict(obj)
 
 

@@ -1,0 +1,194 @@
+"""``retflow`` command line: use trained models outside the workflow.
+
+    retflow embed   --checkpoint CKPT --out emb.parquet [--modality cfp|oct] IMAGES_OR_FOLDERS...
+    retflow predict --checkpoint best.pth --out probs.csv [--modality cfp|oct] IMAGES_OR_FOLDERS...
+    retflow export  --checkpoint CKPT --out DIR
+    retflow inspect --checkpoint CKPT
+
+``CKPT`` is any supported checkpoint: our ``best.pth`` (fine-tuned) or ``checkpoint.pth``
+(pretrained), an export folder, RETFound-MAE / RETFound-DINOv2, ImageNet MAE, DINOv2 or a timm
+state dict (see :mod:`retflow.models.checkpoint_layouts`).  Problems (missing files, a file that
+is no checkpoint, unreadable images) are reported as messages, not tracebacks; unreadable images
+are listed, counted and skipped.  Exit status: 0 done, 1 nothing could be processed, 2 usage or
+checkpoint error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``retflow: error: ...``, exit status 2."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or export folder")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, only for foreign checkpoints of a non-standard width")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="run at another input size (position embeddings interpolated)")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="input normalisation mean, overriding the checkpoint's (foreign checkpoints: ImageNet "
+                        "assumed; RETFound-Green e.g. uses 0.5)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="input normalisation std (with --mean)")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--modality", choices=["cfp", "oct"], default="cfp",
+                   help="cfp: fundus-field crop + pad to square; oct: B-scan intensity scaling (default cfp)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--prep-size", type=int, default=None,
+                   help="preprocessing output size (the store size); default: the model input size")
+    p.add_argument("--enhance", default="none", choices=["none", "clahe", "graham"], help="CFP contrast enhancement")
+    p.add_argument("--no-crop-border", action="store_true", help="CFP: pad to square without cropping the field")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="retflow", description="Use retflow models: embed, predict, export.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="images -> embeddings parquet (path, emb_0 ...)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--pool", choices=["avg", "token"], default="avg",
+                   help="pretrained encoders: avg = mean patch token + fc_norm (RETFound), "
+                        "token = class token after the final norm (MAE linear probe); "
+                        "fine-tuned models always use their own pooling")
+    _add_image_args(p)
+
+    p = sub.add_parser("predict", help="images -> class probabilities CSV (fine-tuned model)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output .csv")
+    _add_image_args(p)
+
+    p = sub.add_parser("export", help="checkpoint -> model.safetensors + timm config.json")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pool", choices=["avg", "token"], default=None,
+                   help="pooling of an exported encoder (default token: keeps the final norm)")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the export with timm")
+
+    p = sub.add_parser("inspect", help="report a checkpoint's layout, architecture and load result")
+    _add_model_args(p)
+    return ap
+
+
+def _load(args, global_pool=None):
+    from retflow.models.checkpoint_layouts import load_model, read_checkpoint
+
+    ck = read_checkpoint(args.checkpoint)
+    if ck.is_classifier:
+        global_pool = None  # a fine-tuned classifier keeps its own pooling
+    lm = load_model(ck, global_pool=global_pool, num_heads=args.num_heads, img_size=args.img_size)
+    if (args.mean is None) != (args.std is None):
+        raise CliError("--mean and --std go together")
+    if args.mean is not None:
+        lm.normalize = {"mean": list(args.mean), "std": list(args.std)}
+    print(lm.report.summary(), file=sys.stderr)
+    return lm
+
+
+def _images(args):
+    from retflow.inference import collect_images
+
+    paths, problems = collect_images(args.inputs)
+    for p in problems:
+        print(f"skipped {p}", file=sys.stderr)
+    return paths, problems
+
+
+def _finish(n_ok: int, skipped: list, out: str, what: str) -> int:
+    for s in skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    print(f"{what}: {n_ok} image(s) -> {out}; {len(skipped)} skipped", file=sys.stderr)
+    return 0 if n_ok else 1
+
+
+def _cmd_embed(args) -> int:
+    from retflow.inference import embed_images, write_embeddings
+
+    lm = _load(args, global_pool=args.pool)
+    paths, problems = _images(args)
+    frame, skipped = embed_images(
+        lm, paths, modality=args.modality, batch_size=args.batch_size, device=args.device,
+        prep_size=args.prep_size, enhance=args.enhance, crop_border=not args.no_crop_border,
+        show_progress=not args.no_progress)
+    if len(frame):
+        write_embeddings(frame, args.out, metadata={
+            "checkpoint": str(args.checkpoint), "layout": lm.report.layout, "kind": lm.kind,
+            "pool": lm.global_pool, "modality": args.modality, "spec": lm.spec.to_dict()})
+    return _finish(len(frame), problems + skipped, args.out if len(frame) else "(nothing written)", "embed")
+
+
+def _cmd_predict(args) -> int:
+    from retflow.inference import predict_images, write_probabilities
+
+    lm = _load(args)
+    if lm.kind != "classifier":
+        raise CliError(f"{args.checkpoint} is a pretrained encoder (layout {lm.report.layout}); "
+                       "predict needs a fine-tuned best.pth or its export")
+    paths, problems = _images(args)
+    frame, skipped = predict_images(
+        lm, paths, modality=args.modality, batch_size=args.batch_size, device=args.device,
+        prep_size=args.prep_size, enhance=args.enhance, crop_border=not args.no_crop_border,
+        show_progress=not args.no_progress)
+    if len(frame):
+        write_probabilities(frame, args.out)
+    return _finish(len(frame), problems + skipped, args.out if len(frame) else "(nothing written)", "predict")
+
+
+def _cmd_export(args) -> int:
+    from retflow.models.export import export_model
+
+    lm = _load(args, global_pool=args.pool)
+    export_model(lm.model, lm.spec, args.out, classes=lm.classes, normalize=lm.normalize, task=lm.task,
+                 source=str(args.checkpoint), layout=lm.report.layout, verify=not args.no_verify)
+    what = f"classifier ({len(lm.classes)} classes)" if lm.kind == "classifier" else f"encoder (pool {lm.global_pool})"
+    print(f"exported {what} {lm.spec.arch} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    lm = _load(args)
+    info = {"layout": lm.report.layout, "kind": lm.kind, "spec": lm.spec.to_dict(), "global_pool": lm.global_pool,
+            "classes": lm.classes, "normalize": lm.normalize, "task": lm.task, "report": lm.report.to_dict()}
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+_COMMANDS = {"embed": _cmd_embed, "predict": _cmd_predict, "export": _cmd_export, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from retflow.models.checkpoint_layouts import CheckpointError
+
+    try:
+        if getattr(args, "batch_size", 1) < 1:
+            raise CliError("--batch-size must be >= 1")
+        return _COMMANDS[args.command](args)
+    except (CliError, CheckpointError, FileNotFoundError) as exc:
+        print(f"retflow: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as exc:  # e.g. a spec that does not fit, a bad device
+        print(f"retflow: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retflow: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The two metric definitions of the RETFound code, so results can be compared with the papers.
+
+Both take labels ``y_true`` (n,) and class probabilities ``probs`` (n, K) of a binary,
+multiclass or ordinal task (``y_pred`` = arg-max) and return a dict of floats. They were
+re-implemented from the public RETFound code (rmaphoh/RETFound_MAE), not copied.
+
+``retfound_v1`` -- paper-era code (``misc_measures`` + ``evaluate`` of RETFound_MAE's original
+``engine_finetune.py``, 2023). From sklearn's per-class one-vs-rest confusion matrices
+(``multilabel_confusion_matrix(y_true, y_pred, labels=range(K))``) it takes, for every class
+c = 1..K-1 (**class 0 is skipped**), the binary measures with TP/FP/FN/TN of "class c vs rest":
+
+* ``acc``         = (TP + TN) / n, the binary accuracy of class c;
+* ``sensitivity`` = TP / (TP + FN);   ``specificity`` = TN / (TN + FP);
+* ``precision``   = TP / (TP + FP);   ``g_mean`` = sqrt(sensitivity * specificity);
+* ``f1``          = 2 precision sensitivity / (precision + sensitivity) (computed as the equal
+  2 TP / (2 TP + FP + FN));
+* ``mcc``         = (TP TN - FP FN) / sqrt((TN+FP)(TN+FN)(TP+FN)(TP+FP));
+
+and reports each as the arithmetic mean over c = 1..K-1. So for a binary task they are the
+measures of class 1, and ``acc`` of a multiclass task is the mean one-vs-rest binary accuracy,
+*not* top-1 accuracy (it is higher). The ranking metrics are *not* restricted to classes 1..K-1:
+the code passes one-hot labels and the softmax to ``roc_auc_score(..., average="macro")`` and
+``average_precision_score(..., average="macro")``, i.e. ``auroc`` / ``aupr`` are the macro means
+of the one-vs-rest AUROC / average precision over **all** K classes, class 0 included (for a
+binary task ``auroc`` equals the class-1 AUROC, while ``aupr`` is the mean of the class-0 and
+class-1 average precisions).
+
+``retfound_current`` -- the current RETFound code (``evaluate`` of the rewritten
+``engine_finetune.py`` in today's RETFound_MAE repository, which also serves RETFound-DINOv2):
+
+* ``accuracy``  = top-1 accuracy;
+* ``f1``, ``precision``, ``recall`` = sklearn macro averages over the one-hot columns of all K
+  classes with ``zero_division=0`` (a class absent from the test set and never predicted counts
+  as 0);
+* ``kappa``     = unweighted Cohen's kappa of ``y_true`` vs ``y_pred``;
+* ``auroc``, ``aupr`` = macro one-vs-rest AUROC / average precision over the classes (one-hot
+  columns, as in v1);
+* ``score``     = (``f1`` + ``auroc`` + ``kappa``) / 3, the model-selection score of that code.
+
+Deviations, only where the original code would crash or return NaN: ranking metrics average over
+the classes present in ``y_true`` (sklearn raises for an absent class), and a v1 per-class value
+that is 0/0 (e.g. precision of a class never predicted, MCC with an empty margin) is left out of
+its mean instead of turning it into NaN. ``absent_classes`` of :mod:`.metrics` lists such classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+from .metrics import CLASSIFICATION_TYPES, check_inputs
+
+V1_KEYS = ["acc", "sensitivity", "specificity", "precision", "g_mean", "f1", "mcc", "auroc", "aupr"]
+CURRENT_KEYS = ["accuracy", "f1", "precision", "recall", "kappa", "auroc", "aupr", "score"]
+
+
+def _validate(y_true, probs, task_type):
+    if task_type is None:
+        task_type = "binary" if np.ndim(probs) == 1 or np.shape(probs)[1] == 2 else "multiclass"
+    if task_type not in CLASSIFICATION_TYPES:
+        raise ValueError(f"RETFound metrics are defined for {CLASSIFICATION_TYPES}, got {task_type!r}")
+    return check_inputs(y_true, probs, task_type)
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _ovr_rank_means(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """Macro one-vs-rest AUROC and average precision over the classes present in ``y_true``."""
+    present = np.unique(y_true)
+    if present.size < 2:
+        return float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auc = [skm.roc_auc_score(y_true == c, probs[:, c]) for c in present]
+        ap = [skm.average_precision_score(y_true == c, probs[:, c]) for c in present]
+    return float(np.mean(auc)), float(np.mean(ap))
+
+
+def retfound_v1(y_true, probs, task_type: str | None = None) -> dict[str, float]:
+    """RETFound paper-era metrics (module docstring): per-class measures over classes 1..K-1."""
+    y_true, probs = _validate(y_true, probs, task_type)
+    if y_true.size == 0:
+        return {key: float("nan") for key in V1_KEYS}
+    k = probs.shape[1]
+    mcm = skm.multilabel_confusion_matrix(y_true, probs.argmax(axis=1), labels=np.arange(k))[1:]
+    tn, fp, fn, tp = (mcm[:, i, j].astype(float) for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = tp / (tp + fn)
+        spec = tn / (tn + fp)
+        per_class = {
+            "acc": (tp + tn) / y_true.size,
+            "sensitivity": sens,
+            "specificity": spec,
+            "precision": tp / (tp + fp),
+            "g_mean": np.sqrt(sens * spec),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "mcc": (tp * tn - fp * fn) / np.sqrt((tn + fp) * (tn + fn) * (tp + fn) * (tp + fp)),
+        }
+    out = {key: _nanmean(values) for key, values in per_class.items()}
+    out["auroc"], out["aupr"] = _ovr_rank_means(y_true, probs)
+    return {key: out[key] for key in V1_KEYS}
+
+
+def retfound_current(y_true, probs, task_type: str | None = None) -> dict[str, float]:
+    """Current RETFound metrics (module docstring), including the selection ``score``."""
+    y_true, probs = _validate(y_true, probs, task_type)
+    if y_true.size == 0:
+        return {key: float("nan") for key in CURRENT_KEYS}
+    k = probs.shape[1]
+    y_pred = probs.argmax(axis=1)
+    labels = np.arange(k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = {
+            "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+            "f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "precision": float(skm.precision_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "recall": float(skm.recall_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "kappa": float(skm.cohen_kappa_score(y_true, y_pred)),
+        }
+    out["auroc"], out["aupr"] = _ovr_rank_means(y_true, probs)
+    out["score"] = (out["f1"] + out["auroc"] + out["kappa"]) / 3
+    return {key: out[key] for key in CURRENT_KEYS}
