@@ -5,7 +5,7 @@ CORES  ?= 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint dryrun-paper clean
+.PHONY: demo test lint dryrun-paper dryrun-slurm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(VENV)/.installed
 
 dryrun-paper: $(VENV)/.installed
 	snakemake -n --configfile config/retfound_paper.yaml --config missing_data=warn
+
+# what each paper-scale job would ask SLURM for (profiles/slurm, via the ./slurm link)
+dryrun-slurm: $(VENV)/.installed
+	snakemake -n --profile slurm --configfile config/retfound_paper.yaml --config missing_data=warn
 
 clean:
 	rm -rf results logs benchmarks .snakemake

@@ -112,9 +112,11 @@ def pretrain_settings(wildcards):
     return as_json(settings)
 
 
-def pretrain_launch(wildcards, threads):
+def pretrain_launch(wildcards, threads, resources):
     """srun (nodes > 1 only) + the launcher that builds torchrun's rendezvous from SLURM's env."""
-    return launch.launcher_command(rfc.resources(config, "pretrain"), threads)
+    return launch.launcher_command(
+        rfc.resources(config, "pretrain"), threads, resources.get("gpu")
+    )
 
 
 def init_checkpoint(wildcards):

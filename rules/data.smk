@@ -62,7 +62,7 @@ rule prepare_dataset:
 rule leakage_check:
     """Pretraining pools and training splits against every other dataset's test images."""
     input:
-        [store_manifest(d) for d in DATASETS],
+        [store_manifest(d) for d in sorted(DATASETS)],
     output:
         leakage_report(),
     log:
@@ -76,7 +76,7 @@ rule leakage_check:
         runtime=res("data", "runtime"),
     params:
         leakage=as_json(config["leakage"]),
-        stores=[store_dir(d) for d in DATASETS],
+        stores=[store_dir(d) for d in sorted(DATASETS)],  # config key order must not rerun it
     shell:
         "python workflow_scripts/leakage_check.py --stores {params.stores} --leakage {params.leakage:q}"
         " --out {output} > {log} 2>&1"

@@ -104,7 +104,9 @@ def test_launcher_command_for_the_rule():
     one = L.launcher_command({"runtime": 60, "gpu": 2}, threads=16)
     assert one.startswith("python workflow_scripts/launch.py --gpus 2 --nodes 1 --threads 16")
     assert "--shutdown-timeout 300" in one
-    two = L.launcher_command({"runtime": 60, "gpu": 4, "nodes": 2, "cpus_per_gpu": 8}, threads=32)
+    assert "--gpus 2 " in L.launcher_command({"runtime": 60, "gpu": 8}, threads=16, granted_gpus=2)
+    two = L.launcher_command({"runtime": 60, "gpu": 4, "nodes": 2, "cpus_per_gpu": 8}, threads=32,
+                             granted_gpus=0)
     assert two.startswith("srun --nodes=2") and "--gres=gpu:4" in two and "--nodes 2" in two
 
 

@@ -6,7 +6,9 @@ folder (one node, 2 CPUs, two fake GPUs as a ``gpu`` GRES), links /etc/slurm/slu
 (``srun`` inside the jobs does not see SLURM_CONF), runs ``snakemake --profile slurm`` (the
 profile from profiles/slurm with this cluster's partition, no account and ``squeue`` status
 checks: no slurmdbd here) under ``timeout -s KILL``, and stops the daemons by PID.
-About 3 minutes on 2 cores (+ about 1 minute for apt-get on a fresh machine).
+About 3.5 minutes on 2 cores (+ about 1 minute for apt-get on a fresh machine). Pretraining is
+sent SIGTERM mid-run (as before a time limit): it checkpoints, the job fails, the profile's retry
+resumes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -239,7 +242,7 @@ def tiny_config(path: Path) -> Path:
         ds["phantom"].update(n=sizes[ds["role"]], size=64)
     cfg["tasks"] = {name: {**task, "external": task["external"][:1]}}
     cfg["pretrain"]["pools"] = {modality: pool}
-    cfg["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1)
+    cfg["pretrain"].update(epochs=4, batch_size=32, warmup_epochs=1)
     cfg["models"] = {k: m for k, m in cfg["models"].items() if m["init"] == "pretrained"}
     cfg["finetune"].update(epochs=1, min_steps=4)
     cfg.update(fractions=[1.0], seeds=[0], protocols=["finetune"])
@@ -267,19 +270,42 @@ def cluster_profile(folder: Path) -> Path:
     return folder
 
 
+def interrupt_pretraining(cluster: Cluster, resume: Path, proc: subprocess.Popen, deadline: float) -> str:
+    """As SLURM does before a time limit: SIGTERM to the pretraining job's steps once it has
+    checkpointed an epoch. Returns the job id signalled ('' if never caught mid-run)."""
+    while proc.poll() is None and time.time() < deadline:
+        if resume.exists():
+            queue = subprocess.run(["squeue", "-h", "-o", "%i %k"], env=cluster.env, capture_output=True,
+                                   text=True).stdout
+            for line in queue.splitlines():
+                job_id, _, comment = line.partition(" ")
+                if comment.startswith("rule_pretrain"):
+                    subprocess.run(["scancel", "--signal=TERM", job_id], env=cluster.env, check=True)
+                    return job_id
+        time.sleep(0.2)
+    return ""
+
+
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
     work = make_workdir(tmp_path_factory.mktemp("slurm"))
     cluster_profile(work / "slurm")  # found by the bare name `--profile slurm`, as from the repo root
     config = tiny_config(work / "tiny.yaml")
+    cfg = yaml.safe_load(config.read_text())
+    (modality,) = cfg["pretrain"]["pools"]
     env = dict(cluster.env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONUNBUFFERED="1")
     t0 = time.time()
-    result = subprocess.run(["timeout", "-s", "KILL", str(RUN_LIMIT_S), sys.executable, "-m", "snakemake",
-                             "--profile", "slurm", "--configfile", str(config)],
-                            cwd=work, env=env, capture_output=True, text=True)
-    return {"work": work, "result": result, "seconds": time.time() - t0, "cluster": cluster,
-            "config": yaml.safe_load(config.read_text())}
+    with open(work / "snakemake.out", "w") as out:
+        proc = subprocess.Popen(["timeout", "-s", "KILL", str(RUN_LIMIT_S), sys.executable, "-m", "snakemake",
+                                 "--profile", "slurm", "--configfile", str(config)],
+                                cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        resume = work / cfg["results"] / f"pretrain/mae/{modality}/resume/last.pth"
+        signalled = interrupt_pretraining(cluster, resume, proc, t0 + RUN_LIMIT_S)
+        proc.wait()
+    return {"work": work, "returncode": proc.returncode, "out": (work / "snakemake.out").read_text(),
+            "seconds": time.time() - t0, "cluster": cluster, "config": cfg, "modality": modality,
+            "signalled": signalled}
 
 
 def submitted(stdout: str) -> dict[str, list[str]]:
@@ -292,9 +318,9 @@ def submitted(stdout: str) -> dict[str, list[str]]:
 
 
 def test_reduced_demo_runs_through_the_slurm_profile(slurm_run):
-    r = slurm_run["result"]
-    assert r.returncode == 0, (f"rc={r.returncode} after {slurm_run['seconds']:.0f}s\n{r.stdout[-3000:]}\n"
-                               f"{r.stderr[-4000:]}\n{slurm_run['cluster'].log_tail()}")
+    out = slurm_run["out"]
+    assert slurm_run["returncode"] == 0, (f"rc={slurm_run['returncode']} after {slurm_run['seconds']:.0f}s\n"
+                                          f"{out[-6000:]}\n{slurm_run['cluster'].log_tail()}")
     work, cfg = slurm_run["work"], slurm_run["config"]
     results = work / cfg["results"]
     (task,), (model,) = cfg["tasks"], cfg["models"]
@@ -304,7 +330,6 @@ def test_reduced_demo_runs_through_the_slurm_profile(slurm_run):
         value = json.loads(path.read_text())["metrics"]["accuracy"]["value"]
         assert 0.0 <= value <= 1.0
     assert (results / "report.html").stat().st_size > 10_000
-    out = r.stdout + r.stderr
     jobs = submitted(out)
     for rule in ("phantom_dataset", "prepare_dataset", "pretrain", "finetune", "predict_external",
                  "evaluate_internal", "evaluate_external", "report"):
@@ -314,17 +339,31 @@ def test_reduced_demo_runs_through_the_slurm_profile(slurm_run):
 
 
 def test_pretraining_got_its_gpu_and_checkpoint_signal(slurm_run):
-    assert slurm_run["result"].returncode == 0
-    jobs = submitted(slurm_run["result"].stdout + slurm_run["result"].stderr)
+    assert slurm_run["returncode"] == 0
+    jobs = submitted(slurm_run["out"])
     record = slurm_run["cluster"].job(jobs["pretrain"][-1])
-    assert "gres:gpu:1" in record or "gres/gpu=1" in record, record
-    assert "CpusPerTres=gres:gpu:1" in record or "cpus-per-gpu" in record.lower() or "NumCPUs=1" in record, record
-    (modality,) = slurm_run["config"]["pretrain"]["pools"]
-    log = (slurm_run["work"] / f"logs/pretrain/mae_{modality}.log").read_text()
+    # --gpus=1 --cpus-per-gpu=1 from the rule's resources gpu + cpus_per_gpu
+    assert "TresPerJob=gres:gpu:1" in record and "CpusPerTres=gres:gpu:1" in record, record
+    assert "JobState=COMPLETED" in record, record
+    log = (slurm_run["work"] / f"logs/pretrain/mae_{slurm_run['modality']}.log").read_text()
     env_line = next(line for line in log.splitlines() if line.startswith("launch: env"))
     assert "SLURM_GPUS_ON_NODE=1" in env_line, env_line  # the GRES reached the job step
     if (slurm_run["cluster"].base / "dev/nvidia0").is_char_device():
         assert "CUDA_VISIBLE_DEVICES=0" in env_line, env_line
     assert "--standalone" in log and "--nproc_per_node=1" in log
-    # the sbatch flags the plugin used, as Snakemake printed the job's resources
-    assert "slurm_extra=--signal=TERM@150" in slurm_run["result"].stdout + slurm_run["result"].stderr
+    # the pre-timeout signal the rule asks for (runtime 10 min -> a quarter: 150 s)
+    assert "slurm_extra=--signal=TERM@150" in slurm_run["out"]
+
+
+def test_signalled_pretraining_checkpoints_and_the_retry_resumes_it(slurm_run):
+    assert slurm_run["signalled"], "pretraining was not caught mid-run"
+    assert slurm_run["returncode"] == 0
+    jobs = submitted(slurm_run["out"])
+    assert jobs["pretrain"][0] == slurm_run["signalled"] and len(jobs["pretrain"]) == 2, jobs["pretrain"]
+    first = slurm_run["cluster"].job(slurm_run["signalled"])
+    assert "JobState=FAILED" in first, first
+    log = (slurm_run["work"] / f"logs/pretrain/mae_{slurm_run['modality']}.log").read_text()
+    assert "Resuming from" in log, log[-2000:]
+    results = slurm_run["work"] / slurm_run["config"]["results"]
+    epochs = pd.read_csv(results / f"pretrain/mae/{slurm_run['modality']}/log.csv").epoch.tolist()
+    assert epochs == list(range(slurm_run["config"]["pretrain"]["epochs"]))

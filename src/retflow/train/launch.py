@@ -178,9 +178,16 @@ def signal_seconds(runtime_min: int, wanted: int | None = None) -> int:
     return max(0, min(wanted, int(runtime_min) * 60 // 4))
 
 
-def launcher_command(res: Mapping, threads: int, entry: str = "workflow_scripts/launch.py") -> str:
-    """The rule's command up to the training script: [srun ...] python <entry> --gpus ... ."""
+def launcher_command(res: Mapping, threads: int, granted_gpus: int | None = None,
+                     entry: str = "workflow_scripts/launch.py") -> str:
+    """The rule's command up to the training script: [srun ...] python <entry> --gpus ... .
+
+    ``granted_gpus``: the job's ``gpu`` resource as Snakemake granted it (one node: a
+    workstation's ``--resources gpu=2`` caps a config asking for 8).
+    """
     gpus, nodes = int(res.get("gpu", 0) or 0), int(res.get("nodes", 1) or 1)
+    if nodes == 1 and granted_gpus is not None:
+        gpus = int(granted_gpus)
     wait = max(30, signal_seconds(res["runtime"], res.get("checkpoint_signal_s")))
     srun = srun_argv(nodes, gpus, res.get("cpus_per_gpu", 0), threads)
     return " ".join(srun + ["python", entry, f"--gpus {gpus} --nodes {nodes} --threads {threads}",

@@ -1,0 +1,221 @@
+"""HPC plumbing without a cluster: profiles, per-rule resources and containers, one-task reruns."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from spython.main.parse.parsers import SingularityParser
+
+from conftest import ROOT, job_counts, make_workdir, snakemake
+
+GPU_RULES = {"pretrain", "finetune", "predict_external"}
+
+
+def workdir(tmp_path: Path) -> Path:
+    """make_workdir + the profiles and the ./slurm link, as in a clone."""
+    work = make_workdir(tmp_path)
+    for name in ("profiles", "slurm", "containers"):
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
+def job_blocks(stdout: str) -> dict[str, list[str]]:
+    """rule -> the 'resources:' lines of its jobs in a dry-run listing."""
+    blocks: dict[str, list[str]] = {}
+    rule = None
+    for line in stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            rule = m.group(1)
+        elif rule and line.strip().startswith("resources:"):
+            blocks.setdefault(rule, []).append(line.strip())
+    return blocks
+
+
+def test_bare_profile_name_is_the_slurm_profile():
+    link = ROOT / "slurm"
+    assert link.is_symlink() and link.resolve() == (ROOT / "profiles/slurm").resolve()
+    profile = yaml.safe_load((link / "config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["slurm-logdir"] == "logs/slurm"
+    assert profile["retries"] >= 1 and profile["jobs"] > 0 and profile["latency-wait"] > 0
+    assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(
+        profile["default-resources"])
+    text = (link / "config.yaml").read_text()
+    assert "slurm-status-command: squeue" in text and "--nv -B" in text
+    # an empty profiles/default/ (Snakemake's workflow profile) would break every command
+    assert not (ROOT / "profiles/default").exists() and not (ROOT / "workflow/profiles/default").exists()
+
+
+def test_paper_dry_run_with_profile_slurm_prints_gpu_and_time_per_rule(tmp_path):
+    work = workdir(tmp_path)
+    result = snakemake(work, "-n", "--profile", "slurm", "--configfile", "config/retfound_paper.yaml",
+                       "--config", "missing_data=warn")
+    assert result.returncode == 0, result.stderr[-3000:]
+    blocks = job_blocks(result.stdout)
+    pretrain = blocks["pretrain"][0]
+    for item in ("gpu=8", "cpus_per_gpu=10", "runtime=2880", "mem_mb=480000", "slurm_extra=--signal=TERM@300",
+                 "slurm_partition=gpu"):
+        assert item in pretrain, pretrain
+    assert "tasks=" not in pretrain  # never tasks on a GPU rule
+    assert all("gpu=1" in r and "runtime=480" in r for r in blocks["finetune"])
+    assert all("runtime=720" in r and "gpu=" not in r for r in blocks["prepare_dataset"])
+    assert all("runtime=60" in r for r in blocks["evaluate_internal"])
+
+
+def test_local_profile_dry_run(tmp_path):
+    result = snakemake(workdir(tmp_path), "-n", "--profile", "profiles/local")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert job_counts(result.stdout)["pretrain"] == 2
+
+
+# ---------------------------------------------------------------- containers
+
+def pyproject_pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return dict(d.split("==") for d in deps)
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
+def test_container_definition_parses_and_pins_the_pyproject_stack(flavour):
+    path = ROOT / f"containers/{flavour}.def"
+    stage = SingularityParser(str(path)).recipe["spython-base"]
+    text = path.read_text()
+    assert re.search(r"^Bootstrap: docker$", text, re.M)
+    assert stage.fromHeader.startswith("nvidia/cuda:" if flavour == "gpu" else "python:3.11")
+    labels = dict(line.split(" ", 1) for line in stage.labels)
+    assert labels["retflow.flavour"] == flavour
+    assert labels["org.opencontainers.image.version"] == tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert any(f.startswith("src ") for f in stage.files)
+    post = "\n".join(stage.install)
+    assert "pip install --no-cache-dir --no-deps /opt/retflow" in post and "pip check" in post
+    sections = re.findall(r"^%(\w+)", text, re.M)
+    assert {"post", "test", "labels", "environment", "files", "help"} <= set(sections)
+    test_section = text.split("%test", 1)[1]
+    assert "import torch, torchvision, timm, retflow" in test_section
+    post_text = text.split("%post", 1)[1].split("%environment", 1)[0]
+    pins = dict(re.findall(r"\b([A-Za-z][\w.-]*)==([\w.+]+)", post_text))
+    assert pins == pyproject_pins()
+
+
+def test_old_single_container_is_gone_everywhere():
+    assert not (ROOT / "containers/retflow.def").exists()
+    for name in ("README.md", "Snakefile", "config/schema.yaml", "config.yaml", "Makefile",
+                 "profiles/slurm/config.yaml", "profiles/local/config.yaml", "envs/retflow.yaml"):
+        text = (ROOT / name).read_text()
+        assert "retflow.def" not in text and "retflow.sif" not in text, name
+
+
+IMAGES_SCRIPT = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
+from snakemake.settings.types import (ConfigSettings, DAGSettings, DeploymentSettings, OutputSettings,
+                                      ResourceSettings)
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+out = {}
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                      config_settings=ConfigSettings(configfiles=[Path(sys.argv[1])]),
+                      deployment_settings=DeploymentSettings(deployment_method={DeploymentMethod.APPTAINER}),
+                      snakefile=Path("Snakefile").resolve(), workdir=Path.cwd())
+    wf.dag(DAGSettings(targets=set())).execute_workflow(executor="dryrun")
+    for job in wf._workflow.dag.jobs:
+        out.setdefault(job.rule.name, set()).add(job.container_img_url)
+print(json.dumps({k: sorted(map(str, v)) for k, v in out.items()}))
+"""
+
+
+def test_dry_run_with_apptainer_names_the_gpu_image_for_gpu_rules(tmp_path):
+    work = workdir(tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "apptainer").write_text('#!/bin/sh\necho "apptainer version 1.3.6"\n')
+    (fake / "apptainer").chmod(0o755)
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["containers"] = {"cpu": "images/retflow-cpu.sif", "gpu": "docker://example.org/retflow-gpu:0.1.0"}
+    (work / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    r = subprocess.run([sys.executable, "-c", IMAGES_SCRIPT, str(work / "c.yaml")], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    images = json.loads(r.stdout.strip().splitlines()[-1])
+    for rule, urls in images.items():
+        if rule in ("all",) or rule.startswith("task_"):
+            continue
+        want = cfg["containers"]["gpu" if rule in GPU_RULES else "cpu"]
+        assert urls == [want], (rule, urls)
+    assert GPU_RULES <= set(images) and {"phantom_dataset", "prepare_dataset", "report"} <= set(images)
+    # and through the CLI: the remote GPU image is announced for pulling, once, on the submit host
+    cli = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "c.yaml",
+                          "--sdm", "apptainer", "--apptainer-args", "--nv -B /data"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "image docker://example.org/retflow-gpu:0.1.0 will be pulled" in cli.stdout + cli.stderr
+
+
+# ---------------------------------------------------------------- one-task reruns
+
+OUTPUTS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
+from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1), config_settings=ConfigSettings(),
+                      snakefile=Path("Snakefile").resolve(), workdir=Path.cwd())
+    wf.dag(DAGSettings(targets=set())).execute_workflow(executor="dryrun")
+    print(json.dumps([[str(f), bool(f.is_directory)] for job in wf._workflow.dag.jobs for f in job.output]))
+"""
+
+
+def fake_completed_run(work: Path) -> None:
+    """Every output of the demo DAG as an empty file/folder, then `--touch` records the params."""
+    r = subprocess.run([sys.executable, "-c", OUTPUTS_SCRIPT], cwd=work, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, is_dir in json.loads(r.stdout.strip().splitlines()[-1]):
+        path = work / name
+        if is_dir:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    touched = snakemake(work, "--touch", "--cores", "1")
+    assert touched.returncode == 0, touched.stderr[-3000:]
+    again = snakemake(work, "-n", "--cores", "1")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+
+def test_changing_one_task_reruns_only_that_task(tmp_path):
+    work = workdir(tmp_path)
+    fake_completed_run(work)
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    name = next(n for n, t in cfg["tasks"].items() if len(t["classes"]) > 2)
+    task = cfg["tasks"][name]
+    task["type"] = "multiclass" if task["type"] == "ordinal" else "ordinal"
+    # sort_keys=False: the same key order as config.yaml (list-valued params follow it)
+    (work / "changed.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", "changed.yaml")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    runs = len(cfg["models"]) * len(cfg["fractions"]) * len(cfg["seeds"]) * len(cfg.get("protocols", [1]))
+    assert counts["finetune"] == runs and counts["evaluate_internal"] == runs, counts
+    assert counts.get("predict_external", 0) == runs * len(task.get("external", [])), counts
+    for rule in ("pretrain", "prepare_dataset", "phantom_dataset", "leakage_check"):
+        assert rule not in counts, counts
+    assert f"task={name}" in result.stdout and not any(
+        f"task={other}," in result.stdout for other in cfg["tasks"] if other != name)
+    assert "Params have changed since last execution" in result.stdout
+    # the per-task target rule and --until select the same jobs
+    until = snakemake(work, "-n", "--cores", "1", "--configfile", "changed.yaml", "--until", f"task_{name}")
+    assert until.returncode == 0 and "report" not in job_counts(until.stdout)
