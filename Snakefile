@@ -24,6 +24,8 @@ include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
+include: "rules/segment.smk"
+include: "rules/compare.smk"
 include: "rules/report.smk"
 
 

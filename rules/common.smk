@@ -26,6 +26,8 @@ CONTAINERS = config["containers"]
 DATASETS = config["datasets"]
 TASKS = config["tasks"]
 MODELS = config["models"]
+# segmentation tasks: one `segment` job writes metrics.json (rules/segment.smk), finetune protocol only
+SEGMENTATION_TASKS = [t for t, s in TASKS.items() if s["type"] == "segmentation"]
 RUN_DIR = f"{RESULTS}/{{protocol}}/{{task}}/{{model}}/frac{{frac}}/seed{{seed}}"
 RUN_LOG = "{protocol}/{task}/{model}/frac{frac}/seed{seed}"
 PRETRAIN = rfc.pretrain_runs(config)
@@ -51,12 +53,20 @@ def run_metrics(run):
     """All metrics.json files of one downstream run: internal test + each external set."""
     d = f"{RESULTS}/{run.dir}"
     out = [f"{d}/metrics.json"]
-    out += [f"{d}/external/{ext}/metrics.json" for ext in TASKS[run.task]["external"]]
+    out += [
+        f"{d}/external/{e['dataset']}/metrics.json"
+        for e in rfc.external_sets(TASKS[run.task])
+    ]
     return out
 
 
 def all_metrics(task=None):
-    return [m for run in rfc.downstream_runs(config, task) for m in run_metrics(run)]
+    return [
+        m
+        for run in rfc.downstream_runs(config, task)
+        if run.task not in SEGMENTATION_TASKS or run.protocol == "finetune"
+        for m in run_metrics(run)
+    ]
 
 
 def phantom_names():
@@ -143,11 +153,18 @@ def init_option(wildcards):
 
 def finetune_settings(wildcards):
     task = TASKS[wildcards.task]
+    if wildcards.task in SEGMENTATION_TASKS:
+        raise ValueError(
+            f"task '{wildcards.task}' is a segmentation task: its runs are made by rule"
+            f" segment (RUN_DIR/metrics.json, protocol finetune), not by rule finetune"
+        )
     settings = dict(config[wildcards.protocol])
     settings.update(
         task={
             "name": wildcards.task,
-            **{k: task[k] for k in ("label", "type", "classes")},
+            "label": task["label"],
+            "type": task["type"],
+            "classes": rfc.task_classes(task),
         },
         vit=rfc.vit_settings(config, rfc.task_modality(config, wildcards.task)),
         normalize=rfc.normalize_settings(
@@ -163,10 +180,48 @@ def finetune_settings(wildcards):
 
 def evaluate_args(wildcards, eval_set):
     task = TASKS[wildcards.task]
-    classes = " ".join(str(c) for c in task["classes"])
+    kind, classes = task["type"], rfc.task_classes(task)
+    if eval_set != "internal":
+        ext = rfc.external_eval(config, wildcards.task, eval_set)
+        kind, classes = ext["type"], ext["classes"] or classes
+    names = " ".join(str(c) for c in classes)
+    classes_opt = "" if kind == "regression" else f"--classes {names}"
     return (
-        f"--task {wildcards.task} --task-type {task['type']} --protocol {wildcards.protocol}"
+        f"--task {wildcards.task} --task-type {kind} --protocol {wildcards.protocol}"
         f" --model {wildcards.model} --fraction {wildcards.frac} --seed {wildcards.seed}"
-        f" --eval-set {eval_set} --classes {classes}"
+        f" --eval-set {eval_set} {classes_opt}"
         f" --n-boot {config['evaluate']['n_boot']} --boot-seed {config['evaluate']['seed']}"
     )
+
+
+def predict_external_args(wildcards):
+    ext = rfc.external_eval(config, wildcards.task, wildcards.external)
+    label = ext["label"]
+    args = f"--label {label}" if isinstance(label, str) else ""
+    if ext["map"]:
+        classes = " ".join(ext["classes"])
+        args += f" --label-map '{json.dumps(ext['map'])}' --classes {classes}"
+    return args
+
+
+def segment_settings(wildcards):
+    """Settings of one segmentation run (retflow.train.segment): the `segment` section + the run."""
+    task = TASKS[wildcards.task]
+    modality = rfc.task_modality(config, wildcards.task)
+    settings = dict(config["segment"])
+    settings.update(
+        task={
+            "name": wildcards.task,
+            "type": task["type"],
+            "classes": [str(c) for c in task["classes"]],
+        },
+        vit=rfc.vit_settings(config, modality),
+        normalize=rfc.normalize_settings(config, modality),
+        protocol=wildcards.protocol,
+        model=wildcards.model,
+        fraction=float(wildcards.frac),
+        seed=int(wildcards.seed),
+        device=config["device"],
+        evaluate=config["evaluate"],
+    )
+    return as_json(settings)

@@ -22,6 +22,7 @@ rule phantom_dataset:
         "python workflow_scripts/phantoms.py --kind {params.spec[kind]} --n {params.spec[n]}"
         " --seed {params.spec[seed]} --style {params.spec[style]} --size {params.spec[size]}"
         " --n-slices {params.spec[n_slices]} --labelled {params.spec[labelled]}"
+        " --masks {params.spec[masks]}"
         " --out {output} > {log} 2>&1"
 
 

@@ -2,7 +2,7 @@
 
 
 wildcard_constraints:
-    protocol="finetune|probe",
+    protocol="finetune|probe_adamw|probe_lars|probe_logreg",
     task="|".join(TASKS),
     model="|".join(MODELS),
     frac=r"[0-9.]+",
@@ -59,9 +59,9 @@ rule predict_external:
         runtime=res("evaluate", "runtime"),
     params:
         store=lambda w: store_dir(w.external),
-        label=lambda w: TASKS[w.task]["label"],
+        args=predict_external_args,
         device=config["device"],
     shell:
         "OMP_NUM_THREADS={threads} python workflow_scripts/predict.py --checkpoint {input.best}"
-        " --store {params.store} --label {params.label} --device {params.device}"
+        " --store {params.store} {params.args} --device {params.device}"
         " --out {output} > {log} 2>&1"

@@ -1,14 +1,23 @@
 # Report: one self-contained HTML page aggregating every result.
 
 
+report: "captions/workflow.rst"
+
+
 rule report:
-    """Aggregate metrics, figures, reconstructions, QC and timings into results/report.html."""
+    """Aggregate metrics, comparisons, figures, saliency maps, QC and compute cost into results/report.html."""
     input:
         metrics=all_metrics(),
+        compare=COMPARE_JSONS,
+        saliency=SALIENCY_PNGS,
         pretrain=[f"{RESULTS}/pretrain/{m}/{mod}/recon.png" for m, mod in PRETRAIN],
         qc=[f"{RESULTS}/data/{d}/qc.json" for d in DATASETS],
     output:
-        f"{RESULTS}/report.html",
+        report(
+            f"{RESULTS}/report.html",
+            caption="captions/report.rst",
+            category="Report",
+        ),
     log:
         "logs/report.log",
     benchmark:

@@ -31,6 +31,11 @@ def reduced_config(path: Path) -> Path:
     cfg["pretrain"].update(epochs=6, batch_size=32)
     cfg["finetune"].update(epochs=2, min_steps=6)
     cfg["fractions"] = [0.5]
+    for task in cfg["tasks"].values():  # one run per task and model; glaucoma keeps every protocol
+        task.pop("fractions", None)
+        task.pop("seeds", None)
+    cfg["probe_adamw"].update(epochs=1, min_steps=4)
+    cfg["probe_lars"].update(epochs=1, min_steps=4)
     cfg["evaluate"]["n_boot"] = 50
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -95,18 +100,29 @@ def test_killed_pretraining_resumes_from_last_checkpoint(demo):
 
 
 def test_demo_outputs_metrics_for_every_run(demo):
+    import math
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from retflow.config import downstream_runs, external_sets
+
+    cfg = yaml.safe_load((demo["work"] / "demo.yaml").read_text())
     results = demo["work"] / "results"
-    metrics = sorted(results.glob("finetune/*/*/frac0.5/seed0/**/metrics.json"))
-    assert len(metrics) == 12  # 3 tasks x 2 models x (internal + 1 external)
-    for path in metrics:
-        data = json.loads(path.read_text())
-        assert 0.0 <= data["metrics"]["accuracy"]["value"] <= 1.0
-        assert data["metrics"]["accuracy"]["ci_low"] <= data["metrics"]["accuracy"]["ci_high"]
+    runs = downstream_runs(cfg)
+    assert {r.protocol for r in runs} == {"finetune", "probe_adamw", "probe_lars", "probe_logreg"}
+    for run in runs:
+        sets = ["metrics.json"] + [f"external/{e['dataset']}/metrics.json"
+                                   for e in external_sets(cfg["tasks"][run.task])]
+        for name in sets:
+            data = json.loads((results / run.dir / name).read_text())
+            metric = data["metrics"][data["primary_metric"]]
+            assert math.isfinite(metric["value"]), (run, name)
+            assert metric["ci_low"] is None or metric["ci_low"] <= metric["ci_high"]
 
 
 def test_demo_report_is_self_contained(demo):
     html = (demo["work"] / "results/report.html").read_text()
-    for name in ("dr_grading", "glaucoma", "oct_diagnosis", "mae", "scratch", "cfp_device_b"):
+    for name in ("dr_grading", "glaucoma", "oct_diagnosis", "oct_signs", "cup_disc_ratio", "probe_logreg",
+                 "mae", "scratch", "cfp_device_b"):
         assert name in html
     assert "data:image/png;base64," in html
     assert 'src="http' not in html and "href=\"http" not in html

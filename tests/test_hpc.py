@@ -14,7 +14,7 @@ from spython.main.parse.parsers import SingularityParser
 
 from conftest import ROOT, job_counts, make_workdir, snakemake
 
-GPU_RULES = {"pretrain", "finetune", "predict_external"}
+GPU_RULES = {"pretrain", "finetune", "predict_external", "segment"}
 
 
 def workdir(tmp_path: Path) -> Path:

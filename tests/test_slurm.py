@@ -230,12 +230,14 @@ def cluster():
 
 
 def tiny_config(path: Path) -> Path:
-    """The demo reduced to one binary task, its external set, the pretrained model, 2 epochs."""
+    """The demo reduced to one task with an external set, the pretrained model, 2 epochs."""
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    name, task = next((n, t) for n, t in cfg["tasks"].items() if t["type"] == "binary" and t.get("external"))
+    name, task = next((n, t) for n, t in cfg["tasks"].items() if t.get("external"))
+    task = {k: v for k, v in task.items() if k not in ("protocols", "fractions", "seeds")}
+    ext = task["external"][0]
     modality = cfg["datasets"][task["dataset"]]["modality"]
     pool = cfg["pretrain"]["pools"][modality]
-    keep = {task["dataset"], task["external"][0], *pool}
+    keep = {task["dataset"], ext if isinstance(ext, str) else ext["dataset"], *pool}
     sizes = {"pretrain": 240, "labelled": 160, "external": 60}
     cfg["datasets"] = {k: v for k, v in cfg["datasets"].items() if k in keep}
     for ds in cfg["datasets"].values():
@@ -325,7 +327,8 @@ def test_reduced_demo_runs_through_the_slurm_profile(slurm_run):
     results = work / cfg["results"]
     (task,), (model,) = cfg["tasks"], cfg["models"]
     run = results / f"finetune/{task}/{model}/frac1/seed0"
-    metrics = [run / "metrics.json", run / f"external/{cfg['tasks'][task]['external'][0]}/metrics.json"]
+    ext = cfg["tasks"][task]["external"][0]
+    metrics = [run / "metrics.json", run / f"external/{ext if isinstance(ext, str) else ext['dataset']}/metrics.json"]
     for path in metrics:
         value = json.loads(path.read_text())["metrics"]["accuracy"]["value"]
         assert 0.0 <= value <= 1.0

@@ -100,8 +100,8 @@ def finetune_cfg(protocol="finetune", **kw):
     return cfg
 
 
-@pytest.mark.parametrize("protocol", ["finetune", "probe"])
-def test_finetune_from_mae_writes_predictions(pool, tmp_path, protocol):
+@pytest.mark.parametrize("protocol", ["finetune", "probe_adamw", "probe_lars", "probe_logreg"])
+def test_finetune_and_probes_from_mae_write_predictions(pool, tmp_path, protocol):
     mae = tmp_path / "mae"
     pt.run(pretrain_cfg(epochs=1), [pool], mae)
     store = str(make_store(tmp_path / "labelled"))
@@ -112,10 +112,74 @@ def test_finetune_from_mae_writes_predictions(pool, tmp_path, protocol):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["n_train"] == 12  # half of 24 training images, stratified
     best = load_state(out / "best.pth")
-    assert best["classes"] == ["0", "1"] and best["probe_head"] == (protocol == "probe")
-    if protocol == "probe":  # encoder frozen: block weights identical to the MAE encoder
+    assert best["classes"] == ["0", "1"] and best["probe_head"] == (protocol == "probe_lars")
+    if protocol != "finetune":  # encoder frozen: block weights identical to the MAE encoder
         enc = load_state(mae / "checkpoint.pth")["model"]["encoder.blocks.0.attn.qkv.weight"]
         torch.testing.assert_close(best["model"]["blocks.0.attn.qkv.weight"], enc)
+
+
+def test_logreg_probe_head_predicts_like_sklearn(tmp_path):
+    """The folded (scaler, W, b) head gives sklearn's predict_proba on the same embeddings."""
+    from sklearn.linear_model import LogisticRegression
+
+    from retflow.models.vit import ViTSpec, create_vit
+    from retflow.train.probe import fit_logreg
+
+    model = create_vit(ViTSpec.from_dict(VIT), num_classes=3)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 32)) * 3 + 1, rng.integers(0, 3, 60)
+    info = fit_logreg(model, x, y, x[:20], y[:20], {"type": "multiclass"}, lambda yy, lo: float((lo.argmax(1).numpy() == yy).mean()), 0)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    ref = LogisticRegression(C=info["best_C"], max_iter=2000, random_state=0).fit((x - mu) / sd, y)
+    with torch.no_grad():
+        ours = torch.softmax(model.head(torch.from_numpy(x).float()), 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba((x - mu) / sd), atol=1e-4)
+
+
+def relabel(store, column, values):
+    manifest = pd.read_parquet(store / "manifest.parquet")
+    for name, vals in values.items():
+        manifest[name] = vals(manifest)
+    manifest.to_parquet(store / "manifest.parquet")
+
+
+def test_multilabel_and_regression_tasks_train_and_predict(tmp_path):
+    store = make_store(tmp_path / "s")
+    relabel(store, None, {"a": lambda m: m.label, "b": lambda m: (1 - m.label.astype(int)).astype(str),
+                          "score": lambda m: m.label.astype(float) * 2.5 + 1.0})
+    ml = {"name": "signs", "label": ["a", "b"], "type": "multilabel", "classes": ["a", "b"]}
+    assert ft.run(finetune_cfg(task=ml, epochs=2), str(store), None, tmp_path / "ml") == 0
+    preds = pd.read_parquet(tmp_path / "ml" / "predictions.parquet")
+    assert {"y_true_0", "y_true_1", "prob_0", "prob_1"} <= set(preds.columns)
+    assert preds[["prob_0", "prob_1"]].stack().between(0, 1).all()
+    reg = {"name": "score", "label": "score", "type": "regression", "classes": ["score"]}
+    assert ft.run(finetune_cfg(task=reg, epochs=2), str(store), None, tmp_path / "reg") == 0
+    preds = pd.read_parquet(tmp_path / "reg" / "predictions.parquet")
+    assert set(preds.y_true) <= {1.0, 3.5} and preds.y_pred.between(-5, 10).all()
+    best = load_state(tmp_path / "reg" / "best.pth")
+    assert best["target_scale"][0] == pytest.approx(2.25, abs=0.3)  # training mean, stored
+
+
+def test_retfound_recipe_mixup_and_class_weights_run(tmp_path):
+    store = str(make_store(tmp_path / "s"))
+    cfg = finetune_cfg(augment="retfound", mixup=0.8, cutmix=1.0, class_weights="balanced", epochs=2,
+                       select_by="retfound_score")
+    assert ft.run(cfg, store, None, tmp_path / "o") == 0
+    assert len(pd.read_csv(tmp_path / "o" / "train_log.csv")) == 2
+
+
+def test_external_prediction_maps_classes(tmp_path):
+    from retflow.train import predict
+
+    store = make_store(tmp_path / "s")
+    assert ft.run(finetune_cfg(epochs=1), str(store), None, tmp_path / "o") == 0
+    relabel(store, None, {"coarse": lambda m: m.label.map({"0": "neg", "1": "pos"})})
+    out = tmp_path / "ext.parquet"
+    assert predict.main(["--checkpoint", str(tmp_path / "o" / "best.pth"), "--store", str(store), "--label",
+                         "coarse", "--label-map", '{"0": "pos", "1": "pos"}', "--classes", "neg", "pos",
+                         "--out", str(out), "--device", "cpu"]) == 0
+    preds = pd.read_parquet(out)
+    assert np.allclose(preds.prob_1, 1.0) and set(preds.y_true) == {0, 1}  # all mass on "pos"
 
 
 def test_finetune_missing_split_is_a_clear_error(tmp_path):

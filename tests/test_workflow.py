@@ -21,10 +21,12 @@ def test_demo_dry_run_fans_out_every_stage(tmp_path):
     result = snakemake(work, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    # 3 tasks x 2 models x 2 fractions x 1 seed x 1 protocol = 12 runs, 3 with one external set each
-    assert counts["finetune"] == 12 and counts["evaluate_internal"] == 12
-    assert counts["predict_external"] == 12 and counts["evaluate_external"] == 12
-    assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 6 and counts["phantom_dataset"] == 6
+    # per model: dr_grading 2 fractions, glaucoma 4 protocols x 3 fractions x 2 seeds, cup_disc_ratio 1,
+    # oct_diagnosis 2, oct_signs 1 = 30 runs; x 2 models = 60; externals: dr_grading + oct_diagnosis
+    assert counts["finetune"] == 60 and counts["evaluate_internal"] == 60
+    assert counts["predict_external"] == 8 and counts["evaluate_external"] == 8
+    assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
+    assert counts["segment"] == 4  # vessel_seg: 2 models x 2 fractions, finetune protocol only
     assert counts["report"] == 1
 
 
@@ -46,11 +48,11 @@ def test_paper_config_dry_run_reports_missing_data_and_full_job_count(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "datasets.aptos2019.path: /data/retfound/downstream/APTOS2019" in out(result)
     counts = job_counts(result.stdout)
-    # 2 protocols x 8 tasks x 3 models x 3 fractions x 5 seeds
-    assert counts["finetune"] == 720 and counts["pretrain"] == 2
+    # 2 protocols x 8 tasks x 5 models x 3 fractions x 5 seeds
+    assert counts["finetune"] == 1200 and counts["pretrain"] == 2
     assert counts["prepare_dataset"] == 13 and "phantom_dataset" not in counts
-    # 3 DR tasks x 2 external sets each x 90 runs
-    assert counts["predict_external"] == 540
+    # 3 DR tasks x 2 external sets each x 150 runs
+    assert counts["predict_external"] == 900
 
 
 def test_paper_config_without_data_fails_at_startup_naming_paths(tmp_path):

@@ -70,12 +70,36 @@ def semantic_errors(config: dict) -> list[str]:
         modality = datasets[ds]["modality"]
         if any(m["init"] == "pretrained" for m in config["models"].values()) and not pools.get(modality):
             errors.append(f"tasks.{name}: no pretraining pool for modality '{modality}' (pretrain.pools.{modality})")
-        for ext in task.get("external", []):
+        for entry in external_sets(task):
+            ext = entry["dataset"]
             if ext not in datasets:
                 errors.append(f"tasks.{name}.external: unknown dataset '{ext}'")
             elif datasets[ext]["modality"] != modality:
                 errors.append(f"tasks.{name}.external: '{ext}' is {datasets[ext]['modality']}, task is {modality}")
-        if len(set(map(str, task["classes"]))) != len(task["classes"]):
+            if entry.get("map") is not None:
+                targets = [str(c) for c in entry.get("classes", [])]
+                if not targets:
+                    errors.append(f"tasks.{name}.external.{ext}: a 'map' needs the external 'classes'")
+                unmapped = [str(c) for c in task.get("classes", []) if str(c) not in map(str, entry["map"])]
+                bad = [str(v) for v in entry["map"].values() if str(v) not in targets]
+                if unmapped:
+                    errors.append(f"tasks.{name}.external.{ext}.map: no entry for model classes {unmapped}")
+                if bad:
+                    errors.append(f"tasks.{name}.external.{ext}.map: values {bad} not in its classes {targets}")
+        if task["type"] == "segmentation":  # masks instead of a label column
+            errors += segmentation_errors(config, name)
+            continue
+        kind = task["type"]
+        labels = task["label"] if isinstance(task["label"], list) else [task["label"]]
+        if (kind == "multilabel") != isinstance(task["label"], list):
+            errors.append(f"tasks.{name}.label: multilabel tasks take a list of 0/1 columns, other types one column")
+        if kind in ("binary", "multiclass", "ordinal") and not task.get("classes"):
+            errors.append(f"tasks.{name}.classes: required for {kind} tasks")
+        if kind == "binary" and len(task.get("classes", [])) != 2:
+            errors.append(f"tasks.{name}.classes: a binary task has exactly 2 classes")
+        if kind == "multilabel" and task.get("classes") and len(task["classes"]) != len(labels):
+            errors.append(f"tasks.{name}.classes: one name per label column ({len(labels)})")
+        if len(set(map(str, task.get("classes", [])))) != len(task.get("classes", [])):
             errors.append(f"tasks.{name}.classes: duplicate class names")
     splits = config.get("splits", {})
     total = sum(splits.get(k, d) for k, d in (("train", 0.6), ("val", 0.2), ("test", 0.2)))
@@ -138,19 +162,49 @@ class Run:
         )
 
 
+def task_classes(task: dict) -> list[str]:
+    """Output names of a task: its classes; multilabel default: the label columns; regression: the column."""
+    label = task.get("label")  # segmentation tasks have none
+    if task["type"] == "regression":
+        return [label]
+    if task["type"] == "multilabel" and not task.get("classes"):
+        return list(label)
+    return [str(c) for c in task["classes"]]
+
+
+def task_fanout(config: dict, task: str) -> tuple[list, list, list]:
+    """(protocols, fractions, seeds) of a task: its own overrides, else the global lists."""
+    spec = config["tasks"][task]
+    return (spec.get("protocols") or config.get("protocols", ["finetune"]),
+            spec.get("fractions") or config.get("fractions", [1.0]),
+            spec.get("seeds") or config.get("seeds", [0]))
+
+
 def downstream_runs(config: dict, task: str | None = None) -> list[Run]:
     """The fan-out protocol x task x model x fraction x seed (optionally for one task)."""
     tasks = [task] if task else list(config["tasks"])
-    return [
-        Run(p, t, m, f, s)
-        for p, t, m, f, s in itertools.product(
-            config.get("protocols", ["finetune"]),
-            tasks,
-            config["models"],
-            config.get("fractions", [1.0]),
-            config.get("seeds", [0]),
-        )
-    ]
+    runs = []
+    for t in tasks:
+        protocols, fractions, seeds = task_fanout(config, t)
+        runs += [Run(p, t, m, f, s) for p, m, f, s in itertools.product(protocols, config["models"], fractions, seeds)]
+    return runs
+
+
+def external_sets(task: dict) -> list[dict]:
+    """A task's external test sets as ``{dataset, label?, classes?, map?}`` dicts."""
+    return [{"dataset": e} if isinstance(e, str) else dict(e) for e in task.get("external", [])]
+
+
+def external_eval(config: dict, task_name: str, dataset: str) -> dict:
+    """How predictions on an external set are evaluated: label column, classes, task type, map."""
+    task = config["tasks"][task_name]
+    ext = next(e for e in external_sets(task) if e["dataset"] == dataset)
+    out = {"label": ext.get("label", task["label"]), "classes": [str(c) for c in task.get("classes", [])],
+           "type": task["type"], "map": None}
+    if ext.get("map"):
+        out.update(classes=[str(c) for c in ext["classes"]], map={str(k): str(v) for k, v in ext["map"].items()},
+                   type="binary" if len(ext["classes"]) == 2 else "multiclass")
+    return out
 
 
 def pretrain_runs(config: dict) -> list[tuple[str, str]]:
@@ -184,3 +238,24 @@ def normalize_settings(config: dict, modality: str) -> dict:
     """Model-input intensity normalisation (mean/std per channel) of a modality."""
     default = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     return dict(config.get("preprocess", {}).get(modality, {}).get("normalize") or default)
+
+
+def segmentation_errors(config: dict, name: str) -> list[str]:
+    """Problems of segmentation task ``name`` (its dataset must carry masks; internal test only;
+    the finetune protocol only)."""
+    task = config["tasks"][name]
+    ds = config["datasets"][task["dataset"]]
+    errors = []
+    phantom = ds.get("phantom") or {}
+    has_masks = bool(ds.get("mask_column")) or (ds["source"] == "phantom" and phantom.get("masks"))
+    if not has_masks:
+        errors.append(f"tasks.{name}: segmentation needs masks: datasets.{task['dataset']}.mask_column "
+                      f"(or phantom.masks: true)")
+    if ds["source"] in ("volumes", "imagefolder") or phantom.get("kind") == "oct_volume":
+        errors.append(f"tasks.{name}: segmentation masks are read for 2-D csv/phantom datasets only "
+                      f"('{task['dataset']}' is {phantom.get('kind') or ds['source']})")
+    if task.get("external"):
+        errors.append(f"tasks.{name}.external: not supported for segmentation tasks")
+    if any(p != "finetune" for p in task.get("protocols") or []):
+        errors.append(f"tasks.{name}.protocols: segmentation tasks run the 'finetune' protocol only")
+    return errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,10 @@ class StoreDataset(Dataset):
     def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
         self.images = ImageStore(store)
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        # class indices (int64), multilabel 0/1 rows or regression values (float32)
+        self.labels = None if labels is None else np.asarray(labels)
+        if self.labels is not None and not np.issubdtype(self.labels.dtype, np.floating):
+            self.labels = self.labels.astype(np.int64)
         self.transform = transform
         self.in_chans = in_chans
         self.aug_seed: int | None = None
@@ -81,10 +85,12 @@ class StoreDataset(Dataset):
         elif img.shape[0] == 3 and self.in_chans == 1:  # colour into a 1-channel patch embed
             img = img.float().mean(0, keepdim=True).round().to(torch.uint8)
         if self.transform is not None:
-            if self.aug_seed is not None:
-                torch.manual_seed(int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0]))
+            if self.aug_seed is not None:  # torch (v2 transforms) and random (timm RandAugment)
+                item_seed = int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0])
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)
             img = self.transform(img)
-        label = -1 if self.labels is None else int(self.labels[i])
+        label = -1 if self.labels is None else self.labels[i]
         return img, label
 
 

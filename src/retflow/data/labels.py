@@ -29,8 +29,20 @@ def label_specs(config: dict, dataset: str) -> dict[str, list[str]]:
     spec = config["datasets"][dataset]
     allowed: dict[str, set[str]] = {}
     for task in config.get("tasks", {}).values():
-        if dataset == task["dataset"] or dataset in task.get("external", []):
-            allowed.setdefault(task["label"], set()).update(str(c) for c in task["classes"])
+        kind = task["type"]
+        if kind not in ("binary", "multiclass", "ordinal", "multilabel"):
+            continue  # regression targets are checked numerically when the task runs
+        uses = []
+        if dataset == task["dataset"]:
+            cols = task["label"] if isinstance(task["label"], list) else [task["label"]]
+            uses += [(c, ["0", "1"] if kind == "multilabel" else task["classes"]) for c in cols]
+        for ext in task.get("external", []):
+            ext = {"dataset": ext} if isinstance(ext, str) else ext
+            if ext["dataset"] == dataset and kind != "multilabel":
+                classes = ext["classes"] if ext.get("map") else task["classes"]
+                uses.append((ext.get("label", task["label"]), classes))
+        for col, classes in uses:
+            allowed.setdefault(col, set()).update(str(c) for c in classes)
     for col in spec.get("multilabel_columns", []) or []:
         allowed.setdefault(col, set()).update({"0", "1"})
     return {col: sorted(values) for col, values in allowed.items()}

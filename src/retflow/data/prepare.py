@@ -1,6 +1,7 @@
 """Prepare one dataset: ingest -> check labels -> preprocess -> split by patient -> leakage -> store.
 
-Writes into the output folder: ``shards/`` (uint8 image shards, see :mod:`retflow.data.store`),
+Writes into the output folder: ``shards/`` (uint8 image shards, see :mod:`retflow.data.store`;
+with ``mask_column`` also ``mask_shards/``, the segmentation masks in step with the images),
 ``manifest.parquet`` (one row per stored image), ``quarantine.csv`` (every input or label that
 was not used, with its reason) and ``qc.json`` (counts for the report). Nothing is dropped
 silently: an unusable file, a bad label or an unknown eye value is a row in ``quarantine.csv``;
@@ -26,9 +27,9 @@ from retflow.data import leakage
 from retflow.data.ingest import DatasetError, is_volume_dataset, label_columns, list_records, unlisted_files
 from retflow.data.io import UnreadableInput
 from retflow.data.labels import check_labels
-from retflow.data.preprocess import process_record
+from retflow.data.preprocess import process_record, process_record_with_mask
 from retflow.data.splits import complete_given_splits, patient_split
-from retflow.data.store import ShardWriter
+from retflow.data.store import MASK_SHARD_DIR, ShardWriter
 
 QUARANTINE_COLUMNS = ["image_id", "source", "reason", "detail", "column", "scope"]
 
@@ -46,9 +47,11 @@ def assign_splits(manifest: pd.DataFrame, spec: dict, labels: list[str], splits:
     return patient_split(manifest["patient_id"], strata, splits, seed)
 
 
-def _work(rec: dict, modality: str, prep: dict, volume: bool):
-    """Worker: ``("ok", rows, images)`` or ``("bad", reason, detail)``; never raises."""
+def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False):
+    """Worker: ``("ok", rows, images[, masks])`` or ``("bad", reason, detail)``; never raises."""
     try:
+        if masks:
+            return ("ok", *process_record_with_mask(rec, modality, prep, volume))
         rows, images = process_record(rec, modality, prep, volume)
         return "ok", rows, images
     except UnreadableInput as exc:
@@ -65,6 +68,24 @@ def _map(records: list[dict], worker, workers: int):
         return
     with get_context("spawn").Pool(workers) as pool:  # spawn: no fork of a threaded parent
         yield from pool.imap(worker, records, chunksize=max(1, min(32, len(records) // (8 * workers))))
+
+
+class _MaskWriter:
+    """The mask shards (``mask_shards/``), written in step with the images; a no-op without masks."""
+
+    def __init__(self, out_dir: Path, shard_size: int, enabled: bool):
+        self.writer = ShardWriter(out_dir, shard_size, folder=MASK_SHARD_DIR) if enabled else None
+
+    def add(self, mask) -> None:
+        if self.writer is not None:
+            self.writer.add(mask)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def close(self) -> list[int] | None:
+        return self.writer.close() if self.writer is not None else None
 
 
 def _quarantine_row(rec: dict, reason: str, detail: str, column: str = "", scope: str = "input") -> dict:
@@ -89,20 +110,26 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         quarantine.append(_quarantine_row(rec, rec["issue"], rec["issue_detail"]))
     todo = records[records["issue"] == ""].drop(columns=["issue", "issue_detail"]).to_dict("records")
 
+    masks = "mask_source" in records.columns
+    if masks and is_volume_dataset(spec):
+        raise DatasetError(f"dataset '{name}': mask_column is supported for 2-D image datasets only")
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, prep.get("shard_size", 4096))
+    mask_writer = _MaskWriter(out_dir, prep.get("shard_size", 4096), masks)
     rows = []
-    worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec))
+    worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec), masks=masks)
     try:
         for rec, result in zip(todo, _map(todo, worker, workers)):
             if result[0] == "bad":
                 quarantine.append(_quarantine_row(rec, result[1], result[2]))
                 continue
-            for row, img in zip(result[1], result[2]):
+            for k, (row, img) in enumerate(zip(result[1], result[2])):
                 row["index"] = writer.add(img)
+                mask_writer.add(result[3][k] if masks else None)
                 rows.append(row)
     except BaseException:
         writer.abort()
+        mask_writer.abort()
         raise
     n_total = len(records)
     qdf = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
@@ -114,10 +141,12 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     counts = qdf["reason"].value_counts().to_dict()
     if not rows:
         writer.abort()
+        mask_writer.abort()
         raise DatasetError(f"dataset '{name}': no usable images among {n_total} inputs; reasons {counts}; "
                            f"see {out_dir / 'quarantine.csv'}")
     if frac > limit:
         writer.abort()
+        mask_writer.abort()
         raise DatasetError(
             f"dataset '{name}': {inputs_out}/{n_total} inputs quarantined ({frac:.1%} > "
             f"preprocess.max_quarantine_fraction {limit:.1%}); reasons {counts}; see {out_dir / 'quarantine.csv'}"
@@ -130,6 +159,7 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         manifest["split"] = assign_splits(manifest, spec, labels, splits).to_numpy()
     except ValueError as exc:
         writer.abort()
+        mask_writer.abort()
         raise DatasetError(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients "
                            f"into train/val/test ({exc})") from None
     manifest["dataset"] = name
@@ -138,10 +168,12 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     errors = [f for f in findings if f.action == "error"]
     if errors:
         writer.abort()
+        mask_writer.abort()
         listing = "\n  ".join(f.line() for f in errors[:30])
         raise DatasetError(f"dataset '{name}': leakage between splits ({len(errors)} findings; set "
                            f"leakage.<kind>: warn to continue):\n  {listing}")
     shape = writer.close()
+    mask_shape = mask_writer.close()
     with atomic_path(out_dir / "manifest.parquet") as tmp:
         manifest.to_parquet(tmp, index=False)
     unlisted = unlisted_files(records, image_dir or (location.parent if location.is_file() else None))
@@ -156,6 +188,8 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         "leakage_warnings": [f.line() for f in findings],
         "seconds": round(time.perf_counter() - t0, 2), "workers": workers,
     }
+    if masks:
+        qc["mask_shape"] = mask_shape
     write_json(qc, out_dir / "qc.json")
     return qc
 

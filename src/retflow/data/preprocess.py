@@ -8,15 +8,24 @@
 
 :func:`process_record` is what the preparation step maps over records in worker processes;
 it returns ``(rows, images)`` or raises :class:`UnreadableInput` with the quarantine reason.
+
+Segmentation masks (2-D datasets with ``mask_column``; :func:`process_record_with_mask`): the
+mask (a label map, pixel value = class index; see :func:`read_mask`) must have the source
+image's height and width (else ``mask_shape_mismatch``) and gets the image's geometry exactly:
+CFP the same field crop (the ``bounds`` in source pixels) and centred zero padding to a square,
+then both are resized to the stored size, the mask with NEAREST; OCT a NEAREST resize. A
+missing or unreadable mask is ``bad_mask``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from retflow.data.fundus import crop_to_field, detect_field, enhance_contrast, quality_flags
-from retflow.data.io import UnreadableInput, read_image, source_digest
+from retflow.data.io import UnreadableInput, check_file, read_image, source_digest
 from retflow.data.leakage import phash
 from retflow.data.volumes import central_bscans, read_volume
 
@@ -119,3 +128,87 @@ def process_record(rec: dict, modality: str, prep: dict, volume: bool) -> tuple[
         row["phash"] = phash(img)
         row["source_shape"] = "x".join(str(s) for s in (orig if not volume else data.shape))
     return rows, images
+
+
+# ---------------------------------------------------------------- segmentation masks ----------
+
+_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A label map as uint8 (H, W): pixel value = class index; raises ``bad_mask``.
+
+    Bilevel PNGs give 0/1, grey / palette images their values (palette: the indices); a mask
+    holding only 0 and 255 (the usual binary export) becomes 0/1; colour masks are refused
+    unless grey (R = G = B); integer images must stay below 256.
+    """
+    try:
+        check_file(Path(path))
+    except UnreadableInput as exc:
+        raise UnreadableInput(path, "bad_mask", f"mask {exc.reason}: {path}") from None
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise UnreadableInput(path, "bad_mask", f"mask has {im.n_frames} frames: {path}")
+            im.load()
+            if im.mode in ("1", "L", "P") or im.mode in _INT_MODES:
+                arr = np.asarray(im)
+            elif im.mode in ("RGB", "RGBA", "LA"):
+                rgb = np.asarray(im.convert("RGB"))
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    raise UnreadableInput(path, "bad_mask", f"colour mask (expected class indices): {path}")
+                arr = rgb[..., 0]
+            else:
+                raise UnreadableInput(path, "bad_mask", f"mask PIL mode {im.mode}: {path}")
+    except UnreadableInput:
+        raise
+    except Exception as exc:  # undecodable file
+        raise UnreadableInput(path, "bad_mask", f"{type(exc).__name__}: {exc}") from None
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.size and int(arr.max()) > 255:
+        raise UnreadableInput(path, "bad_mask", f"mask values up to {int(arr.max())} (> 255): {path}")
+    arr = arr.astype(np.uint8)
+    if arr.size and int(arr.max()) == 255 and np.isin(arr, (0, 255)).all():
+        arr = (arr > 0).astype(np.uint8)  # a 0/255 binary mask
+    return arr
+
+
+def _crop_pad(arr: np.ndarray, bounds) -> np.ndarray:
+    """Crop ``arr`` to ``bounds`` (top, bottom, left, right) and zero-pad it, centred, to a square
+    (the same geometry as :func:`retflow.data.fundus.crop_to_field`)."""
+    t, b, l, r = (int(v) for v in bounds)
+    crop = arr[max(0, t):b, max(0, l):r]
+    ch, cw = crop.shape[:2]
+    side = max(ch, cw)
+    out = np.zeros((side, side) + arr.shape[2:], arr.dtype)
+    oy, ox = (side - ch) // 2, (side - cw) // 2
+    out[oy:oy + ch, ox:ox + cw] = crop
+    return out
+
+
+def preprocess_mask(mask: np.ndarray, row: dict, modality: str, prep: dict) -> np.ndarray:
+    """The stored mask uint8 (size, size, 1) for a stored image's manifest ``row``."""
+    source = row.get("mask_source", "")
+    h, w = (int(s) for s in str(row["source_shape"]).split("x")[:2])
+    if mask.shape != (h, w):
+        raise UnreadableInput(source, "mask_shape_mismatch",
+                              f"mask {mask.shape[1]}x{mask.shape[0]} vs image {w}x{h}")
+    if modality == "cfp":
+        crop = prep["cfp"].get("crop_border", True) and row.get("field_found", True)
+        mask = _crop_pad(mask, row["bounds"] if crop else (0, h, 0, w))
+        size = prep["cfp"]["size"]
+    else:
+        size = prep["oct"]["size"]
+    out = Image.fromarray(mask, mode="L").resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(out, dtype=np.uint8)[..., None]
+
+
+def process_record_with_mask(rec: dict, modality: str, prep: dict,
+                             volume: bool) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
+    """:func:`process_record` plus the record's mask (``rec["mask_source"]``), geometry-matched."""
+    if volume:
+        raise UnreadableInput(rec["source"], "bad_mask", "masks are supported for 2-D images only")
+    rows, images = process_record(rec, modality, prep, volume)
+    mask = read_mask(rec["mask_source"])
+    return rows, images, [preprocess_mask(mask, row, modality, prep) for row in rows]

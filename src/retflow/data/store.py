@@ -6,6 +6,10 @@ position across the shards in order. Shards are written one at a time (memory st
 one shard) into a temporary folder that is renamed into place when complete, so a killed
 preparation never leaves a half-written store behind. Readers memory-map the shards: a
 DataLoader worker touches only the pages of the images it reads.
+
+Segmentation datasets also hold ``mask_shards/`` (:data:`MASK_SHARD_DIR`): uint8 label maps
+``(n, H, W, 1)`` written in step with the images, so mask ``i`` belongs to image ``i``; writer and
+reader take the folder name as ``folder``.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import numpy as np
 from retflow.atomic import atomic_path
 
 SHARD_DIR = "shards"
+MASK_SHARD_DIR = "mask_shards"
 
 
 class ShardWriter:
     """Append images one by one; every ``shard_size`` images become one ``.npy`` shard."""
 
-    def __init__(self, store_dir: Path | str, shard_size: int = 4096):
-        self.final = Path(store_dir) / SHARD_DIR
-        self.tmp = Path(store_dir) / f".{SHARD_DIR}.tmp-{os.getpid()}"
+    def __init__(self, store_dir: Path | str, shard_size: int = 4096, folder: str = SHARD_DIR):
+        self.final = Path(store_dir) / folder
+        self.tmp = Path(store_dir) / f".{folder}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.shard_size = shard_size
@@ -70,8 +75,8 @@ class ShardWriter:
 class ImageStore:
     """Random access to the images of a store by global index (memory-mapped, lazy)."""
 
-    def __init__(self, store_dir: Path | str):
-        folder = Path(store_dir) / SHARD_DIR
+    def __init__(self, store_dir: Path | str, folder: str = SHARD_DIR):
+        folder = Path(store_dir) / folder
         self.paths = sorted(folder.glob("shard-*.npy"))
         if not self.paths:
             raise FileNotFoundError(f"no image shards in {folder} (prepare the dataset first)")

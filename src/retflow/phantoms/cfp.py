@@ -27,6 +27,7 @@ __all__ = ["make_cfp", "cfp_shape", "ASPECT"]
 
 ASPECT = 1.25  # width / height of the photo
 SS = 2  # super-sampling factor of the drawn masks
+VESSEL_COVERAGE = 0.4  # pixel share of vessel ink that makes a pixel "vessel" in the mask
 
 # multiplicative colour of a fully covered pixel, relative to the fundus underneath
 _VEIN = np.array([0.52, 0.2, 0.24], np.float32)
@@ -361,8 +362,8 @@ def _lesions(rng, e: _Eye, grade: int, masks: _Masks, trunks: list) -> None:
 
 def make_cfp(
     rng: np.random.Generator, size: int, dr_grade: int, cdr: float, eye: str = "R",
-    style: str | DeviceStyle = "A",
-) -> np.ndarray:
+    style: str | DeviceStyle = "A", vessel_mask: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """A colour fundus photo phantom, uint8 (H, W, 3) with H = ``size``, W = round(1.25 size).
 
     ``dr_grade`` is the ICDR grade (0 none, 1 microaneurysms, 2 + blot haemorrhages and
@@ -370,6 +371,10 @@ def make_cfp(
     and possibly a pre-retinal haemorrhage); ``cdr`` is the vertical cup-to-disc ratio;
     ``eye`` "R" puts the disc right of centre, "L" mirrors it; ``style`` is the device
     (see :mod:`retflow.phantoms.style`).
+
+    With ``vessel_mask=True`` returns ``(photo, mask)``: ``mask`` uint8 (H, W), 1 where the
+    vessel tree (veins + arteries) covers at least :data:`VESSEL_COVERAGE` of a pixel inside the
+    field, else 0 (the ground truth for vessel segmentation; the photo is the same either way).
     """
     if not 0 <= int(dr_grade) <= 4:
         raise ValueError(f"dr_grade must be 0..4, got {dr_grade}")
@@ -400,4 +405,9 @@ def make_cfp(
             x = x * (1.0 - cw) + cw * lum * _COTTON[c]
         x *= field
         img[c] = x
-    return finish_rgb(img, st, style_rng)
+    photo = finish_rgb(img, st, style_rng)
+    if not vessel_mask:
+        return photo
+    zero = np.zeros((e.h, e.w), np.float32)
+    cover = np.maximum(m.get("vein", zero), m.get("artery", zero))
+    return photo, ((cover >= VESSEL_COVERAGE) & (field >= 0.5)).astype(np.uint8)

@@ -16,7 +16,15 @@ Layouts (``out_dir`` is e.g. ``results/raw/<dataset>``):
   Columns ``volume,patient_id,eye,diagnosis,drusen,irf,srf,ped`` (key signs: union over slices).
 
 With ``labelled=False`` only the id, ``patient_id`` and ``eye`` columns are written (a pool
-for self-supervised pretraining).  Everything is reproducible from ``seed``; the style does
+for self-supervised pretraining).
+
+With ``masks=True`` (``cfp`` and ``oct`` only) every image also gets a segmentation mask
+``masks/<same name>.png`` (uint8 grey PNG, pixel value = class index) and a ``mask`` column
+``masks/<name>.png`` relative to ``out_dir`` (the labels CSV's folder, as ``mask_column`` paths
+are read): ``cfp`` a binary vessel mask (0 background, 1 vessel), ``oct`` a layer label map
+(:data:`retflow.phantoms.oct.LAYER_CLASSES`: 0 background, 1 inner retina ILM-OPL, 2 outer
+retina ONL-photoreceptor outer segments, 3 RPE).  The masks cost no random numbers, so the
+images are identical with and without them.  Everything is reproducible from ``seed``; the style does
 not enter the seed, so the same seed under styles A and B gives the same patients imaged by
 two devices.
 """
@@ -33,10 +41,10 @@ import pandas as pd
 from PIL import Image
 
 from .cfp import make_cfp
-from .oct import DIAGNOSES, KEY_SIGNS, render_bscan, sample_oct_eye
+from .oct import DIAGNOSES, KEY_SIGNS, LAYER_CLASSES, render_bscan, sample_oct_eye
 
 __all__ = ["generate_dataset", "save_volume", "load_volume", "main", "KINDS", "DR_GRADE_P",
-           "GLAUCOMA_P"]
+           "GLAUCOMA_P", "MASK_CLASSES"]
 
 KINDS = ("cfp", "oct", "oct_volume")
 DR_GRADE_P = (0.40, 0.15, 0.20, 0.15, 0.10)  # ICDR grade prevalence (per patient)
@@ -44,6 +52,7 @@ GLAUCOMA_P = 0.30
 CDR_HEALTHY = (0.2, 0.5)
 CDR_GLAUCOMA = (0.55, 0.85)
 _ID_COLS = {"cfp": "image", "oct": "image", "oct_volume": "volume"}
+MASK_CLASSES = {"cfp": ("background", "vessel"), "oct": LAYER_CLASSES}  # mask value -> class
 
 
 def _pid(i: int, n: int) -> str:
@@ -68,7 +77,7 @@ def load_volume(path: Path) -> np.ndarray:
     return np.ascontiguousarray(data.astype(np.uint8).transpose(2, 1, 0))
 
 
-def _cfp(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -> list[dict]:
+def _cfp(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int, masks: bool = False) -> list[dict]:
     n_pat = (n + 1) // 2
     pop = np.random.default_rng(ss.spawn(1)[0])
     rows = []
@@ -81,13 +90,17 @@ def _cfp(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -
         for eye, g, rng in zip(eyes, (grade, other), (np.random.default_rng(c) for c in child.spawn(2))):
             cdr = float(pop.uniform(*(CDR_GLAUCOMA if glaucoma else CDR_HEALTHY)))
             name = f"{pid}_{eye}.png"
-            _save_png(make_cfp(rng, size, g, cdr, eye, style), out / "images" / name)
+            img = make_cfp(rng, size, g, cdr, eye, style, vessel_mask=masks)
+            if masks:
+                img, mask = img
+                _save_png(mask, out / "masks" / name)
+            _save_png(img, out / "images" / name)
             rows.append(dict(image=name, patient_id=pid, eye=eye, dr_grade=g, glaucoma=glaucoma,
-                             cdr=round(cdr, 3)))
+                             cdr=round(cdr, 3), **({"mask": f"masks/{name}"} if masks else {})))
     return rows
 
 
-def _oct(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -> list[dict]:
+def _oct(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int, masks: bool = False) -> list[dict]:
     pop = np.random.default_rng(ss.spawn(1)[0])
     rows, i = [], 0
     while len(rows) < n:
@@ -96,10 +109,14 @@ def _oct(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int) -
         e = sample_oct_eye(rng, diagnosis)
         for k in range(min(int(pop.integers(1, 4)), n - len(rows))):
             pos = float(np.clip(pop.normal(0.0, 0.15), -0.35, 0.35))
-            img, signs = render_bscan(e, rng, (size, size), pos, style)
+            img, signs, *layers = render_bscan(e, rng, (size, size), pos, style, layers=masks)
             name = f"{pid}_{eye}_{k}.png"
             _save_png(img, out / "images" / name)
-            rows.append(dict(image=name, patient_id=pid, eye=eye, diagnosis=diagnosis, **signs))
+            extra = {}
+            if masks:
+                _save_png(layers[0], out / "masks" / name)
+                extra = {"mask": f"masks/{name}"}
+            rows.append(dict(image=name, patient_id=pid, eye=eye, diagnosis=diagnosis, **signs, **extra))
         i += 1
     return rows
 
@@ -130,29 +147,33 @@ def _oct_volume(out: Path, n: int, ss: np.random.SeedSequence, style: str, size:
 
 def generate_dataset(
     kind: str, out_dir: Path, n: int, seed: int, style: str = "A", size: int = 128,
-    n_slices: int = 9, labelled: bool = True,
+    n_slices: int = 9, labelled: bool = True, masks: bool = False,
 ) -> pd.DataFrame:
     """Generate ``n`` images (``cfp``, ``oct``) or volumes (``oct_volume``) under ``out_dir``.
 
     Writes the files and ``out_dir/labels.csv`` (layout in the module docstring) and returns
-    the labels table as written.
+    the labels table as written.  ``masks``: also write segmentation masks (not ``oct_volume``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if masks and kind not in MASK_CLASSES:
+        raise ValueError(f"masks are generated for kinds {sorted(MASK_CLASSES)}, not {kind!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     out = Path(out_dir)
     (out / ("volumes" if kind == "oct_volume" else "images")).mkdir(parents=True, exist_ok=True)
+    if masks:
+        (out / "masks").mkdir(parents=True, exist_ok=True)
     ss = np.random.SeedSequence([int(seed), KINDS.index(kind)])
     if kind == "cfp":
-        rows = _cfp(out, n, ss, style, size)
+        rows = _cfp(out, n, ss, style, size, masks)
     elif kind == "oct":
-        rows = _oct(out, n, ss, style, size)
+        rows = _oct(out, n, ss, style, size, masks)
     else:
         rows = _oct_volume(out, n, ss, style, size, n_slices)
     table = pd.DataFrame(rows)
     if not labelled:
-        table = table[[_ID_COLS[kind], "patient_id", "eye"]]
+        table = table[[_ID_COLS[kind], "patient_id", "eye", *(["mask"] if masks else [])]]
     table.to_csv(out / "labels.csv", index=False)
     return table
 
@@ -168,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=128, help="image height in pixels")
     ap.add_argument("--n-slices", type=int, default=9, help="B-scans per volume (oct_volume)")
     ap.add_argument("--unlabelled", action="store_true", help="write only id/patient/eye columns")
+    ap.add_argument("--masks", action="store_true", help="also write segmentation masks (cfp, oct)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    table = generate_dataset(a.kind, a.out, a.n, a.seed, a.style, a.size, a.n_slices, not a.unlabelled)
+    table = generate_dataset(a.kind, a.out, a.n, a.seed, a.style, a.size, a.n_slices, not a.unlabelled, a.masks)
     dt = time.perf_counter() - t0
     what = "volumes" if a.kind == "oct_volume" else "images"
     print(f"phantoms: {len(table)} {a.kind} {what} of {table['patient_id'].nunique()} patients "

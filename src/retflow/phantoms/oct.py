@@ -28,7 +28,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from .style import DeviceStyle, finish_oct, get_style, quantile_noise, smooth_noise
 
-__all__ = ["DIAGNOSES", "KEY_SIGNS", "OctEye", "sample_oct_eye", "render_bscan",
+__all__ = ["DIAGNOSES", "KEY_SIGNS", "LAYER_CLASSES", "OctEye", "sample_oct_eye", "render_bscan",
            "make_oct_bscan", "make_oct_volume"]
 
 DIAGNOSES = ("normal", "drusen", "dme", "cnv")
@@ -41,6 +41,10 @@ _REFL = np.array([0.04, 0.8, 0.32, 0.48, 0.16, 0.5, 0.1, 0.22, 0.85, 0.3, 0.03, 
 # base thicknesses (fraction of H) of NFL, GCL, IPL, INL, OPL, ONL, IS, ellipsoid, OS, RPE
 _THICK = np.array([0.028, 0.036, 0.03, 0.032, 0.022, 0.07, 0.014, 0.01, 0.016, 0.02])
 _MIN_PX = 1.0  # a lesion counts as visible when it is at least this many pixels high
+# layer segmentation ground truth: few classes; band index (as in _REFL) -> class. Fluid (SRF)
+# and sub-RPE material (drusen / PED) are background; intraretinal cysts stay in their layer.
+LAYER_CLASSES = ("background", "inner_retina", "outer_retina", "rpe")
+_BAND_CLASS = np.array([0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 3, 0, 0], np.uint8)
 
 
 @dataclass
@@ -185,9 +189,14 @@ def _ellipses(refl, cx, cy, rx, ry, value, edge=0.7) -> None:
 
 def render_bscan(
     e: OctEye, rng: np.random.Generator, shape: tuple[int, int], position: float = 0.0,
-    style: str | DeviceStyle = "A",
-) -> tuple[np.ndarray, dict]:
-    """Cross-section of eye ``e`` at B-scan ``position``: uint8 (H, W) and its key signs."""
+    style: str | DeviceStyle = "A", layers: bool = False,
+) -> tuple[np.ndarray, dict] | tuple[np.ndarray, dict, np.ndarray]:
+    """Cross-section of eye ``e`` at B-scan ``position``: uint8 (H, W) and its key signs.
+
+    With ``layers=True`` also a layer label map uint8 (H, W), values index :data:`LAYER_CLASSES`
+    (each pixel labelled by the band its centre lies in; see :data:`_BAND_CLASS`).  Computing it
+    draws no random numbers, so the B-scan is the same either way.
+    """
     st = get_style(style)
     h, w = int(shape[0]), int(shape[1])
     s = h / 128.0
@@ -285,7 +294,10 @@ def render_bscan(
     sx, sy = np.hypot(0.6, st.oct_blur) * s, np.hypot(0.4, st.oct_blur) * s
     img = gaussian_filter1d(gaussian_filter1d(img, sx, axis=1, mode="nearest"), sy, axis=0, mode="nearest")
     linear = (np.clip(img * 0.9, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return finish_oct(linear, st, pre_gamma=0.85), signs
+    if not layers:
+        return finish_oct(linear, st, pre_gamma=0.85), signs
+    band = (yy[0] + 0.5 > bounds[:, None, :]).sum(axis=0)  # (H, W): 0 vitreous ... 13 choroid
+    return finish_oct(linear, st, pre_gamma=0.85), signs, _BAND_CLASS[band]
 
 
 def make_oct_bscan(

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-PROTOCOLS = ("finetune", "probe")
+PROTOCOLS = ("finetune", "probe")  # the classic names; any other top-level run folder is found too
+NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings"})
 RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
+EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions"]
 
 
 def _num(value) -> float:
@@ -30,34 +32,99 @@ def load_metrics_json(path) -> dict | None:
         return None
 
 
-def collect_results(results_dir) -> pd.DataFrame:
-    """One row per ``results/{finetune,probe}/**/metrics.json``.
+def metrics_files(results_dir) -> list[Path]:
+    """Every run's metrics.json: ``{protocol}/{task}/{model}/frac{f}/seed{s}/[external/{set}/]metrics.json``."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_PROTOCOLS):
+        found += top.glob("*/*/frac*/seed*/metrics.json")
+        found += top.glob("*/*/frac*/seed*/external/*/metrics.json")
+    return sorted(found)
 
-    Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, path (the JSON file)
-    and, per metric, ``<metric>``, ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined).
+
+def _from_path(path: Path, root: Path) -> dict:
+    parts = path.relative_to(root).parts
+    out = {"protocol": parts[0], "task": parts[1], "model": parts[2], "fraction": parts[3][4:], "seed": parts[4][4:]}
+    out["eval_set"] = parts[6] if len(parts) > 6 and parts[5] == "external" else "internal"
+    return out
+
+
+def collect_results(results_dir) -> pd.DataFrame:
+    """One row per run's metrics.json under ``results_dir`` (internal test set and external sets).
+
+    Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, primary_metric,
+    lower_is_better (tuple), classes (tuple), absent_classes (tuple), path (the JSON file),
+    predictions (the predictions parquet beside it, None if absent) and, per metric, ``<metric>``,
+    ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined). Unknown metric names are kept.
+    Fields missing from a JSON file are taken from its path.
     """
+    root = Path(results_dir)
     rows = []
-    for protocol in PROTOCOLS:
-        root = Path(results_dir) / protocol
-        for path in sorted(root.glob("**/metrics.json")) if root.is_dir() else []:
-            data = load_metrics_json(path)
-            if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
-                continue
-            row = {key: data.get(key) for key in RESULT_KEYS}
-            row["protocol"] = row["protocol"] or protocol
-            row["eval_set"] = row["eval_set"] or "internal"
-            row["path"] = str(path)
-            for name, m in data["metrics"].items():
-                m = m if isinstance(m, dict) else {"value": m}
-                row[name] = _num(m.get("value"))
-                row[f"{name}_lo"] = _num(m.get("ci_low"))
-                row[f"{name}_hi"] = _num(m.get("ci_high"))
-            rows.append(row)
-    df = pd.DataFrame(rows, columns=None if rows else RESULT_KEYS + ["path"])
+    for path in metrics_files(root):
+        data = load_metrics_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+            continue
+        where = _from_path(path, root)
+        row = {key: data.get(key) for key in RESULT_KEYS}
+        for key, value in where.items():
+            if row.get(key) is None:
+                row[key] = value
+        row["primary_metric"] = data.get("primary_metric")
+        row["lower_is_better"] = tuple(data.get("lower_is_better") or ())
+        row["classes"] = tuple(str(c) for c in data.get("classes") or ())
+        row["absent_classes"] = tuple(str(c) for c in data.get("absent_classes") or ())
+        row["path"] = str(path)
+        pred = path.parent / "predictions.parquet"
+        row["predictions"] = str(pred) if pred.is_file() else None
+        for name, m in data["metrics"].items():
+            m = m if isinstance(m, dict) else {"value": m}
+            row[name] = _num(m.get("value"))
+            row[f"{name}_lo"] = _num(m.get("ci_low"))
+            row[f"{name}_hi"] = _num(m.get("ci_high"))
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else RESULT_KEYS + EXTRA_KEYS)
     if rows:
         df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce")
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
+        df["n"] = pd.to_numeric(df["n"], errors="coerce")
     return df
+
+
+def metric_names(df: pd.DataFrame) -> list[str]:
+    """Metric columns of a results frame (those with ``_lo``/``_hi`` partners), in column order."""
+    cols = set(df.columns)
+    return [c for c in df.columns if f"{c}_lo" in cols and f"{c}_hi" in cols and not c.endswith(("_lo", "_hi"))]
+
+
+def collect_compare(results_dir) -> list[dict]:
+    """Every ``compare/{task}/{protocol}/frac{f}/seed{s}.json`` (pairwise model comparisons)."""
+    root = Path(results_dir) / "compare"
+    out = []
+    for path in sorted(root.glob("*/*/frac*/seed*.json")) if root.is_dir() else []:
+        data = load_metrics_json(path)
+        if not isinstance(data, dict):
+            continue
+        parts = path.relative_to(root).parts
+        data.setdefault("task", parts[0])
+        data["protocol"] = data.get("protocol") or parts[1]
+        data["fraction"] = _num(data.get("fraction") if data.get("fraction") is not None else parts[2][4:])
+        data["seed"] = int(data["seed"]) if data.get("seed") is not None else int(path.stem[4:])
+        data["path"] = str(path)
+        out.append(data)
+    return out
+
+
+def collect_saliency(results_dir) -> dict[str, tuple[Path, dict]]:
+    """``{task: (png path, meta dict)}`` from ``saliency/{task}.png`` (+ ``.json`` when present)."""
+    root = Path(results_dir) / "saliency"
+    out = {}
+    for png in sorted(root.glob("*.png")) if root.is_dir() else []:
+        meta_path = png.with_suffix(".json")
+        meta = load_metrics_json(meta_path) if meta_path.is_file() else None
+        out[png.stem] = (png, meta if isinstance(meta, dict) else {})
+    return out
 
 
 def collect_benchmarks(benchmarks_dir) -> pd.DataFrame:
@@ -216,3 +283,60 @@ def collect_leakage(results_dir) -> list[str]:
             ids = ", ".join(f.get("ids", [])[:6])
             lines.append(f"[{f.get('kind')}] {f.get('where')}: {ids} -- {f.get('detail', '')}")
     return lines
+
+
+# ---------------------------------------------------------------- compute cost
+def _is_run_job(parts: list[str]) -> bool:
+    return len(parts) == 6 and parts[3].startswith("frac") and parts[4].startswith("seed")
+
+
+def job_step(job: str) -> str:
+    """Workflow step of a benchmark job name: ``report`` -> report, ``data/prepare_x`` -> data,
+    ``pretrain/mae_cfp`` -> pretrain, ``compare/...`` -> compare, ``saliency/x`` -> saliency,
+    ``{protocol}/{task}/{model}/frac{f}/seed{s}/predict_ext`` -> ``{protocol} predict``."""
+    parts = job.split("/")
+    if _is_run_job(parts):
+        return f"{parts[0]} {parts[-1].split('_')[0]}"
+    return parts[0]
+
+
+def job_model(job: str) -> str | None:
+    """Model of a downstream job (``{protocol}/{task}/{model}/...``), else None."""
+    parts = job.split("/")
+    return parts[2] if _is_run_job(parts) else None
+
+
+def job_gpus(job: str, config: dict | None) -> float:
+    """GPUs a job held: the ``gpu`` (x ``nodes``) of its rule's resource kind in the config
+    (pretrain -> resources.pretrain, downstream training -> resources.finetune); other rules ask
+    for none."""
+    from .. import config as rfc
+
+    parts = job.split("/")
+    if parts[0] == "pretrain":
+        kind = "pretrain"
+    elif _is_run_job(parts) and parts[-1] == "train":
+        kind = "finetune"
+    else:
+        return 0.0
+    try:
+        res = rfc.resources(config if isinstance(config, dict) else {}, kind)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    return float(res.get("gpu", 0) or 0) * float(res.get("nodes", 1) or 1)
+
+
+def cost_frame(benchmarks_dir, config: dict | None) -> pd.DataFrame:
+    """Benchmarks with the step, model, GPU count and hours: columns job, step, model, s, cpu_time,
+    max_rss_mb, gpus, wall_h, cpu_h (cpu_time / 3600; NaN where not recorded) and gpu_h (s x gpus)."""
+    bench = collect_benchmarks(benchmarks_dir) if benchmarks_dir else pd.DataFrame()
+    cols = ["job", "step", "model", "s", "cpu_time", "max_rss_mb", "gpus", "wall_h", "cpu_h", "gpu_h"]
+    if bench.empty:
+        return pd.DataFrame(columns=cols)
+    bench["step"] = bench["job"].map(job_step)
+    bench["model"] = bench["job"].map(job_model)
+    bench["gpus"] = bench["job"].map(lambda j: job_gpus(j, config))
+    bench["wall_h"] = bench["s"] / 3600
+    bench["cpu_h"] = bench["cpu_time"] / 3600
+    bench["gpu_h"] = bench["s"] * bench["gpus"] / 3600
+    return bench[cols]

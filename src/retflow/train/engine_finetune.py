@@ -1,17 +1,20 @@
-"""One supervised epoch and one validation pass."""
+"""One supervised epoch, and model outputs for evaluation."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from retflow.train.recipe import apply_mixup
 from retflow.train.sampling import step_seed
 from retflow.train.schedule import apply_lr, lr_at
+from retflow.train.targets import to_outputs
 
 
 def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batches: int, cfg: dict,
-                    device) -> tuple[float, float]:
+                    device, mixup=None) -> tuple[float, float]:
     """Returns (mean training loss, last lr)."""
     model.train()
     total, count, lr = 0.0, 0, 0.0
@@ -20,8 +23,9 @@ def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batc
         lr = lr_at(epoch + b / n_batches, cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"])
         apply_lr(optimizer, lr)
         step_seed(cfg["seed"], epoch, b, 0)
+        imgs, labels = apply_mixup(mixup, imgs.to(device), labels.to(device))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = criterion(model(imgs.to(device)), labels.to(device))
+            loss = criterion(model(imgs), labels)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise RuntimeError(f"loss is {value} at epoch {epoch} batch {b}; stopping (best checkpoint kept)")
@@ -31,3 +35,28 @@ def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batc
         total += value
         count += 1
     return total / max(1, count), lr
+
+
+@torch.no_grad()
+def _logits(model, dataset, device, batch_size: int = 128):
+    model.eval()
+    logits, labels = [], []
+    for imgs, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits.append(model(imgs.to(device)).float().cpu())
+        labels.append(y)
+    if not logits:
+        return torch.zeros((0, 1)), torch.zeros(0)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict_outputs(model, dataset, device, task: dict, scale) -> np.ndarray:
+    """Probabilities (or regression values) for every item of ``dataset``."""
+    logits, _ = _logits(model, dataset, device)
+    return to_outputs(task, logits, scale)
+
+
+def evaluate_outputs(model, dataset, device, task: dict, scale, criterion) -> tuple[np.ndarray, float]:
+    """(outputs, loss) on a labelled dataset."""
+    logits, labels = _logits(model, dataset, device)
+    loss = float(criterion(logits, labels)) if len(labels) else float("nan")
+    return to_outputs(task, logits, scale), loss

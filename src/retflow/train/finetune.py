@@ -1,10 +1,13 @@
 """Supervised fine-tuning / linear probing of a ViT on one task, RETFound's recipe.
 
 Fine-tune: timm ViT with global average pooling + fc_norm, initialised from an MAE encoder (or
-random / a local weights file), layer-wise lr decay, drop path, label smoothing, AdamW with
-warmup + cosine, best checkpoint by a validation metric. Probe: encoder frozen, a BatchNorm +
-linear head trained (MAE's linear-probe head). Writes best.pth, train_log.csv and the internal
-test predictions. Resumable per epoch from ``<out>/resume/last.pth``.
+random / a local weights file in any layout :mod:`retflow.models.checkpoint_layouts` reads),
+layer-wise lr decay, drop path, label smoothing, optional RandAugment + random erasing
+(``augment: retfound``), mixup/cutmix and class-weighted loss, AdamW with warmup + cosine,
+best checkpoint by a validation metric (``select_by``). Probes: the three protocols of
+:mod:`retflow.train.probe`. Task types: :mod:`retflow.train.targets`. Writes best.pth,
+train_log.csv and the internal test predictions. Resumable per epoch from
+``<out>/resume/last.pth``.
 """
 
 from __future__ import annotations
@@ -20,39 +23,69 @@ import pandas as pd
 import torch
 
 from retflow.atomic import atomic_path, write_json
-from retflow.data.dataset import StoreDataset, eval_transform, load_manifest, train_transform
+from retflow.data.dataset import StoreDataset, eval_transform, load_manifest
 from retflow.data.splits import label_fraction_indices
-from retflow.evaluate.metrics import PRIMARY_METRIC, compute_metrics
+from retflow.evaluate.metrics import LOWER_IS_BETTER, PRIMARY_METRIC, compute_metrics
+from retflow.evaluate.retfound_metrics import retfound_current
+from retflow.models.checkpoint_layouts import load_encoder
 from retflow.models.lr_decay import param_groups_lrd
-from retflow.models.vit import ViTSpec, attach_probe_head, create_vit, load_checkpoint_file, load_encoder_weights
+from retflow.models.vit import ViTSpec, create_vit
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.distributed import pick_device
-from retflow.train.engine_finetune import train_one_epoch
-from retflow.train.predict import labelled_rows, predict_probs, write_predictions
+from retflow.train.engine_finetune import evaluate_outputs, predict_outputs, train_one_epoch
+from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
+from retflow.train.recipe import finetune_transform, make_mixup
 from retflow.train.sampling import loader, repeated_order
+from retflow.train.targets import (
+    TargetScale,
+    class_weights,
+    encode_targets,
+    make_loss,
+    n_outputs,
+    stratum,
+    task_classes,
+    to_outputs,
+    write_predictions,
+)
 
-
-def build_model(cfg: dict, spec: ViTSpec, num_classes: int, init_path: str | None):
-    probe = cfg["protocol"] == "probe"
-    model = create_vit(spec, num_classes=num_classes, drop_path_rate=0.0 if probe else cfg["drop_path"], global_pool="avg")
+def build_model(cfg: dict, spec: ViTSpec, n_out: int, init_path: str | None):
+    protocol = cfg["protocol"]
+    probe = protocol in PROBES
+    model = create_vit(spec, num_classes=n_out, drop_path_rate=0.0 if probe else cfg.get("drop_path", 0.0),
+                       global_pool="avg")
     if init_path:
-        report = load_encoder_weights(model, load_checkpoint_file(init_path))
-        print(f"loaded encoder from {init_path}: missing {report['missing']}, ignored {len(report['unexpected'])} keys")
+        report = load_encoder(model, init_path)
+        print(f"loaded encoder from {init_path}: {report.summary()}")
     if probe:
-        attach_probe_head(model)
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": params, "weight_decay": cfg["weight_decay"]}]
-    else:
-        groups = param_groups_lrd(model, cfg["weight_decay"], model.no_weight_decay(), cfg["layer_decay"])
-    return model, groups
+        params = freeze_encoder(model, protocol)
+        return model, [{"params": params, "weight_decay": cfg["weight_decay"]}]
+    return model, param_groups_lrd(model, cfg["weight_decay"], model.no_weight_decay(), cfg["layer_decay"])
 
 
-def select_score(y: np.ndarray, probs: np.ndarray, task_type: str, select_by: str) -> float:
+def select_score(y: np.ndarray, outputs: np.ndarray, task_type: str, select_by: str) -> float:
+    """Validation score for model selection, higher is better (lower-is-better metrics negated)."""
     metric = PRIMARY_METRIC[task_type] if select_by == "primary" else select_by
-    value = compute_metrics(y, probs, task_type).get(metric, float("nan"))
+    if metric == "retfound_score":
+        value = retfound_current(y, outputs, task_type)["score"]
+    else:
+        value = compute_metrics(y, outputs, task_type).get(metric, float("nan"))
+    if metric in LOWER_IS_BETTER:
+        value = -value
     return value if math.isfinite(value) else -math.inf
+
+
+def _split_rows(manifest, task, targets, valid):
+    parts = {}
+    for split in ("train", "val", "test"):
+        in_split = (manifest["split"] == split).to_numpy()
+        excluded = int((in_split & ~valid).sum())
+        if excluded:
+            print(f"{split}: {excluded} images without a usable '{task['label']}' label excluded")
+        rows = np.flatnonzero(in_split & valid)
+        if len(rows) == 0:
+            raise SystemExit(f"task '{task['name']}': no labelled images in split '{split}'")
+        parts[split] = (rows, targets[rows])
+    return parts
 
 
 def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
@@ -60,39 +93,72 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     device = pick_device(cfg.get("device", "auto"))
     spec = ViTSpec.from_dict(cfg["vit"])
     task = cfg["task"]
-    classes = [str(c) for c in task["classes"]]
+    classes = task_classes(task)
     manifest = load_manifest(store)
-    parts = {}
-    for split in ("train", "val", "test"):
-        rows, y, excluded = labelled_rows(manifest, task["label"], classes, split)
-        if excluded:
-            print(f"{split}: {excluded} images without a known '{task['label']}' label excluded")
-        if len(rows) == 0:
-            raise SystemExit(f"task '{task['name']}': no labelled images in split '{split}' of {store}")
-        parts[split] = (rows, y)
+    targets, valid = encode_targets(manifest, task)
+    parts = _split_rows(manifest, task, targets, valid)
     tr_rows, tr_y = parts["train"]
-    keep = label_fraction_indices(tr_y, cfg["fraction"], cfg["seed"])
+    keep = label_fraction_indices(stratum(task, tr_y), cfg["fraction"], cfg["seed"])
     tr_rows, tr_y = tr_rows[keep], tr_y[keep]
     index = manifest["index"].to_numpy()
     norm = cfg.get("normalize")
-    train_tf = train_transform(spec.img_size, cfg["crop_scale"], normalize=norm, in_chans=spec.in_chans)
+    train_tf = finetune_transform(cfg, spec.img_size, norm, spec.in_chans)
     eval_tf = eval_transform(spec.img_size, normalize=norm, in_chans=spec.in_chans)
+    if cfg["protocol"] == "probe_logreg":
+        train_tf = eval_tf  # embeddings of the un-augmented images
     train_ds = StoreDataset(store, index[tr_rows], tr_y, train_tf, spec.in_chans)
     val_ds = StoreDataset(store, index[parts["val"][0]], parts["val"][1], eval_tf, spec.in_chans)
     test_ds = StoreDataset(store, index[parts["test"][0]], parts["test"][1], eval_tf, spec.in_chans)
+    scale = TargetScale.fit(task, tr_y)
+    model, groups = build_model(cfg, spec, n_outputs(task), init_path)
+    model.to(device)
+    meta = {"spec": cfg["vit"], "normalize": norm, "classes": classes, "task": task["name"],
+            "task_spec": task, "target_scale": [scale.mean, scale.std],
+            "probe_head": cfg["protocol"] == "probe_lars"}
+    select = lambda y, out: select_score(y, out, task["type"], cfg.get("select_by", "primary"))  # noqa: E731
+    if cfg["protocol"] == "probe_logreg":
+        summary = _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir)
+    else:
+        summary = _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir)
+    best_state = load_state(out_dir / "best.pth")
+    model.load_state_dict(best_state["model"])
+    outputs = predict_outputs(model, test_ds, device, task, scale)
+    write_predictions(out_dir / "predictions.parquet", task, manifest["image_id"].to_numpy()[parts["test"][0]],
+                      test_ds.labels, outputs)
+    write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
+                "best_epoch": best_state["epoch"], **summary}, out_dir / "train_summary.json")
+    return 0
 
+
+def _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir) -> dict:
+    train_x, val_x = embeddings(model, train_ds, device), embeddings(model, val_ds, device)
+    score_fn = lambda y, logits: select(y, to_outputs(task, logits, scale))  # noqa: E731
+    ty = (train_ds.labels - scale.mean) / scale.std if task["type"] == "regression" else train_ds.labels
+    info = fit_logreg(model, train_x, ty, val_x, val_ds.labels, task, score_fn, cfg["seed"])
+    print(f"logistic regression on {train_x.shape} embeddings: {info}", flush=True)
+    with atomic_path(out_dir / "train_log.csv") as tmp:
+        pd.DataFrame(info["grid"]).to_csv(tmp, index=False)
+    save_atomic({"model": model.state_dict(), "epoch": 0, "val_score": max(r["val_score"] for r in info["grid"]),
+                 **meta}, out_dir / "best.pth")
+    return {"epochs": 0, "best_C": info["best_C"]}
+
+
+def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir) -> dict:
     batch = min(cfg["batch_size"], len(train_ds))
     epochs = cfg["epochs"]
     # small label fractions: repeat the training set within an epoch to reach min_steps in total
     n_batches = max(len(train_ds) // batch, math.ceil(cfg.get("min_steps", 0) / epochs))
-    model, groups = build_model(cfg, spec, len(classes), init_path)
-    model.to(device)
     cfg = {**cfg, "lr": cfg["blr"] * batch / 256}
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
-    smoothing = cfg["label_smoothing"] if cfg["protocol"] == "finetune" else 0.0
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+    if cfg["protocol"] in PROBES:
+        optimizer = probe_optimizer(cfg["protocol"], groups[0]["params"], cfg["lr"], cfg["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+    smoothing = cfg.get("label_smoothing", 0.0) if cfg["protocol"] == "finetune" else 0.0
+    weights = class_weights(task, train_ds.labels, cfg.get("class_weights", "none"))
+    criterion = make_loss(task, weights, smoothing, scale)
+    mixup = make_mixup(cfg, task["type"], n_outputs(task)) if cfg["protocol"] == "finetune" else None
     print(f"{cfg['protocol']} {task['name']}: {len(train_ds)} train (fraction {cfg['fraction']:g}), "
-          f"{len(val_ds)} val, {len(test_ds)} test; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
+          f"{len(val_ds)} val; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
 
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"  # copied to <out>/best.pth at the end
@@ -103,36 +169,27 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    meta = {"spec": cfg["vit"], "normalize": norm, "classes": classes, "task": task["name"], "probe_head": cfg["protocol"] == "probe"}
     for epoch in range(start, epochs):
         train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
         order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)
         dl = loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))
-        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, cfg, device)
-        val_probs = predict_probs(model, val_ds, device)
-        val_loss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-8)),
-                                                      torch.from_numpy(val_ds.labels)))
-        score = select_score(val_ds.labels, val_probs, task["type"], cfg.get("select_by", "primary"))
+        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, cfg, device, mixup)
+        val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
+        score = select(val_ds.labels, val_out)
         improved = score > best or not best_path.exists()  # the first epoch always counts
         if improved:
             best = score
             save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
         log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_score": score, "lr": lr,
                     "best": improved})
-        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {score:.4f}{' *' if improved else ''}", flush=True)
+        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {score:.4f}"
+              f"{' *' if improved else ''}", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "best": best, "log": log}, resume_path)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
-    best_state = load_state(best_path)
-    save_atomic(best_state, out_dir / "best.pth")
-    model.load_state_dict(best_state["model"])
-    probs = predict_probs(model, test_ds, device)
-    write_predictions(out_dir / "predictions.parquet", manifest["image_id"].to_numpy()[parts["test"][0]],
-                      test_ds.labels, probs)
-    write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "epochs": epochs,
-                "best_epoch": best_state["epoch"], "best_val_score": best}, out_dir / "train_summary.json")
-    return 0
+    save_atomic(load_state(best_path), out_dir / "best.pth")
+    return {"epochs": epochs, "best_val_score": best}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Predict class probabilities for a prepared store with a fine-tuned checkpoint."""
+"""Predict a prepared store with a fine-tuned checkpoint (internal or external validation, with an
+optional mapping from the model's classes to the external set's classes)."""
 
 from __future__ import annotations
 
@@ -8,60 +9,51 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
-from retflow.atomic import atomic_path
-from retflow.data.dataset import StoreDataset, encode_labels, eval_transform, load_manifest
+from retflow.data.dataset import StoreDataset, eval_transform, load_manifest
 from retflow.models.vit import ViTSpec, attach_probe_head, create_vit
 from retflow.train.checkpoint import load_state
-
-
-@torch.no_grad()
-def predict_probs(model, dataset, device, batch_size: int = 128) -> np.ndarray:
-    model.eval()
-    dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    out = []
-    for imgs, _ in dl:
-        logits = model(imgs.to(device))
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
-
-
-def write_predictions(path: Path, image_ids, y_true, probs: np.ndarray) -> None:
-    frame = pd.DataFrame({"image_id": list(image_ids), "y_true": np.asarray(y_true, dtype=int)})
-    for k in range(probs.shape[1]):
-        frame[f"prob_{k}"] = probs[:, k]
-    frame["y_pred"] = probs.argmax(axis=1)
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
-def labelled_rows(manifest: pd.DataFrame, label: str, classes: list, split: str | None):
-    """(row positions, class indices, n_excluded) of rows in ``split`` with a known label."""
-    if label not in manifest.columns:
-        raise SystemExit(f"label column '{label}' not in the manifest (columns: {list(manifest.columns)})")
-    y, valid = encode_labels(manifest[label], classes)
-    keep = valid if split is None else valid & (manifest["split"] == split).to_numpy()
-    in_split = np.ones(len(manifest), bool) if split is None else (manifest["split"] == split).to_numpy()
-    return np.flatnonzero(keep), y[keep], int((in_split & ~valid).sum())
+from retflow.train.engine_finetune import predict_outputs
+from retflow.train.targets import TargetScale, encode_targets, write_predictions
 
 
 def load_finetuned(checkpoint: Path, device):
     state = load_state(checkpoint)
     spec = ViTSpec.from_dict(state["spec"])
-    model = create_vit(spec, num_classes=len(state["classes"]), global_pool="avg")
+    model = create_vit(spec, num_classes=state["model"]["head.weight" if "head.weight" in state["model"]
+                                                     else "head.1.weight"].shape[0], global_pool="avg")
     if state.get("probe_head"):
         attach_probe_head(model)
     model.load_state_dict(state["model"])
     return model.to(device), state, spec
 
 
+def checkpoint_task(state: dict, label: str | None = None) -> dict:
+    """The task a checkpoint was trained for (older checkpoints: single-label classification)."""
+    task = dict(state.get("task_spec") or {"name": state.get("task", ""), "type": "multiclass",
+                                            "label": label, "classes": state["classes"]})
+    if label:
+        task["label"] = label
+    return task
+
+
+def map_outputs(probs: np.ndarray, source: list[str], target: list[str], mapping: dict) -> np.ndarray:
+    """Sum the model's class probabilities into the external set's classes (``source -> target``)."""
+    out = np.zeros((probs.shape[0], len(target)))
+    for i, cls in enumerate(source):
+        if str(cls) not in mapping:
+            raise SystemExit(f"label map has no entry for model class '{cls}' (map: {mapping})")
+        out[:, target.index(str(mapping[str(cls)]))] += probs[:, i]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Predict a store with a fine-tuned model (no retraining).")
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--store", required=True)
-    ap.add_argument("--label", required=True)
+    ap.add_argument("--label", default=None, help="label column of this store (default: the training one)")
+    ap.add_argument("--label-map", default="", help="JSON {model class: this set's class}; sums probabilities")
+    ap.add_argument("--classes", nargs="*", default=None, help="this set's classes (with --label-map)")
     ap.add_argument("--split", default=None, help="only this split (default: all rows)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="auto")
@@ -70,13 +62,27 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     model, state, spec = load_finetuned(Path(args.checkpoint), device)
+    task = checkpoint_task(state, args.label)
+    scale = TargetScale(*state.get("target_scale", (0.0, 1.0)))
+    eval_task = dict(task)
+    if args.label_map:
+        eval_task["classes"] = list(args.classes)
+        eval_task["type"] = "binary" if len(args.classes) == 2 else "multiclass"
     manifest = load_manifest(args.store)
-    rows, y, excluded = labelled_rows(manifest, args.label, state["classes"], args.split)
+    targets, valid = encode_targets(manifest, eval_task)
+    if args.split is not None:
+        valid = valid & (manifest["split"] == args.split).to_numpy()
+    rows = np.flatnonzero(valid)
+    excluded = int(len(manifest) - len(rows)) if args.split is None else 0
     if excluded:
-        print(f"{excluded} images without a known '{args.label}' label were not predicted", file=sys.stderr)
-    ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], y, eval_transform(spec.img_size, state.get("normalize"), spec.in_chans), spec.in_chans)
-    probs = predict_probs(model, ds, device)
-    write_predictions(Path(args.out), manifest["image_id"].to_numpy()[rows], y, probs)
+        print(f"{excluded} images without a usable '{task['label']}' label were not predicted", file=sys.stderr)
+    tf = eval_transform(spec.img_size, state.get("normalize"), spec.in_chans)
+    ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], targets[rows], tf, spec.in_chans)
+    outputs = predict_outputs(model, ds, device, task, scale)
+    if args.label_map:
+        outputs = map_outputs(outputs, [str(c) for c in state["classes"]], list(args.classes),
+                              json.loads(args.label_map))
+    write_predictions(Path(args.out), eval_task, manifest["image_id"].to_numpy()[rows], targets[rows], outputs)
     print(json.dumps({"n": len(rows), "excluded": excluded, "out": args.out}))
     return 0
 

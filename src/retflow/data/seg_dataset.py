@@ -1,0 +1,84 @@
+"""Torch dataset of (image, mask) pairs from a prepared store with ``mask_shards/``.
+
+Image ``i`` and mask ``i`` share the manifest's ``index``. Augmentations are applied jointly with
+torchvision's ``tv_tensors`` (a random resized crop and flip move image and mask together; masks
+are resampled NEAREST and never normalised).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from retflow.data.dataset import norm_stats
+from retflow.data.store import MASK_SHARD_DIR, ImageStore
+
+__all__ = ["SegDataset", "seg_train_transform", "seg_eval_transform", "max_mask_value"]
+
+
+def _to_float(normalize: dict | None, in_chans: int) -> list:
+    mean, std = norm_stats(normalize, in_chans)
+    # a plain dtype converts images only (masks keep their integer labels)
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def seg_train_transform(size: int, crop_scale=(0.5, 1.0), hflip: bool = True, normalize: dict | None = None,
+                        in_chans: int = 3) -> v2.Compose:
+    steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_float(normalize, in_chans))
+
+
+def seg_eval_transform(size: int, normalize: dict | None = None, in_chans: int = 3) -> v2.Compose:
+    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_float(normalize, in_chans))
+
+
+def max_mask_value(store: Path | str) -> int:
+    """Largest label value in a store's masks (one pass over the memory-mapped shards)."""
+    masks = ImageStore(store, MASK_SHARD_DIR)
+    return max(int(np.load(p, mmap_mode="r").max()) for p in masks.paths)
+
+
+class SegDataset(Dataset):
+    """Rows ``indices`` of a store as (image float (C, S, S), mask int64 (S, S)) pairs."""
+
+    def __init__(self, store: Path | str, indices, transform=None, in_chans: int = 3):
+        self.images = ImageStore(store)
+        self.masks = ImageStore(store, MASK_SHARD_DIR)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.in_chans = in_chans
+        self.aug_seed: int | None = None
+
+    def set_aug_seed(self, seed: int | None) -> None:
+        """Seed augmentations per (seed, item): identical across resumes and worker counts."""
+        self.aug_seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored uint8 image (H, W, C) and mask (H, W) of item ``i``."""
+        idx = int(self.indices[i])
+        return self.images[idx], self.masks[idx][..., 0]
+
+    def __getitem__(self, i: int):
+        img_np, mask_np = self.raw(i)
+        img = torch.from_numpy(img_np).permute(2, 0, 1)
+        if img.shape[0] == 1 and self.in_chans == 3:  # grayscale OCT into an RGB patch embed
+            img = img.expand(3, -1, -1)
+        elif img.shape[0] == 3 and self.in_chans == 1:
+            img = img.float().mean(0, keepdim=True).round().to(torch.uint8)
+        img = tv_tensors.Image(img)
+        mask = tv_tensors.Mask(torch.from_numpy(mask_np)[None])
+        if self.transform is not None:
+            if self.aug_seed is not None:
+                torch.manual_seed(int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0]))
+            img, mask = self.transform(img, mask)
+        return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)[0].long()

@@ -1,0 +1,285 @@
+"""Segmentation fine-tuning: ViT encoder + UNETR-style decoder on one segmentation task.
+
+The encoder starts from our MAE pretraining checkpoint, a local weights file (any layout that
+:func:`retflow.models.checkpoint_layouts.load_encoder` reads) or random init; the decoder
+(:mod:`retflow.models.seg_decoder`) is always new. Training: Dice + cross-entropy
+(``monai.losses.DiceCELoss``, Dice over the foreground classes), AdamW with warmup + cosine,
+layer-wise lr decay for the encoder (``layer_decay``; 1 turns it off) and the full lr for the
+decoder, joint random-resized-crop / flip of image and mask. The label fraction is a seeded,
+nested subset of the training *images* (:func:`retflow.data.splits.label_fraction_indices`).
+The best epoch by validation Dice (foreground mean) is kept.
+
+Writes into ``out_dir`` (the run folder of the fine-tuning layout, so the report finds it):
+``best.pth`` (``model``, ``spec``, ``classes``, ``normalize``, ``task``, ``feature_size``,
+``kind: "segmentation"``), ``train_log.csv``, ``metrics.json`` (internal test set: Dice / IoU per
+class and foreground mean with seeded bootstrap CIs over images; see
+:mod:`retflow.evaluate.segmentation_metrics`), ``overlay.png`` (a few test images: image | truth |
+prediction) and ``train_summary.json``. Resumable per epoch from ``<out>/resume/last.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from retflow.atomic import atomic_path, write_json
+from retflow.data.dataset import load_manifest
+from retflow.data.seg_dataset import SegDataset, max_mask_value, seg_eval_transform, seg_train_transform
+from retflow.data.splits import label_fraction_indices
+from retflow.data.store import MASK_SHARD_DIR
+from retflow.evaluate.segmentation_metrics import (
+    PRIMARY_SEG_METRIC,
+    SEG_METRICS,
+    bootstrap_segmentation,
+    foreground_mean,
+    per_image_scores,
+    summarize,
+)
+from retflow.models.lr_decay import param_groups_lrd
+from retflow.models.seg_decoder import SegViT
+from retflow.models.vit import ViTSpec
+from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.distributed import pick_device
+from retflow.train.sampling import loader, repeated_order, step_seed
+from retflow.train.schedule import apply_lr, lr_at
+
+__all__ = ["build_model", "predict_masks", "run", "main"]
+
+# overlay colours of classes 1.. (class 0 is left unpainted)
+PALETTE = np.array([[0, 255, 0], [255, 0, 0], [0, 128, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], np.uint8)
+
+
+def build_model(cfg: dict, spec: ViTSpec, n_classes: int, init_path: str | None) -> tuple[SegViT, list[dict]]:
+    """The model (encoder weights loaded from ``init_path`` if given) and its optimizer groups."""
+    model = SegViT(spec, n_classes, feature_size=cfg.get("feature_size", 16), drop_path_rate=cfg.get("drop_path", 0.0))
+    if init_path:
+        from retflow.models.checkpoint_layouts import load_encoder
+
+        report = load_encoder(model.encoder, init_path)
+        print(f"loaded encoder from {init_path} ({report.layout}): {report.loaded} tensors, "
+              f"missing {list(report.missing_keys)}, ignored {report.unexpected + report.dropped} keys", flush=True)
+    wd = cfg.get("weight_decay", 0.05)
+    groups = param_groups_lrd(model.encoder, wd, layer_decay=cfg.get("layer_decay", 1.0))
+    decay, no_decay = [], []
+    for name, p in model.decoder.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups += [{"params": decay, "weight_decay": wd, "lr_scale": 1.0},
+               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    return model, [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def predict_masks(model: SegViT, dataset: SegDataset, device, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, float]:
+    """(predicted label maps (N, S, S) uint8, true label maps (N, S, S) uint8, mean per-pixel cross-entropy)."""
+    model.eval()
+    preds, trues, ce, n = [], [], 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        x = torch.stack([it[0] for it in items]).to(device)
+        y = torch.stack([it[1] for it in items]).to(device)
+        logits = model(x).float()
+        ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")) / y[0].numel()
+        n += len(items)
+        preds.append(logits.argmax(1).to(torch.uint8).cpu().numpy())
+        trues.append(y.to(torch.uint8).cpu().numpy())
+    return np.concatenate(preds), np.concatenate(trues), ce / max(1, n)
+
+
+def _overlay(img: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    out = img.astype(np.float32)
+    for c in range(1, int(mask.max()) + 1):
+        sel = mask == c
+        out[sel] = (1 - alpha) * out[sel] + alpha * PALETTE[(c - 1) % len(PALETTE)]
+    return out.round().astype(np.uint8)
+
+
+def write_overlay(dataset: SegDataset, preds: np.ndarray, path: Path, n: int = 4, tile: int = 128) -> int:
+    """A PNG with one row per test image: image | ground truth | prediction (coloured per class)."""
+    rows = []
+    for i in range(min(n, len(dataset))):
+        img, _ = dataset.raw(i)
+        size = preds.shape[-1]
+        if img.shape[0] != size:
+            img = np.asarray(Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).resize((size, size), Image.BILINEAR))
+        img = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else (np.repeat(img, 3, 2) if img.shape[2] == 1 else img)
+        truth = dataset[i][1].numpy().astype(np.uint8)  # at the model's resolution, like preds
+        row = np.concatenate([img, _overlay(img, truth), _overlay(img, preds[i])], 1)
+        scale = max(1, tile // size)
+        rows.append(np.kron(row, np.ones((scale, scale, 1), np.uint8)))
+    if not rows:
+        return 0
+    sheet = np.concatenate([np.pad(r, ((0, 2), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
+    with atomic_path(path) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
+    return len(rows)
+
+
+def _split_rows(manifest: pd.DataFrame, name: str, store: str) -> dict[str, np.ndarray]:
+    parts = {}
+    for split in ("train", "val", "test"):
+        rows = np.flatnonzero(manifest["split"].to_numpy() == split)
+        if len(rows) == 0:
+            raise SystemExit(f"task '{name}': no images in split '{split}' of {store}")
+        parts[split] = rows
+    return parts
+
+
+def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    device = pick_device(cfg.get("device", "auto"))
+    spec = ViTSpec.from_dict(cfg["vit"])
+    task = cfg["task"]
+    classes = [str(c) for c in task["classes"]]
+    k = len(classes)
+    if not (Path(store) / MASK_SHARD_DIR).is_dir():
+        raise SystemExit(f"task '{task['name']}': {store} has no {MASK_SHARD_DIR}/ (declare the dataset's "
+                         f"mask_column, or phantom masks: true, and prepare it again)")
+    top = max_mask_value(store)
+    if top >= k:
+        raise SystemExit(f"task '{task['name']}': masks in {store} hold label {top}, but the task has {k} classes "
+                         f"{classes} (mask value = class index)")
+    manifest = load_manifest(store)
+    parts = _split_rows(manifest, task["name"], store)
+    keep = label_fraction_indices(np.zeros(len(parts["train"]), int), cfg["fraction"], cfg["seed"])
+    parts["train"] = parts["train"][keep]
+    index = manifest["index"].to_numpy()
+    norm = cfg.get("normalize")
+    train_tf = seg_train_transform(spec.img_size, cfg.get("crop_scale", (0.5, 1.0)), cfg.get("hflip", True), norm,
+                                   spec.in_chans)
+    eval_tf = seg_eval_transform(spec.img_size, norm, spec.in_chans)
+    train_ds = SegDataset(store, index[parts["train"]], train_tf, spec.in_chans)
+    val_ds = SegDataset(store, index[parts["val"]], eval_tf, spec.in_chans)
+    test_ds = SegDataset(store, index[parts["test"]], eval_tf, spec.in_chans)
+
+    batch = min(cfg["batch_size"], len(train_ds))
+    epochs = cfg["epochs"]
+    n_batches = max(len(train_ds) // batch, math.ceil(cfg.get("min_steps", 0) / epochs))
+    model, groups = build_model(cfg, spec, k, init_path)
+    model.to(device)
+    cfg = {**cfg, "lr": cfg["blr"] * batch / 256}
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+    from monai.losses import DiceCELoss
+
+    criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    print(f"segment {task['name']}: {len(train_ds)} train (fraction {cfg['fraction']:g}), {len(val_ds)} val, "
+          f"{len(test_ds)} test; {k} classes; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
+
+    resume_path = out_dir / "resume" / "last.pth"
+    best_path = out_dir / "resume" / "best.pth"
+    start, best, log = 0, -math.inf, []
+    if resume_path.exists() and best_path.exists():
+        state = load_state(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best, log = state["epoch"], state["best"], state["log"]
+        print(f"Resuming from {resume_path}: epoch {start}", flush=True)
+    meta = {"kind": "segmentation", "spec": spec.to_dict(), "normalize": norm, "classes": classes,
+            "task": task["name"], "feature_size": cfg.get("feature_size", 16)}
+    use_bf16 = device.type == "cuda"
+    for epoch in range(start, epochs):
+        model.train()
+        train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
+        order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)
+        total, lr = 0.0, 0.0
+        for b, (x, y) in enumerate(loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))):
+            lr = apply_lr(optimizer, lr_at(epoch + b / n_batches, cfg["lr"], cfg.get("min_lr", 0.0),
+                                           cfg.get("warmup_epochs", 0), epochs))
+            step_seed(cfg["seed"], epoch, b, 0)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(x.to(device))
+            loss = criterion(logits.float(), y.to(device)[:, None])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"loss is {value} at epoch {epoch} batch {b}; stopping (best checkpoint kept)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value
+        pred, true, val_ce = predict_masks(model, val_ds, device)
+        val = summarize(per_image_scores(pred, true, k))
+        score = val[PRIMARY_SEG_METRIC] if math.isfinite(val[PRIMARY_SEG_METRIC]) else -math.inf
+        improved = score > best or not best_path.exists()
+        if improved:
+            best = score
+            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
+        log.append({"epoch": epoch, "train_loss": total / n_batches, "val_ce": val_ce, "val_dice": val["dice"],
+                    "val_iou": val["iou"], "lr": lr, "best": improved})
+        print(f"epoch {epoch}: train {total / n_batches:.4f} val ce {val_ce:.4f} dice {val['dice']:.4f} "
+              f"iou {val['iou']:.4f}{' *' if improved else ''}", flush=True)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "best": best, "log": log}, resume_path)
+    with atomic_path(out_dir / "train_log.csv") as tmp:
+        pd.DataFrame(log).to_csv(tmp, index=False)
+    best_state = load_state(best_path)
+    save_atomic(best_state, out_dir / "best.pth")
+    model.load_state_dict(best_state["model"])
+    pred, true, _ = predict_masks(model, test_ds, device)
+    scores = per_image_scores(pred, true, k)
+    ev = cfg.get("evaluate", {})
+    boot = bootstrap_segmentation(scores, n_boot=ev.get("n_boot", 1000), seed=ev.get("seed", 0))
+    n_overlay = write_overlay(test_ds, pred, out_dir / "overlay.png", cfg.get("n_overlay", 4))
+    images_with = np.isfinite(scores["dice"]).sum(axis=0).astype(int).tolist()
+    fg_dice = foreground_mean(scores["dice"])
+    result = {
+        "task": task["name"], "task_type": "segmentation", "protocol": cfg.get("protocol", "finetune"),
+        "model": cfg.get("model"), "fraction": cfg["fraction"], "seed": cfg["seed"], "eval_set": "internal",
+        "n": int(len(pred)), "primary_metric": PRIMARY_SEG_METRIC, "lower_is_better": [],
+        "n_boot": int(ev.get("n_boot", 1000)), "metrics": boot["metrics"], "classes": classes,
+        "class_counts": images_with,
+        "absent_classes": [classes[c] for c in range(1, k) if images_with[c] == 0],
+        "per_class": {name: {"n_images": images_with[c], **{m: boot["per_class"][m][c] for m in SEG_METRICS}}
+                      for c, name in enumerate(classes)},
+        "pixel_counts": np.bincount(true.ravel(), minlength=k).astype(int).tolist(),
+        "resolution": int(pred.shape[-1]),
+        "overlay": "overlay.png" if n_overlay else None,
+        "per_image": {"image_id": manifest["image_id"].to_numpy()[parts["test"]].astype(str).tolist(),
+                      "dice": [float(v) if math.isfinite(v) else None for v in fg_dice]},
+        "definitions": "per-image Dice/IoU per class (undefined where the class is absent from the truth), "
+                       "averaged over images per class; dice/iou = mean over foreground classes 1..K-1; "
+                       "95% percentile bootstrap over test images",
+    }
+    write_json(_finite(result), out_dir / "metrics.json")
+    write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "epochs": epochs,
+                "best_epoch": best_state["epoch"], "best_val_score": best,
+                "seconds": round(time.perf_counter() - t0, 1)}, out_dir / "train_summary.json")
+    m = boot["metrics"][PRIMARY_SEG_METRIC]
+    print(f"test dice {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
+          f"iou {boot['metrics']['iou']['value']:.4f} ({len(pred)} images)", flush=True)
+    return 0
+
+
+def _finite(obj):
+    """NaN / inf -> None so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Fine-tune a ViT encoder + UNETR decoder on one segmentation task.")
+    ap.add_argument("--settings", required=True, help="run settings, JSON")
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--init", default="", help="pretrained checkpoint / weights file; empty for random init")
+    ap.add_argument("--out-dir", required=True)
+    args = ap.parse_args(argv)
+    return run(json.loads(args.settings), args.store, args.init or None, Path(args.out_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Entry point: fine-tune a ViT encoder + UNETR decoder on one segmentation task."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.train.segment import main
+
+if __name__ == "__main__":
+    sys.exit(main())
