@@ -15,28 +15,17 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from retflow.data.dataset import norm_stats
+from retflow.data.dataset import eval_transform, train_transform
 from retflow.data.store import MASK_SHARD_DIR, ImageStore
 
 __all__ = ["SegDataset", "seg_train_transform", "seg_eval_transform", "max_mask_value"]
 
 
-def _to_float(normalize: dict | None, in_chans: int) -> list:
-    mean, std = norm_stats(normalize, in_chans)
-    # a plain dtype converts images only (masks keep their integer labels)
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
-def seg_train_transform(size: int, crop_scale=(0.5, 1.0), hflip: bool = True, normalize: dict | None = None,
-                        in_chans: int = 3) -> v2.Compose:
-    steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_float(normalize, in_chans))
-
-
-def seg_eval_transform(size: int, normalize: dict | None = None, in_chans: int = 3) -> v2.Compose:
-    return v2.Compose([v2.Resize((size, size), antialias=True)] + _to_float(normalize, in_chans))
+# images and masks go through the classification transforms: torchvision v2 applies the
+# geometric steps to both (a tv_tensors.Mask is resized with NEAREST) and dtype/normalisation
+# to the image only
+seg_train_transform = train_transform
+seg_eval_transform = eval_transform
 
 
 def max_mask_value(store: Path | str) -> int:

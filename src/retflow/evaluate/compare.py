@@ -35,7 +35,8 @@ from scipy import stats
 
 from ..atomic import write_json
 from .bootstrap import MIN_VALID, bootstrap_replicates
-from .evaluate import _nan_to_none, read_predictions
+from ..atomic import json_safe
+from .evaluate import read_predictions
 from .metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC, TASK_TYPES, check_inputs, compute_metrics
 
 DEFAULT_N_BOOT = 2000
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
     _, y, pa, pb = align_predictions(args.a, args.b, args.task_type, n_classes)
     res = compare_predictions(y, pa, pb, args.task_type, args.metric, n_boot=args.n_boot, seed=args.seed,
                               alpha=args.alpha)
-    res = _nan_to_none({"a": str(args.a), "b": str(args.b), **res})
+    res = json_safe({"a": str(args.a), "b": str(args.b), **res})
     write_json(res, args.out)
     print(
         f"{args.out}: {res['metric']} a={res['value_a']} b={res['value_b']} diff={res['difference']} "

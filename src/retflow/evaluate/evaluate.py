@@ -18,14 +18,13 @@ Predictions parquet formats (one row per test image):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..atomic import write_json
+from ..atomic import json_safe, write_json
 from .bootstrap import bootstrap_all
 from .metrics import (
     CLASSIFICATION_TYPES,
@@ -143,19 +142,6 @@ def load_predictions(pred_path, n_classes: int | None = None) -> tuple[np.ndarra
     return y_true, probs
 
 
-def _nan_to_none(obj):
-    """Replace NaN/inf floats by None so the JSON is strictly valid (null)."""
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _per_class_by_name(per_class: dict[str, list], classes: list[str], counts: list[int]) -> dict:
     """``{metric: [ci per class]}`` -> ``{class name: {"n_positive": ..., metric: ci, ...}}``."""
     out = {}
@@ -233,7 +219,7 @@ def evaluate_predictions(pred_path, task_meta: dict, out_path, n_boot: int = 100
 
 
 def _write(result: dict, out_path) -> dict:
-    result = _nan_to_none(result)
+    result = json_safe(result)
     write_json(result, out_path)  # temp file + os.replace
     return result
 

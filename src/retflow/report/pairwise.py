@@ -30,7 +30,7 @@ import sys
 
 from ..atomic import write_json
 from ..evaluate.compare import DEFAULT_N_BOOT, align_predictions, compare_predictions
-from ..evaluate.evaluate import _nan_to_none
+from ..atomic import json_safe
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC, TASK_TYPES
 
 _PAIR_KEYS = ("method", "value_a", "value_b", "difference", "ci_low", "ci_high", "p_value", "n")
@@ -93,7 +93,7 @@ def compare_models(
                 best_vs_rest.append(pair)
             elif pair["b"] == best:
                 best_vs_rest.append(flip(pair))
-    return _nan_to_none({
+    return json_safe({
         "task_type": task_type,
         "metric": metric,
         "lower_is_better": lower,

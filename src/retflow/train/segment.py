@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from retflow.atomic import atomic_path, write_json
+from retflow.atomic import atomic_path, json_safe, write_json
 from retflow.data.dataset import load_manifest
 from retflow.data.seg_dataset import SegDataset, max_mask_value, seg_eval_transform, seg_train_transform
 from retflow.data.splits import label_fraction_indices
@@ -248,7 +248,7 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
                        "averaged over images per class; dice/iou = mean over foreground classes 1..K-1; "
                        "95% percentile bootstrap over test images",
     }
-    write_json(_finite(result), out_dir / "metrics.json")
+    write_json(json_safe(result), out_dir / "metrics.json")
     write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "epochs": epochs,
                 "best_epoch": best_state["epoch"], "best_val_score": best,
                 "seconds": round(time.perf_counter() - t0, 1)}, out_dir / "train_summary.json")
@@ -256,19 +256,6 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     print(f"test dice {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
           f"iou {boot['metrics']['iou']['value']:.4f} ({len(pred)} images)", flush=True)
     return 0
-
-
-def _finite(obj):
-    """NaN / inf -> None so the JSON is strict."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
