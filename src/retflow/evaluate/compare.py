@@ -33,9 +33,8 @@ import sys
 import numpy as np
 from scipy import stats
 
-from ..atomic import write_json
+from ..atomic import json_safe, write_json
 from .bootstrap import MIN_VALID, bootstrap_replicates
-from ..atomic import json_safe
 from .evaluate import read_predictions
 from .metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC, TASK_TYPES, check_inputs, compute_metrics
 
