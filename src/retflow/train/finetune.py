@@ -58,7 +58,7 @@ def build_model(cfg: dict, spec: ViTSpec, n_out: int, init_path: str | None):
         print(f"loaded encoder from {init_path}: {report.summary()}")
     if probe:
         params = freeze_encoder(model, protocol)
-        return model, [{"params": params, "weight_decay": cfg["weight_decay"]}]
+        return model, [{"params": params, "weight_decay": cfg.get("weight_decay", 0.0)}]
     return model, param_groups_lrd(model, cfg["weight_decay"], model.no_weight_decay(), cfg["layer_decay"])
 
 

@@ -2,7 +2,8 @@
 
 - ``probe_adamw`` (RETFound): a plain linear head on the pooled features, trained with AdamW;
 - ``probe_lars`` (MAE): BatchNorm (no affine) + linear head, trained with LARS (timm's
-  :class:`~timm.optim.Lars`, momentum 0.9, weight decay 0 by default);
+  :class:`~timm.optim.Lars` set up like MAE's: momentum 0.9, trust ratio |w|/|g| applied on
+  every step, weight decay 0 by default);
 - ``probe_logreg`` (RETFound-Green): embeddings extracted once, scikit-learn logistic
   regression (ridge for regression tasks) with the inverse regularisation ``C`` chosen on the
   validation split; the fitted standardisation + coefficients are folded into the ViT's linear
@@ -31,8 +32,8 @@ def freeze_encoder(model, protocol: str) -> list:
 
 
 def probe_optimizer(protocol: str, params: list, lr: float, weight_decay: float):
-    if protocol == "probe_lars":
-        return Lars(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if protocol == "probe_lars":  # MAE's LARS: layer-wise trust ratio |w|/|g| on every step
+        return Lars(params, lr=lr, momentum=0.9, weight_decay=weight_decay, trust_coeff=1.0, always_adapt=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
