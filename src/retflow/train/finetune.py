@@ -114,7 +114,7 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     model.to(device)
     meta = {"spec": cfg["vit"], "normalize": norm, "classes": classes, "task": task["name"],
             "task_spec": task, "target_scale": [scale.mean, scale.std],
-            "probe_head": cfg["protocol"] == "probe_lars"}
+            "probe_head": cfg["protocol"] in ("probe_adamw", "probe_lars")}
     select = lambda y, out: select_score(y, out, task["type"], cfg.get("select_by", "primary"))  # noqa: E731
     if cfg["protocol"] == "probe_logreg":
         summary = _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir)
