@@ -52,6 +52,25 @@ def _to_float(normalize: dict | None, in_chans: int):
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
+def model_channels(img: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> the patch embedding's channels: grayscale replicated, colour averaged."""
+    if img.shape[0] == 1 and in_chans == 3:  # grayscale OCT into an RGB patch embed
+        return img.expand(3, -1, -1)
+    if img.shape[0] == 3 and in_chans == 1:  # colour into a 1-channel patch embed
+        return img.float().mean(0, keepdim=True).round().to(torch.uint8)
+    return img
+
+
+def seed_item(aug_seed: int | None, i: int) -> None:
+    """Seed augmentations per (seed, item) -- torch (v2 transforms) and random (timm RandAugment) --
+    so they are identical across resumes and worker counts; no-op without a seed."""
+    if aug_seed is None:
+        return
+    item_seed = int(np.random.SeedSequence([aug_seed, i]).generate_state(1)[0])
+    torch.manual_seed(item_seed)
+    random.seed(item_seed)
+
+
 class StoreDataset(Dataset):
     """Rows ``indices`` of a store as (image tensor C x H x W, label) pairs.
 
@@ -79,16 +98,9 @@ class StoreDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        img = torch.from_numpy(self.images[int(self.indices[i])]).permute(2, 0, 1)
-        if img.shape[0] == 1 and self.in_chans == 3:  # grayscale OCT into an RGB patch embed
-            img = img.expand(3, -1, -1)
-        elif img.shape[0] == 3 and self.in_chans == 1:  # colour into a 1-channel patch embed
-            img = img.float().mean(0, keepdim=True).round().to(torch.uint8)
+        img = model_channels(torch.from_numpy(self.images[int(self.indices[i])]).permute(2, 0, 1), self.in_chans)
         if self.transform is not None:
-            if self.aug_seed is not None:  # torch (v2 transforms) and random (timm RandAugment)
-                item_seed = int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0])
-                torch.manual_seed(item_seed)
-                random.seed(item_seed)
+            seed_item(self.aug_seed, i)
             img = self.transform(img)
         label = -1 if self.labels is None else self.labels[i]
         return img, label

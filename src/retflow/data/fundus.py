@@ -486,15 +486,21 @@ def enhance_contrast(img: np.ndarray, method: str = "clahe",
     return out[..., 0] if arr.ndim == 2 else out
 
 
+def crop_pad_square(arr: np.ndarray, bounds) -> np.ndarray:
+    """Crop ``arr`` to ``bounds`` (top, bottom, left, right) and zero-pad it, centred, to a square
+    (keeps the dtype: images and their label masks get the same geometry)."""
+    t, b, l, r = (int(v) for v in bounds)
+    crop = arr[max(0, t):b, max(0, l):r]
+    ch, cw = crop.shape[:2]
+    side = max(ch, cw)
+    out = np.zeros((side, side) + arr.shape[2:], arr.dtype)
+    oy, ox = (side - ch) // 2, (side - cw) // 2
+    out[oy:oy + ch, ox:ox + cw] = crop
+    return out
+
+
 def crop_to_field(img: np.ndarray, field: FundusField) -> np.ndarray:
     """Crop to ``field.bounds`` and zero-pad (centred) to a square; returns uint8."""
     arr = np.asarray(img)
     _check(arr)
-    t, b, l, r = field.bounds
-    crop = arr[t:b, l:r]
-    ch, cw = crop.shape[:2]
-    side = max(ch, cw)
-    out = np.zeros((side, side) + arr.shape[2:], np.uint8)
-    oy, ox = (side - ch) // 2, (side - cw) // 2
-    out[oy:oy + ch, ox:ox + cw] = crop
-    return out
+    return crop_pad_square(arr, field.bounds)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from retflow.data.fundus import crop_to_field, detect_field, enhance_contrast, quality_flags
+from retflow.data.fundus import crop_pad_square, crop_to_field, detect_field, enhance_contrast, quality_flags
 from retflow.data.io import UnreadableInput, check_file, read_image, source_digest
 from retflow.data.leakage import phash
 from retflow.data.volumes import central_bscans, read_volume
@@ -50,10 +50,7 @@ def preprocess_cfp(img: np.ndarray, size: int, crop_border: bool = True, enhance
     if crop_border and field.found:
         cropped = crop_to_field(img, field)
     else:
-        h, w = img.shape[:2]
-        side = max(h, w)
-        cropped = np.zeros((side, side, 3), np.uint8)
-        cropped[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = img
+        cropped = crop_pad_square(img, (0, img.shape[0], 0, img.shape[1]))
     out = resize(cropped, size)
     if enhance != "none":  # on the stored size: cheap, and the field is re-detected there
         out = enhance_contrast(out, enhance)
@@ -174,19 +171,6 @@ def read_mask(path: str) -> np.ndarray:
     return arr
 
 
-def _crop_pad(arr: np.ndarray, bounds) -> np.ndarray:
-    """Crop ``arr`` to ``bounds`` (top, bottom, left, right) and zero-pad it, centred, to a square
-    (the same geometry as :func:`retflow.data.fundus.crop_to_field`)."""
-    t, b, l, r = (int(v) for v in bounds)
-    crop = arr[max(0, t):b, max(0, l):r]
-    ch, cw = crop.shape[:2]
-    side = max(ch, cw)
-    out = np.zeros((side, side) + arr.shape[2:], arr.dtype)
-    oy, ox = (side - ch) // 2, (side - cw) // 2
-    out[oy:oy + ch, ox:ox + cw] = crop
-    return out
-
-
 def preprocess_mask(mask: np.ndarray, row: dict, modality: str, prep: dict) -> np.ndarray:
     """The stored mask uint8 (size, size, 1) for a stored image's manifest ``row``."""
     source = row.get("mask_source", "")
@@ -196,7 +180,7 @@ def preprocess_mask(mask: np.ndarray, row: dict, modality: str, prep: dict) -> n
                               f"mask {mask.shape[1]}x{mask.shape[0]} vs image {w}x{h}")
     if modality == "cfp":
         crop = prep["cfp"].get("crop_border", True) and row.get("field_found", True)
-        mask = _crop_pad(mask, row["bounds"] if crop else (0, h, 0, w))
+        mask = crop_pad_square(mask, row["bounds"] if crop else (0, h, 0, w))
         size = prep["cfp"]["size"]
     else:
         size = prep["oct"]["size"]

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from retflow.data.dataset import eval_transform, train_transform
+from retflow.data.dataset import eval_transform, model_channels, seed_item, train_transform
 from retflow.data.store import MASK_SHARD_DIR, ImageStore
 
 __all__ = ["SegDataset", "seg_train_transform", "seg_eval_transform", "max_mask_value"]
@@ -59,15 +59,9 @@ class SegDataset(Dataset):
 
     def __getitem__(self, i: int):
         img_np, mask_np = self.raw(i)
-        img = torch.from_numpy(img_np).permute(2, 0, 1)
-        if img.shape[0] == 1 and self.in_chans == 3:  # grayscale OCT into an RGB patch embed
-            img = img.expand(3, -1, -1)
-        elif img.shape[0] == 3 and self.in_chans == 1:
-            img = img.float().mean(0, keepdim=True).round().to(torch.uint8)
-        img = tv_tensors.Image(img)
+        img = tv_tensors.Image(model_channels(torch.from_numpy(img_np).permute(2, 0, 1), self.in_chans))
         mask = tv_tensors.Mask(torch.from_numpy(mask_np)[None])
         if self.transform is not None:
-            if self.aug_seed is not None:
-                torch.manual_seed(int(np.random.SeedSequence([self.aug_seed, i]).generate_state(1)[0]))
+            seed_item(self.aug_seed, i)
             img, mask = self.transform(img, mask)
         return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)[0].long()

@@ -65,7 +65,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from .pos_embed import interpolate_pos_embed
-from .vit import ViTSpec, attach_probe_head, create_vit, load_encoder_weights
+from .vit import ViTSpec, attach_probe_head, create_vit, load_encoder_weights, strip_prefixes
 
 __all__ = [
     "LAYOUTS",
@@ -255,16 +255,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 
 def _strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
+    return {strip_prefixes(k, _WRAPPER_PREFIXES): v for k, v in sd.items()}
 
 
 def _has_decoder(keys) -> bool:

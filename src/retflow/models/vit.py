@@ -153,11 +153,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _strip_prefix(key: str) -> str:
+def strip_prefixes(key: str, prefixes=_STRIP_PREFIXES) -> str:
+    """Remove any of ``prefixes`` from the start of ``key``, repeatedly and in any order."""
     changed = True
     while changed:
         changed = False
-        for p in _STRIP_PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
     return key
@@ -205,7 +206,7 @@ def load_encoder_weights(
     sd: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for raw_key, value in state_dict.items():
-        key = _strip_prefix(raw_key)
+        key = strip_prefixes(raw_key)
         if _is_dropped(key, uses_fc_norm):
             dropped.append(key)
         else:
