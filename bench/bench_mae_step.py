@@ -1,12 +1,23 @@
-"""Benchmark MAE pretraining-step throughput (images/s) for one configuration.
+"""Benchmark the MAE pretraining step: throughput, model FLOPs utilisation (MFU), peak memory.
 
-Example::
+For every (arch, mask ratio) it times two versions of the same step in this process:
 
-    .venv/bin/python bench/bench_mae_step.py --arch vit_large_patch16_224 --img-size 224 \
-        --patch 16 --batch 64 --mask-ratio 0.75 --steps 20
+- ``reference``: written the way facebookresearch/mae's ``models_mae.py`` runs it - plain
+  attention (``softmax(q k^T) v`` as explicit matmuls), fp32, per-sample gather masking,
+  ``torch.optim.AdamW`` (for-each);
+- ``retflow``: what ``retflow.train.pretrain`` runs - timm's fused SDPA attention, bf16 autocast
+  and fused AdamW on CUDA, ``torch.compile`` with ``--compile``;
 
-Times forward + backward + AdamW step after ``--warmup`` untimed steps; on CUDA
-uses bf16 autocast and reports peak memory.  Prints one line of figures.
+and prints img/s, the ratio retflow / reference, model GFLOPs per image (counted by
+``torch.utils.flop_counter`` on one forward + backward), achieved TFLOP/s, MFU against the
+device's peak (``--peak-tflops``; default: H100 SXM bf16 dense 989 on an H100, else the matmul
+peak measured here in this process) and peak memory (CUDA).
+
+Example (CPU, this machine)::
+
+    .venv/bin/python bench/bench_mae_step.py --archs tiny base large --batch 16 8 4 --steps 3
+
+On an H100: ``--archs large --batch 256 --steps 20 --warmup 5 [--compile]``.
 """
 from __future__ import annotations
 
@@ -14,78 +25,127 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from retflow.models import MaskedAutoencoderViT, ViTSpec, param_groups_weight_decay
+
+ARCHS = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
+         "large": "vit_large_patch16_224"}
+H100_BF16_TFLOPS = 989.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="vit_large_patch16_224", help="timm ViT name")
+    p.add_argument("--archs", nargs="+", default=["tiny", "base", "large"], choices=sorted(ARCHS))
+    p.add_argument("--batch", nargs="+", type=int, default=[16, 8, 4], help="one per arch (or one for all)")
+    p.add_argument("--mask-ratios", nargs="+", type=float, default=[0.75, 0.85], help="CFP 0.75, OCT 0.85")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch", type=int, default=16)
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--embed-dim", type=int, help="override the arch's embed_dim")
-    p.add_argument("--depth", type=int, help="override the arch's depth")
-    p.add_argument("--num-heads", type=int, help="override the arch's num_heads")
-    p.add_argument("--decoder-dim", type=int, default=512)
-    p.add_argument("--decoder-depth", type=int, default=8)
-    p.add_argument("--decoder-heads", type=int, default=16)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the retflow step")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: see module doc)")
     return p.parse_args(argv)
+
+
+def build(arch: str, img_size: int, device, plain_attention: bool) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(ViTSpec(ARCHS[arch], img_size, 16, 3, {}), 512, 8, 16).to(device)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = not plain_attention
+    return model
+
+
+def measured_matmul_tflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(model, batch: int, img_size: int, mask_ratio: float, device, fast: bool, compile_: bool,
+              steps: int, warmup: int) -> dict:
+    bf16 = fast and device.type == "cuda"
+    extra = {"fused": True} if fast and device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), **extra)
+    run = torch.compile(model) if compile_ else model
+    imgs = torch.randn(batch, 3, img_size, img_size, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = run(imgs, mask_ratio)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(imgs, mask_ratio)[0]
+        loss.backward()
+    opt.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"img_s": batch / dt, "step_ms": 1000 * dt, "gflop_img": flops / batch / 1e9,
+            "tflops": flops / dt / 1e12, "mem": mem, "dtype": "bf16" if bf16 else "fp32"}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
-                                   ("num_heads", args.num_heads)) if v is not None}
-    spec = ViTSpec(args.arch, args.img_size, args.patch, args.in_chans, overrides)
-    model = MaskedAutoencoderViT(spec, args.decoder_dim, args.decoder_depth, args.decoder_heads).to(device)
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
-    step_model = torch.compile(model) if args.compile else model
-    use_bf16 = device.type == "cuda"
-    if use_bf16:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    imgs = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=device)
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, _, _ = step_model(imgs, args.mask_ratio)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync()
-    elapsed = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.encoder.parameters()) / 1e6
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(
-        f"arch={args.arch} enc_params_M={n_params:.2f} img={args.img_size} patch={args.patch} "
-        f"batch={args.batch} mask={args.mask_ratio} device={device.type} "
-        f"dtype={'bf16' if use_bf16 else 'fp32'} compile={args.compile} steps={args.steps} "
-        f"step_ms={1000 * elapsed / args.steps:.1f} img_per_s={args.batch * args.steps / elapsed:.1f} "
-        f"peak_mem_GiB={mem:.2f} loss={float(loss):.4f}"
-    )
+    batches = args.batch if len(args.batch) == len(args.archs) else args.batch[:1] * len(args.archs)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.peak_tflops:
+        peak, peak_src = args.peak_tflops, "given"
+    elif device.type == "cuda" and "H100" in name:
+        peak, peak_src = H100_BF16_TFLOPS, "H100 bf16 dense spec"
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        peak, peak_src = measured_matmul_tflops(device, dtype), f"measured {dtype} matmul peak"
+    print(f"device: {name}; MFU against {peak:.3g} TFLOP/s ({peak_src})")
+    print(f"{'arch':6} {'mask':>5} {'batch':>5} {'version':9} {'dtype':5} {'img/s':>9} {'ratio':>6} "
+          f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'MFU%':>6} {'peakGiB':>7}")
+    for arch, batch in zip(args.archs, batches):
+        for ratio in args.mask_ratios:
+            ref = None
+            versions = [("retflow", False)] if args.skip_reference else [("reference", True), ("retflow", False)]
+            for version, plain in versions:
+                model = build(arch, args.img_size, device, plain_attention=plain)
+                r = time_step(model, batch, args.img_size, ratio, device, fast=not plain,
+                              compile_=args.compile and not plain, steps=args.steps, warmup=args.warmup)
+                ref = ref or r
+                print(f"{arch:6} {ratio:5.2f} {batch:5d} {version:9} {r['dtype']:5} {r['img_s']:9.1f} "
+                      f"{r['img_s'] / ref['img_s']:6.2f} {r['gflop_img']:9.1f} {r['tflops']:8.3f} "
+                      f"{100 * r['tflops'] / peak:6.1f} {r['mem']:7.2f}", flush=True)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

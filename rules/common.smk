@@ -107,11 +107,20 @@ def images_option(wildcards):
 
 def pretrain_settings(wildcards):
     p = config["pretrain"]
+    method, data = rfc.parse_pretrain_run(wildcards.method)
     settings = {
-        k: v for k, v in p.items() if k not in ("methods", "pools", "mask_ratio")
+        k: v
+        for k, v in p.items()
+        if k not in ("methods", "pools", "mask_ratio", "recipes")
     }
+    settings.update((p.get("recipes") or {}).get(method) or {})
+    if method == "token_recon":
+        settings["token_recon"] = dict(
+            p["token_recon"], teacher_checkpoint=teacher_checkpoint(wildcards)
+        )
     settings.update(
-        method=wildcards.method,
+        method=method,
+        data=data,
         modality=wildcards.modality,
         mask_ratio=p["mask_ratio"][wildcards.modality],
         vit=rfc.vit_settings(config, wildcards.modality),
@@ -120,6 +129,38 @@ def pretrain_settings(wildcards):
         device=config["device"],
     )
     return as_json(settings)
+
+
+def pretrain_stores(wildcards):
+    """The real pool of a pretraining run (none when it trains on synthetic images only)."""
+    if rfc.parse_pretrain_run(wildcards.method)[1] == "synthetic":
+        return []
+    return [store_dir(d) for d in config["pretrain"]["pools"][wildcards.modality]]
+
+
+def pretrain_synthetic(wildcards):
+    """The synthetic store a run's data schedule needs (rules/synth.smk), else nothing."""
+    if rfc.parse_pretrain_run(wildcards.method)[1] == "real":
+        return []
+    return [synthetic_store(wildcards.modality)]
+
+
+def pretrain_inputs(wildcards):
+    """Manifests of the stores a pretraining run reads, and a token-reconstruction teacher."""
+    out = [f"{s}/manifest.parquet" for s in pretrain_stores(wildcards)]
+    out += [synthetic_store_manifest(wildcards.modality) for _ in pretrain_synthetic(wildcards)]
+    if rfc.parse_pretrain_run(wildcards.method)[0] == "token_recon":
+        teacher = teacher_checkpoint(wildcards)
+        out += [teacher] if teacher.startswith(f"{RESULTS}/") else []
+    return out
+
+
+def teacher_checkpoint(wildcards):
+    """token_recon's frozen teacher: the DAG's own run of a method, or a local file."""
+    teacher = config["pretrain"]["token_recon"]["teacher_checkpoint"]
+    if teacher in config["pretrain"]["methods"]:
+        return f"{RESULTS}/pretrain/{teacher}/{wildcards.modality}/checkpoint.pth"
+    return teacher if isinstance(teacher, str) else teacher[wildcards.modality]
 
 
 def pretrain_launch(wildcards, threads, resources):
@@ -133,7 +174,8 @@ def init_checkpoint(wildcards):
     model = MODELS[wildcards.model]
     modality = rfc.task_modality(config, wildcards.task)
     if model["init"] == "pretrained":
-        return f"{RESULTS}/pretrain/{model['method']}/{modality}/checkpoint.pth"
+        run = rfc.pretrain_run(config, model)
+        return f"{RESULTS}/pretrain/{run}/{modality}/checkpoint.pth"
     if model["init"] == "file":
         path = rfc.model_weights_file(config, wildcards.model, modality)
         return path if Path(path).exists() else []

@@ -2,20 +2,22 @@
 
 
 rule pretrain:
-    """Masked-autoencoder pretraining under torchrun (resumes from resume/last.pth)."""
+    """Self-supervised pretraining (MAE, SimCLR, DINO, MoCo-v3, token reconstruction) under torchrun,
+    on real, synthetic or scheduled data (run name `method[-data]`); resumes from resume/last.pth."""
     input:
-        lambda w: [store_manifest(d) for d in config["pretrain"]["pools"][w.modality]],
+        pretrain_inputs,
         leakage=leakage_report(),
     output:
         checkpoint=f"{RESULTS}/pretrain/{{method}}/{{modality}}/checkpoint.pth",
         log=f"{RESULTS}/pretrain/{{method}}/{{modality}}/log.csv",
-        recon=f"{RESULTS}/pretrain/{{method}}/{{modality}}/recon.png",
+        figure=f"{RESULTS}/pretrain/{{method}}/{{modality}}/figure.png",
     log:
         "logs/pretrain/{method}_{modality}.log",
     benchmark:
         "benchmarks/pretrain/{method}_{modality}.tsv"
     wildcard_constraints:
         modality="cfp|oct",
+        method=r"[a-z0-9_]+(-[a-z_]+[0-9.]*)?",
     priority: 10  # the critical path of the DAG
     container:
         CONTAINERS["gpu"]
@@ -26,13 +28,15 @@ rule pretrain:
         **launch.slurm_resources(rfc.resources(config, "pretrain")),
     params:
         settings=pretrain_settings,
-        stores=lambda w: [store_dir(d) for d in config["pretrain"]["pools"][w.modality]],
+        stores=pretrain_stores,
+        synthetic=lambda w: " ".join(pretrain_synthetic(w)),
         launch=pretrain_launch,
         out=lambda w, output: str(Path(output.checkpoint).parent),
     shell:
         # exec: no shell between SLURM's signal and the workers that checkpoint on it
         "exec {params.launch} workflow_scripts/pretrain.py --settings {params.settings:q}"
-        " --stores {params.stores} --out-dir {params.out} > {log} 2>&1"
+        " --stores {params.stores} --synthetic-stores {params.synthetic} --out-dir {params.out}"
+        " > {log} 2>&1"
 
 
 rule pretrain_all:

@@ -10,7 +10,7 @@ rule report:
         metrics=all_metrics(),
         compare=COMPARE_JSONS,
         saliency=SALIENCY_PNGS,
-        pretrain=[f"{RESULTS}/pretrain/{m}/{mod}/recon.png" for m, mod in PRETRAIN],
+        pretrain=[f"{RESULTS}/pretrain/{m}/{mod}/figure.png" for m, mod in PRETRAIN],
         qc=[f"{RESULTS}/data/{d}/qc.json" for d in DATASETS],
     output:
         report(

@@ -71,7 +71,7 @@ def test_paper_dry_run_with_profile_slurm_prints_gpu_and_time_per_rule(tmp_path)
 def test_local_profile_dry_run(tmp_path):
     result = snakemake(workdir(tmp_path), "-n", "--profile", "profiles/local")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert job_counts(result.stdout)["pretrain"] == 2
+    assert job_counts(result.stdout)["pretrain"] == 4
 
 
 # ---------------------------------------------------------------- containers

@@ -181,7 +181,7 @@ def build_fake_tree(root: Path, n_boot: int = 100) -> tuple[Path, Path]:
     (sal / "glaucoma.json").write_text(json.dumps({"run": "finetune/glaucoma/mae/frac1/seed0", "images": []}))
     pre = results / "pretrain" / "mae" / "cfp"
     pre.mkdir(parents=True)
-    (pre / "recon.png").write_bytes(TINY_PNG)
+    (pre / "figure.png").write_bytes(TINY_PNG)
     pd.DataFrame({"epoch": range(5), "loss": [1.0, 0.8, 0.6, 0.5, 0.45], "lr": 1e-4, "seconds": 2.0}).to_csv(
         pre / "log.csv", index=False
     )

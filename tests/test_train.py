@@ -55,7 +55,7 @@ def test_pretrain_writes_checkpoint_log_and_figure(pool, tmp_path):
     assert any(k.startswith("encoder.blocks.0") for k in state["model"])
     log = pd.read_csv(out / "log.csv")
     assert log.epoch.tolist() == [0, 1, 2] and np.isfinite(log.loss).all()
-    assert (out / "recon.png").stat().st_size > 1000
+    assert (out / "figure.png").stat().st_size > 1000
 
 
 class StopAfter:

@@ -22,11 +22,13 @@ def test_demo_dry_run_fans_out_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     # per model: dr_grading 2 fractions, glaucoma 4 protocols x 3 fractions x 2 seeds, cup_disc_ratio 1,
-    # oct_diagnosis 2, oct_signs 1 = 30 runs; x 2 models = 60; externals: dr_grading + oct_diagnosis
-    assert counts["finetune"] == 60 and counts["evaluate_internal"] == 60
-    assert counts["predict_external"] == 8 and counts["evaluate_external"] == 8
-    assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
-    assert counts["segment"] == 4  # vessel_seg: 2 models x 2 fractions, finetune protocol only
+    # oct_diagnosis 2, oct_signs 1 = 30 runs; x 3 models (mae, dino, scratch) = 90;
+    # externals: dr_grading + oct_diagnosis
+    assert counts["finetune"] == 90 and counts["evaluate_internal"] == 90
+    assert counts["predict_external"] == 12 and counts["evaluate_external"] == 12
+    # mae and dino, each on cfp and oct
+    assert counts["pretrain"] == 4 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
+    assert counts["segment"] == 6  # vessel_seg: 3 models x 2 fractions, finetune protocol only
     assert counts["report"] == 1
 
 
@@ -38,7 +40,7 @@ def test_single_run_target_and_task_rule(tmp_path):
     assert counts["finetune"] == 1 and counts["pretrain"] == 1 and "report" not in counts
     task = snakemake(work, "-n", "--cores", "1", "task_oct_diagnosis")
     assert task.returncode == 0, task.stderr
-    assert job_counts(task.stdout)["finetune"] == 4
+    assert job_counts(task.stdout)["finetune"] == 6
 
 
 def test_paper_config_dry_run_reports_missing_data_and_full_job_count(tmp_path):
@@ -95,3 +97,44 @@ def test_missing_dataset_path_fails_at_startup_naming_it(tmp_path):
     result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
     assert result.returncode != 0
     assert "datasets.clinic_b.path: /nonexistent/labels.csv" in out(result)
+
+
+def zoo(cfg):
+    """Every SSL method, token reconstruction taught by the DAG's own MAE, a per-task model list."""
+    cfg["pretrain"]["methods"] = ["mae", "simclr", "dino", "mocov3", "token_recon"]
+    cfg["pretrain"]["token_recon"] = {"teacher_checkpoint": "mae"}
+    for method in ("simclr", "mocov3", "token_recon"):
+        cfg["models"][method] = {"init": "pretrained", "method": method}
+    for task in cfg["tasks"].values():
+        task["models"] = ["mae", "token_recon"]
+    cfg["tasks"]["cup_disc_ratio"]["models"] = ["mae", "dino", "simclr", "mocov3", "token_recon", "scratch"]
+
+
+def test_ssl_zoo_fans_out_one_pretraining_per_method_and_modality(tmp_path):
+    work = make_workdir(tmp_path)
+    cfg = write_config(tmp_path / "zoo.yaml", zoo)
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", str(cfg), "-p")
+    assert result.returncode == 0, out(result)
+    counts = job_counts(result.stdout)
+    # cfp: mae, dino, simclr, mocov3, token_recon; oct: mae, token_recon (+ its teacher, mae)
+    assert counts["pretrain"] == 7
+    # cup_disc_ratio: 6 models x 1; every other task 2 models
+    assert counts["finetune"] == 6 + 2 * (2 + 24 + 2 + 1)
+    text = result.stdout
+    assert '"method": "token_recon"' in text and '"teacher_checkpoint": "results/pretrain/mae/cfp/checkpoint.pth"' in text
+
+
+def test_pretraining_config_cross_references_are_checked():
+    from retflow.config import parse_pretrain_run, pretrain_run, semantic_errors
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["models"]["mae_synth"] = {"init": "pretrained", "method": "mae", "data": "synthetic_then_real"}
+    cfg["tasks"]["glaucoma"]["models"] = ["mae", "maee"]
+    cfg["pretrain"]["methods"].append("token_recon")
+    errors = semantic_errors(cfg)
+    assert "models.mae_synth: data 'synthetic_then_real' needs synthetic images (synth.enabled: true)" in errors
+    assert "tasks.glaucoma.models: unknown model 'maee'" in errors
+    assert any(e.startswith("pretrain.token_recon.teacher_checkpoint:") for e in errors)
+    for data in ("real", "synthetic", "synthetic_then_real", "mixed(0.3)"):
+        run = pretrain_run(cfg, {"method": "dino", "data": data})
+        assert parse_pretrain_run(run) == ("dino", data) and "(" not in run

@@ -60,7 +60,21 @@ def semantic_errors(config: dict) -> list[str]:
             )
         if model["init"] == "file" and not model.get("path"):
             errors.append(f"models.{name}: init 'file' needs 'path'")
+        data = model_data(config, model) if model["init"] == "pretrained" else "real"
+        if data != "real" and not (config.get("synth") or {}).get("enabled"):
+            errors.append(f"models.{name}: data '{data}' needs synthetic images (synth.enabled: true)")
+        if model.get("data") and model["init"] != "pretrained":
+            errors.append(f"models.{name}: 'data' applies to init 'pretrained' only")
+    teacher = (config["pretrain"].get("token_recon") or {}).get("teacher_checkpoint")
+    if "token_recon" in methods and not teacher:
+        errors.append("pretrain.token_recon.teacher_checkpoint: token reconstruction needs a teacher "
+                      "(a method in pretrain.methods, e.g. mae, or a local checkpoint file)")
+    if teacher == "token_recon":
+        errors.append("pretrain.token_recon.teacher_checkpoint: the teacher cannot be token_recon itself")
     for name, task in config["tasks"].items():
+        for model in task.get("models") or []:
+            if model not in config["models"]:
+                errors.append(f"tasks.{name}.models: unknown model '{model}'")
         ds = task["dataset"]
         if ds not in datasets:
             errors.append(f"tasks.{name}.dataset: unknown dataset '{ds}'")
@@ -172,6 +186,11 @@ def task_classes(task: dict) -> list[str]:
     return [str(c) for c in task["classes"]]
 
 
+def task_models(config: dict, task: str) -> list[str]:
+    """The models a task compares: its own ``models`` list, else every model."""
+    return config["tasks"][task].get("models") or list(config["models"])
+
+
 def task_fanout(config: dict, task: str) -> tuple[list, list, list]:
     """(protocols, fractions, seeds) of a task: its own overrides, else the global lists."""
     spec = config["tasks"][task]
@@ -186,7 +205,7 @@ def downstream_runs(config: dict, task: str | None = None) -> list[Run]:
     runs = []
     for t in tasks:
         protocols, fractions, seeds = task_fanout(config, t)
-        runs += [Run(p, t, m, f, s) for p, m, f, s in itertools.product(protocols, config["models"], fractions, seeds)]
+        runs += [Run(p, t, m, f, s) for p, m, f, s in itertools.product(protocols, task_models(config, t), fractions, seeds)]
     return runs
 
 
@@ -207,14 +226,44 @@ def external_eval(config: dict, task_name: str, dataset: str) -> dict:
     return out
 
 
+def model_data(config: dict, model: dict) -> str:
+    """A pretrained model's pretraining data schedule (``models.X.data``, else ``pretrain.data``)."""
+    return model.get("data") or config["pretrain"].get("data", "real")
+
+
+def pretrain_run(config: dict, model: dict) -> str:
+    """The pretraining run a model starts from: its method, tagged with a non-real data schedule
+    (``mae``, ``mae-synthetic_then_real``, ``mae-mixed0.3``) - the ``results/pretrain/<run>/`` folder."""
+    data = model_data(config, model)
+    if data == "real":
+        return model["method"]
+    return f"{model['method']}-{data.replace('(', '').replace(')', '')}"
+
+
+def parse_pretrain_run(run: str) -> tuple[str, str]:
+    """Inverse of :func:`pretrain_run`: ``(method, data)``."""
+    method, _, tag = run.partition("-")
+    if not tag:
+        return method, "real"
+    if tag.startswith("mixed"):
+        return method, f"mixed({tag[len('mixed'):]})"
+    return method, tag
+
+
 def pretrain_runs(config: dict) -> list[tuple[str, str]]:
-    """(method, modality) pairs that some model needs."""
+    """(run, modality) pairs that some model needs (see :func:`pretrain_run`)."""
     needed = set()
-    for model in config["models"].values():
+    for name, model in config["models"].items():
         if model["init"] != "pretrained":
             continue
         for task in config["tasks"]:
-            needed.add((model["method"], task_modality(config, task)))
+            if name in task_models(config, task):
+                needed.add((pretrain_run(config, model), task_modality(config, task)))
+    # a token-reconstruction teacher named by method is pretrained in the DAG too
+    teacher = (config["pretrain"].get("token_recon") or {}).get("teacher_checkpoint")
+    for run, modality in list(needed):
+        if parse_pretrain_run(run)[0] == "token_recon" and teacher in config["pretrain"]["methods"]:
+            needed.add((teacher, modality))
     return sorted(needed)
 
 

@@ -157,19 +157,19 @@ def collect_benchmarks(benchmarks_dir) -> pd.DataFrame:
 def collect_pretrain(results_dir) -> pd.DataFrame:
     """One row per ``results/pretrain/{method}/{modality}/`` folder.
 
-    Columns: method, modality, dir, log_csv / recon_png (paths, None when absent), epochs,
+    Columns: method, modality, dir, log_csv / figure_png (paths, None when absent), epochs,
     final_loss and seconds (total of the log's ``seconds`` column) from log.csv.
     """
     rows = []
     root = Path(results_dir) / "pretrain"
     for d in sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []:
-        log, recon = d / "log.csv", d / "recon.png"
+        log, figure = d / "log.csv", d / "figure.png"
         row = {
             "method": d.parent.name,
             "modality": d.name,
             "dir": str(d),
             "log_csv": str(log) if log.is_file() else None,
-            "recon_png": str(recon) if recon.is_file() else None,
+            "figure_png": str(figure) if figure.is_file() else None,
             "epochs": math.nan,
             "final_loss": math.nan,
             "seconds": math.nan,
@@ -186,7 +186,7 @@ def collect_pretrain(results_dir) -> pd.DataFrame:
                 warnings.warn(f"unreadable pretraining log {log}: {exc}", stacklevel=2)
         rows.append(row)
     return pd.DataFrame(
-        rows, columns=["method", "modality", "dir", "log_csv", "recon_png", "epochs", "final_loss", "seconds"]
+        rows, columns=["method", "modality", "dir", "log_csv", "figure_png", "epochs", "final_loss", "seconds"]
     )
 
 

@@ -871,8 +871,8 @@ def _pretrain_section(results_dir: Path) -> str:
             )
         )
     for r in pre.itertuples():
-        if r.recon_png:
-            imgs.append(_img(Path(r.recon_png).read_bytes(), f"Reconstructions: {r.method}/{r.modality} (recon.png)"))
+        if r.figure_png:
+            imgs.append(_img(Path(r.figure_png).read_bytes(), f"{r.method}/{r.modality}: reconstructions (MAE) or training views"))
     parts.append("<div class='figs'>" + "".join(imgs) + "</div>")
     return "\n".join(parts)
 

@@ -1,9 +1,14 @@
-"""One MAE pretraining epoch: per-step lr schedule, gradient accumulation, bf16 on CUDA."""
+"""One self-supervised pretraining epoch: per-step lr schedule, gradient accumulation, bf16 on CUDA.
 
+Method-agnostic: ``batch_loss`` turns a loader batch into the method's loss (MAE: one view and a
+mask ratio; SimCLR / DINO / MoCo-v3: a list of views; token reconstruction: one view); after each
+optimizer step the method's momentum teacher, if any, is updated.
+"""
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -15,11 +20,28 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
-def train_one_epoch(model, data_loader, optimizer, epoch: int, start_batch: int, n_batches: int,
-                    cfg: dict, device, rank: int, on_step=None) -> dict:
-    """Train one epoch from batch ``start_batch``; ``on_step(batch_index)`` may request a stop.
+def to_device(batch, device, augment=None):
+    """Move a batch (a tensor or a list of views) to ``device``; apply the batch augmentation."""
+    if isinstance(batch, (list, tuple)):
+        return [to_device(v, device, augment) for v in batch]
+    batch = batch.to(device, non_blocking=True)
+    return augment(batch) if augment is not None else batch
 
-    Returns {'loss': mean loss over the steps run, 'lr': last lr, 'steps': n, 'stopped': bool}.
+
+def batch_loss(model, views, cfg: dict) -> torch.Tensor:
+    """The method's scalar loss for one batch (through the DDP wrapper, so gradients sync)."""
+    if cfg.get("method", "mae") == "mae":
+        return model(views, mask_ratio=cfg["mask_ratio"])[0]
+    return model(views if isinstance(views, list) else [views])
+
+
+def train_one_epoch(model, data_loader, optimizer, epoch: int, start_batch: int, n_batches: int,
+                    cfg: dict, device, rank: int, on_step=None, augment=None, after_update=None) -> dict:
+    """Train one epoch from batch ``start_batch``; ``on_step(next_batch)`` may request a stop.
+
+    ``augment``: batch augmentation run on ``device`` (uint8 loader batches); ``after_update(progress)``
+    runs after every optimizer step with the share of the whole run done (momentum teachers).
+    Returns {'loss': mean loss over the steps run, 'lr': last lr, 'steps': n, 'stopped': bool, 'seconds'}.
     """
     model.train()
     accum = cfg["accum_iter"]
@@ -27,21 +49,29 @@ def train_one_epoch(model, data_loader, optimizer, epoch: int, start_batch: int,
     t0 = time.time()
     optimizer.zero_grad(set_to_none=True)
     use_bf16 = device.type == "cuda"
-    for b, (imgs, _) in enumerate(data_loader, start=start_batch):
+    for b, (batch, _) in enumerate(data_loader, start=start_batch):
         if b % accum == 0:
             lr = lr_at(epoch + b / n_batches, cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"])
             apply_lr(optimizer, lr)
-        imgs = imgs.to(device, non_blocking=True)
         step_seed(cfg["seed"], epoch, b, rank)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, _, _ = model(imgs, mask_ratio=cfg["mask_ratio"])
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value} at epoch {epoch} batch {b}; stopping (last good checkpoint kept)")
-        (loss / accum).backward()
-        if (b + 1) % accum == 0:
+        views = to_device(batch, device, augment)
+        last_micro = (b + 1) % accum == 0 or b + 1 == n_batches
+        # gradient accumulation under DDP: all-reduce only on the micro-batch that steps
+        sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = batch_loss(model, views, cfg)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at epoch {epoch} batch {b}; stopping (last good checkpoint kept)")
+            (loss / accum).backward()
+        if last_micro:
+            if cfg.get("clip_grad"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_update is not None:
+                after_update((epoch + (b + 1) / n_batches) / cfg["epochs"])
         total += value
         count += 1
         if on_step is not None and on_step(b + 1):

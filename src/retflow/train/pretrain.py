@@ -1,9 +1,14 @@
-"""MAE pretraining entry point, launched by torchrun (1 CPU process up to N GPUs x M nodes).
+"""Self-supervised pretraining entry point (MAE, SimCLR, DINO, MoCo-v3, token reconstruction),
+launched by torchrun (1 CPU process up to N GPUs x M nodes).
 
-Resumable: the full training state is written atomically to ``<out>/resume/last.pth`` after
-every epoch (and every ``checkpoint_every_steps`` steps, and when SLURM's SIGTERM/SIGUSR1
-arrives); a rerun continues from it. The final ``checkpoint.pth`` holds ``{'model': ...}`` in
-RETFound's layout (encoder keys ``encoder.*`` = timm ViT names).
+Resumable: the full training state (model incl. momentum teachers and method buffers, optimizer;
+the lr schedule is a function of the step and every step's randomness is seeded from
+(seed, epoch, step, rank), so nothing else is needed) and the loader position (epoch, batch) are
+written atomically to ``<out>/resume/last.pth`` after every epoch, every
+``checkpoint_every_steps`` steps and when SLURM's SIGTERM/SIGUSR1 arrives; a rerun continues from
+it and reaches the same weights as an uninterrupted run. The final ``checkpoint.pth`` holds
+``{'model': ...}`` in RETFound's layout (encoder keys ``encoder.*`` = timm ViT names; MAE: the
+full encoder + decoder state).
 """
 
 from __future__ import annotations
@@ -20,40 +25,59 @@ from torch.nn.parallel import DistributedDataParallel
 
 from retflow.atomic import atomic_path
 from retflow.data.dataset import StoreDataset, load_manifest, train_transform
-from retflow.models.mae import MaskedAutoencoderViT
+from retflow.data.store import ImageStore
 from retflow.models.lr_decay import param_groups_weight_decay
-from retflow.models.vit import ViTSpec, load_checkpoint_file
+from retflow.models.vit import ViTSpec
 from retflow.train import distributed as D
+from retflow.train.batch_augment import BatchAugment
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.engine_pretrain import NonFiniteLoss, train_one_epoch
-from retflow.train.sampling import epoch_order, loader
+from retflow.train.pretrain_data import PretrainData
+from retflow.train.pretrain_model import build_model, export_state
+from retflow.train.sampling import loader
 
 
-def build_pool(stores: list[str], spec: ViTSpec, crop_scale, normalize: dict | None = None
-               ) -> torch.utils.data.ConcatDataset:
-    parts = []
-    for store in stores:
-        n = len(load_manifest(store))
-        transform = train_transform(spec.img_size, crop_scale, normalize=normalize, in_chans=spec.in_chans)
-        parts.append(StoreDataset(store, np.arange(n), None, transform, spec.in_chans))
+def use_batch_augment(cfg: dict, device: torch.device) -> bool:
+    """Crops/flips on the training device: MAE-style single-view methods; 'auto' = on CUDA."""
+    choice = cfg.get("gpu_augment", "auto")
+    single_view = cfg.get("method", "mae") in ("mae", "token_recon")
+    if choice is True and not single_view:
+        raise ValueError(f"gpu_augment: method {cfg['method']!r} uses multi-view CPU augmentations")
+    return single_view and (choice is True or (choice == "auto" and device.type == "cuda"))
+
+
+def sample_transform(cfg: dict, spec: ViTSpec, on_device: bool):
+    """What the loader does per image: nothing (uint8, augmented on the device) or the CPU pipeline."""
+    if on_device:
+        return None
+    method = cfg.get("method", "mae")
+    if method in ("mae", "token_recon"):
+        return train_transform(spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"), in_chans=spec.in_chans)
+    from retflow.data.ssl_views import ssl_view_transform
+
+    return ssl_view_transform(method, spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"),
+                              in_chans=spec.in_chans, cfg=cfg.get(method) or {})
+
+
+def build_pool(stores: list[str], spec: ViTSpec, transform) -> torch.utils.data.ConcatDataset | None:
+    if not stores:
+        return None
+    parts = [StoreDataset(s, np.arange(len(load_manifest(s))), None, transform, spec.in_chans) for s in stores]
     return torch.utils.data.ConcatDataset(parts)
 
 
-def build_model(cfg: dict) -> MaskedAutoencoderViT:
-    spec = ViTSpec.from_dict(cfg["vit"])
-    dec = cfg.get("decoder", {})
-    model = MaskedAutoencoderViT(
-        spec, decoder_embed_dim=dec.get("embed_dim", 512), decoder_depth=dec.get("depth", 8),
-        decoder_num_heads=dec.get("num_heads", 16), norm_pix_loss=cfg.get("norm_pix_loss", True),
-    )
-    if cfg.get("init"):
-        state = load_checkpoint_file(cfg["init"])
-        result = model.load_state_dict(state, strict=False)
-        if not any(k.startswith("encoder.blocks") for k in state):
-            # encoder-only checkpoint in timm naming
-            result = model.encoder.load_state_dict(state, strict=False)
-        print(f"initialised from {cfg['init']}: missing={len(result.missing_keys)} unexpected={len(result.unexpected_keys)}")
-    return model
+def check_same_image_size(stores: list[str]) -> None:
+    """uint8 batches need one stored image size across the pool."""
+    shapes = {s: ImageStore(s)[0].shape[:2] for s in stores}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"gpu_augment needs one stored image size across the pool, got {shapes}")
+
+
+def leaves(dataset):
+    """The StoreDatasets inside (nested) ConcatDatasets."""
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [leaf for d in dataset.datasets for leaf in leaves(d)]
+    return [dataset]
 
 
 class StopFlag:
@@ -69,15 +93,31 @@ class StopFlag:
         self.raised = True
 
 
-def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
+def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.95), no decay on norms/biases/tokens; the fused kernel on CUDA."""
+    groups = param_groups_weight_decay(model, cfg["weight_decay"])
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), **extra)
+
+
+def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str] | None = None) -> int:
     info = D.init_distributed(cfg.get("device", "auto"))
-    torch.manual_seed(cfg["seed"] + info.rank)
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     spec = ViTSpec.from_dict(cfg["vit"])
-    dataset = build_pool(stores, spec, cfg["crop_scale"], cfg.get("normalize"))
-    model = build_model(cfg).to(info.device)
+    on_device = use_batch_augment(cfg, info.device)
+    if on_device:
+        check_same_image_size(list(stores) + list(synthetic_stores or []))
+    transform = sample_transform(cfg, spec, on_device)
+    data = PretrainData(build_pool(stores, spec, transform), build_pool(synthetic_stores or [], spec, transform),
+                        cfg.get("data", "real"), cfg["epochs"], cfg.get("synthetic_epochs"), cfg["seed"])
+    augment = BatchAugment(spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"),
+                           in_chans=spec.in_chans) if on_device else None
+    model = build_model(cfg, log=print if info.is_main else None).to(info.device)
+    if info.world_size > 1 and info.device.type == "cuda" and cfg.get("method", "mae") in ("simclr", "mocov3"):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
     eff_batch = cfg["batch_size"] * cfg["accum_iter"] * info.world_size
     cfg = {**cfg, "lr": cfg["blr"] * eff_batch / 256}
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, cfg, info.device)
     resume_path = out_dir / "resume" / "last.pth"
     start_epoch, start_batch, log_rows = 0, 0, []
     if resume_path.exists():
@@ -88,14 +128,18 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
         if info.is_main:
             print(f"Resuming from {resume_path}: epoch {start_epoch} batch {start_batch}", flush=True)
     ddp = DistributedDataParallel(model) if info.world_size > 1 else model
-    n_batches = len(dataset) // info.world_size // cfg["batch_size"]
-    if n_batches == 0:
-        raise SystemExit(f"pretraining pool of {len(dataset)} images is smaller than one batch of {cfg['batch_size']} per process")
+    step_fn = torch.compile(ddp) if cfg.get("compile") else ddp
+    if data.n_batches(0, cfg["batch_size"], info.world_size) == 0:
+        raise SystemExit(f"pretraining pool of {len(data.dataset)} images is smaller than one batch of "
+                         f"{cfg['batch_size']} per process")
     if info.is_main:
-        print(f"MAE pretraining: {len(dataset)} images, {info.world_size} process(es) on {info.device}, "
-              f"eff. batch {eff_batch}, lr {cfg['lr']:.3g}, {cfg['epochs']} epochs x {n_batches} steps", flush=True)
+        print(f"{cfg.get('method', 'mae')} pretraining on {cfg.get('data', 'real')} data: {data.n_real} real + "
+              f"{data.n_syn} synthetic images, {info.world_size} process(es) on {info.device}, "
+              f"eff. batch {eff_batch}, lr {cfg['lr']:.3g}, {cfg['epochs']} epochs, "
+              f"augment on {'device' if on_device else 'loader'}", flush=True)
     stop = StopFlag()
     every = cfg.get("checkpoint_every_steps", 0)
+    accum = cfg["accum_iter"]
 
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
@@ -103,12 +147,15 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
                          "epoch": epoch, "batch": batch, "log": log_rows}, resume_path)
 
     for epoch in range(start_epoch, cfg["epochs"]):
-        order = epoch_order(len(dataset), cfg["seed"], epoch, info.rank, info.world_size)
-        for part in dataset.datasets:
+        order = data.order(epoch, info.rank, info.world_size)
+        n_batches = len(order) // cfg["batch_size"]
+        for part in leaves(data.dataset):
             part.set_aug_seed(cfg["seed"] * 100003 + epoch)
-        dl = loader(dataset, order, cfg["batch_size"], start_batch, cfg.get("num_workers", 0))
+        dl = loader(data.dataset, order, cfg["batch_size"], start_batch, cfg.get("num_workers", 0))
 
-        def on_step(next_batch: int, epoch=epoch) -> bool:
+        def on_step(next_batch: int, epoch=epoch, n_batches=n_batches) -> bool:
+            if next_batch % accum and next_batch < n_batches:
+                return False  # mid-accumulation: gradients not yet applied, nothing to save
             # a signal reaches the ranks at slightly different steps: agree, or the next
             # collective would hang between a stopped rank and a running one
             stop_now = D.any_rank(stop.raised)
@@ -116,8 +163,10 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
                 save(epoch, next_batch)
             return stop_now
 
+        teacher = getattr(model, "update_teacher", None)
         try:
-            stats = train_one_epoch(ddp, dl, optimizer, epoch, start_batch, n_batches, cfg, info.device, info.rank, on_step)
+            stats = train_one_epoch(step_fn, dl, optimizer, epoch, start_batch, n_batches, cfg, info.device,
+                                    info.rank, on_step, augment=augment, after_update=teacher)
         except NonFiniteLoss as exc:
             print(f"ERROR: {exc}", file=sys.stderr, flush=True)
             return 3
@@ -125,39 +174,47 @@ def run(cfg: dict, stores: list[str], out_dir: Path) -> int:
             D.barrier()
             return 143
         loss = D.all_reduce_mean(stats["loss"])
-        log_rows.append({"epoch": epoch, "loss": loss, "lr": stats["lr"], "seconds": stats["seconds"]})
+        log_rows.append({"epoch": epoch, "data": data.source(epoch), "loss": loss, "lr": stats["lr"],
+                         "seconds": stats["seconds"]})
         if info.is_main:
-            print(f"epoch {epoch}: loss {loss:.4f} lr {stats['lr']:.3g} {stats['seconds']:.1f}s", flush=True)
+            print(f"epoch {epoch} ({data.source(epoch)}): loss {loss:.4f} lr {stats['lr']:.3g} "
+                  f"{stats['seconds']:.1f}s", flush=True)
         start_batch = 0
         save(epoch + 1, 0)
         D.barrier()
     if info.is_main:
-        finish(model, cfg, dataset, log_rows, out_dir, info.device)
+        finish(model, cfg, (list(stores) or list(synthetic_stores))[0], log_rows, out_dir, info.device)
     D.barrier()
     D.cleanup()
     return 0
 
 
-def finish(model, cfg, dataset, log_rows, out_dir: Path, device) -> None:
+def finish(model, cfg, figure_store: str, log_rows, out_dir: Path, device) -> None:
     import pandas as pd
 
-    from retflow.train.recon_figure import save_reconstruction_figure
+    from retflow.train.recon_figure import save_pretrain_figure
 
     with atomic_path(out_dir / "log.csv") as tmp:
         pd.DataFrame(log_rows).to_csv(tmp, index=False)
-    save_reconstruction_figure(model, dataset, cfg["mask_ratio"], out_dir / "recon.png", device, seed=cfg["seed"],
-                              normalize=cfg.get("normalize"))
-    save_atomic({"model": model.state_dict(), "epoch": cfg["epochs"],
+    spec = ViTSpec.from_dict(cfg["vit"])
+    figure_data = build_pool([figure_store], spec, sample_transform(cfg, spec, on_device=False))
+    save_pretrain_figure(model, figure_data, cfg, out_dir / "figure.png", device)
+    save_atomic({"model": export_state(model), "method": cfg.get("method", "mae"), "epoch": cfg["epochs"],
                  "args": json.loads(json.dumps(cfg))}, out_dir / "checkpoint.pth")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="MAE pretraining (run under torchrun).")
+    ap = argparse.ArgumentParser(description="Self-supervised ViT pretraining (run under torchrun).")
     ap.add_argument("--settings", required=True, help="pretraining settings, JSON")
-    ap.add_argument("--stores", nargs="+", required=True, help="prepared dataset folders of the pool")
+    ap.add_argument("--stores", nargs="*", default=[], help="prepared dataset folders of the real pool")
+    ap.add_argument("--synthetic-stores", nargs="*", default=[], help="stores of generated images")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
-    return run(json.loads(args.settings), args.stores, Path(args.out_dir))
+    try:
+        return run(json.loads(args.settings), args.stores, Path(args.out_dir), args.synthetic_stores)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""MAE reconstruction figure: original, masked input, reconstruction (visible patches pasted)."""
+"""The pretraining run's figure: MAE reconstructions (original, masked input, reconstruction with
+visible patches pasted); for the other methods the augmented views the method trains on."""
 
 from __future__ import annotations
 
@@ -42,6 +43,43 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
             if col == 0:
                 ax.set_ylabel(title, fontsize=8)
     fig.suptitle(f"MAE reconstructions (mask ratio {mask_ratio:g})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+def save_pretrain_figure(model, dataset, cfg: dict, path: Path, device) -> None:
+    """``figure.png`` of a pretraining run (see the module docstring)."""
+    if cfg.get("method", "mae") == "mae":
+        save_reconstruction_figure(model, dataset, cfg["mask_ratio"], path, device, seed=cfg["seed"],
+                                   normalize=cfg.get("normalize"))
+    else:
+        save_views_figure(dataset, cfg, path)
+
+
+def save_views_figure(dataset, cfg: dict, path: Path, n: int = 6) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(n, len(dataset))
+    picks = np.random.default_rng(cfg["seed"]).choice(len(dataset), size=count, replace=False)
+    torch.manual_seed(cfg["seed"])
+    samples = [dataset[int(i)][0] for i in picks]
+    samples = [s if isinstance(s, (list, tuple)) else [s] for s in samples]
+    rows = len(samples[0])
+    fig, axes = plt.subplots(rows, count, figsize=(1.6 * count, 1.7 * rows + 0.4), squeeze=False)
+    for col, views in enumerate(samples):
+        for row, view in enumerate(views):
+            ax = axes[row][col]
+            ax.imshow(_to_rgb(view, cfg.get("normalize")))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(f"view {row + 1}", fontsize=8)
+    fig.suptitle(f"{cfg['method']}: augmented views per image", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

@@ -1,0 +1,91 @@
+"""Multi-view augmentation for the SSL methods of :mod:`retflow.models.ssl`.
+
+:func:`ssl_view_transform` returns a callable that maps the uint8 ``(C, H, W)`` tensor
+:class:`~retflow.data.dataset.StoreDataset` hands its transform (already ``in_chans`` channels)
+to a **list** of ``n_views`` float tensors normalised like :func:`~retflow.data.dataset.train_transform`
+(same :func:`~retflow.data.dataset.norm_stats`).  The default collate turns a batch of such lists
+into a list of ``(B, C, h, w)`` tensors, one per view -- what ``model(views)`` takes.
+
+* ``simclr``, ``mocov3``, ``dino``: the asymmetric BYOL / DINO / MoCo-v3 recipe -- random resized
+  crop (``crop_scale``) + horizontal flip + colour jitter (brightness 0.4, contrast 0.4,
+  saturation 0.2, hue 0.1, p=0.8) + grayscale (p=0.2) + Gaussian blur (sigma 0.1-2, kernel ~10 %
+  of the crop; p=1.0 on view 1, p=0.1 on view 2) + solarisation (p=0.2, view 2 only).  For
+  one-channel images (OCT) only brightness/contrast jitter is used (saturation, hue and grayscale
+  are meaningless there); three-channel copies of grayscale scans pass the colour steps unchanged.
+* ``dino`` with ``local_crops > 0``: after the 2 global views, ``local_crops`` views of
+  ``local_size`` px cropped with ``local_crop_scale`` (jitter as above, blur p=0.5, no solarisation).
+* ``token_recon``: one view, exactly :func:`~retflow.data.dataset.train_transform` (random resized
+  crop + flip); its corruption (noise / masking) happens inside the model, on the device.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torchvision.transforms import v2
+
+from retflow.data.dataset import _to_float, train_transform
+
+__all__ = ["MultiView", "ssl_view_transform", "blur_kernel_size"]
+
+
+class MultiView:
+    """Apply each transform to the same input; returns the list of results."""
+
+    def __init__(self, transforms: list[Callable]) -> None:
+        self.transforms = list(transforms)
+
+    @property
+    def n_views(self) -> int:
+        return len(self.transforms)
+
+    def __call__(self, img: torch.Tensor) -> list[torch.Tensor]:
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self) -> str:
+        inner = "\n".join(f"  [{i}] {t}" for i, t in enumerate(self.transforms))
+        return f"MultiView(\n{inner}\n)"
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian-blur kernel of about 10 % of the crop (23 px at 224, as BYOL), at least 3."""
+    return max(3, int(round(0.1 * size)) // 2 * 2 + 1)
+
+
+def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float) -> v2.Compose:
+    steps: list = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
+    if in_chans == 3:
+        steps += [
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+    else:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8))
+    if blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # uint8 input: threshold in 0..255
+    return v2.Compose(steps + _to_float(normalize, in_chans))
+
+
+def ssl_view_transform(method: str, size: int, crop_scale=(0.2, 1.0), normalize: dict | None = None,
+                       in_chans: int = 3, cfg: dict | None = None) -> MultiView:
+    """The view generator of ``method`` (see module docstring).
+
+    ``cfg`` is the method's config section (validated like :func:`retflow.models.ssl.build_ssl`;
+    only ``dino``'s ``local_crops`` / ``local_size`` / ``local_crop_scale`` are read here).
+    The result's ``n_views`` equals the model's.
+    """
+    from retflow.models.ssl import resolve_cfg
+
+    cfg = resolve_cfg(method, cfg)
+    if method == "token_recon":
+        return MultiView([train_transform(size, crop_scale, normalize=normalize, in_chans=in_chans)])
+    views = [
+        _view(size, crop_scale, in_chans, normalize, blur_p=1.0, solarize_p=0.0),
+        _view(size, crop_scale, in_chans, normalize, blur_p=0.1, solarize_p=0.2),
+    ]
+    if method == "dino" and int(cfg["local_crops"]) > 0:
+        local = _view(int(cfg["local_size"]), cfg["local_crop_scale"], in_chans, normalize, blur_p=0.5, solarize_p=0.0)
+        views += [local] * int(cfg["local_crops"])
+    return MultiView(views)

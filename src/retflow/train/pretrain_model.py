@@ -1,0 +1,52 @@
+"""The model a pretraining run trains, and what its final checkpoint keeps.
+
+``method: mae`` builds :class:`~retflow.models.mae.MaskedAutoencoderViT`; the other methods come
+from :mod:`retflow.models.ssl`. ``init`` (a local file) starts MAE from ImageNet-MAE / RETFound /
+our own weights (encoder, and decoder when the file has one; see :mod:`retflow.models.mae_init`)
+and the other methods' student encoder from any layout ``load_encoder_weights`` reads.
+"""
+from __future__ import annotations
+
+from retflow.models.mae import MaskedAutoencoderViT
+from retflow.models.mae_init import init_mae_from_checkpoint
+from retflow.models.vit import ViTSpec, load_checkpoint_file, load_encoder_weights
+
+
+def build_model(cfg: dict, log=None):
+    method = cfg.get("method", "mae")
+    spec = ViTSpec.from_dict(cfg["vit"])
+    if method == "mae":
+        dec = cfg.get("decoder", {})
+        model = MaskedAutoencoderViT(
+            spec, decoder_embed_dim=dec.get("embed_dim", 512), decoder_depth=dec.get("depth", 8),
+            decoder_num_heads=dec.get("num_heads", 16), norm_pix_loss=cfg.get("norm_pix_loss", True),
+        )
+        if cfg.get("init"):
+            report = init_mae_from_checkpoint(model, cfg["init"])
+            if log:
+                log(f"initialised from {cfg['init']}: {report['encoder']} encoder + {report['decoder']} decoder "
+                    f"tensors; fresh: {', '.join(report['fresh']) or 'none'}")
+        return model
+    from retflow.models.ssl import build_ssl
+
+    # token_recon: pretrain.token_recon.teacher_checkpoint (a file; the workflow resolves a method name)
+    model = build_ssl(method, spec, cfg.get(method) or {})
+    if cfg.get("init"):
+        load_encoder_weights(model.encoder, load_checkpoint_file(cfg["init"]))
+        for name in ("teacher_encoder", "momentum_encoder"):  # EMA teachers start as the student
+            if hasattr(model, name):
+                getattr(model, name).load_state_dict(model.encoder.state_dict())
+        if log:
+            log(f"initialised the {method} encoder from {cfg['init']}")
+    return model
+
+
+def export_state(model) -> dict:
+    """What ``checkpoint.pth['model']`` holds: MAE's full state (RETFound layout); for the other
+    methods the encoder used downstream, under ``encoder.``."""
+    if isinstance(model, MaskedAutoencoderViT):
+        return model.state_dict()
+    # DINO is evaluated with its teacher backbone (Caron et al. 2021); the others with the student
+    state = model.teacher_encoder_state_dict() if hasattr(model, "teacher_encoder_state_dict") else \
+        model.encoder_state_dict()
+    return {f"encoder.{k}": v.detach().cpu().clone() for k, v in state.items()}
