@@ -75,8 +75,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def model_flops(arch: str, batch: int, img_size: int, mask_ratio: float, device) -> float:
+    """FLOPs of one forward + backward, counted on the plain-attention fp32 model (the same
+    'model FLOPs' for both versions, so MFU compares like with like)."""
+    model = build(arch, img_size, device, plain_attention=True)
+    imgs = torch.randn(batch, 3, img_size, img_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(imgs, mask_ratio)[0].backward()
+    return counter.get_total_flops()
+
+
 def time_step(model, batch: int, img_size: int, mask_ratio: float, device, fast: bool, compile_: bool,
-              steps: int, warmup: int) -> dict:
+              steps: int, warmup: int, flops: float) -> dict:
     bf16 = fast and device.type == "cuda"
     extra = {"fused": True} if fast and device.type == "cuda" else {"foreach": True}
     opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95), **extra)
@@ -91,12 +101,6 @@ def time_step(model, batch: int, img_size: int, mask_ratio: float, device, fast:
         opt.step()
         return loss
 
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(imgs, mask_ratio)[0]
-        loss.backward()
-    opt.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
     for _ in range(warmup):
         step()
     sync(device)
@@ -134,11 +138,13 @@ def main(argv=None) -> None:
     for arch, batch in zip(args.archs, batches):
         for ratio in args.mask_ratios:
             ref = None
+            flops = model_flops(arch, batch, args.img_size, ratio, device)
             versions = [("retflow", False)] if args.skip_reference else [("reference", True), ("retflow", False)]
             for version, plain in versions:
                 model = build(arch, args.img_size, device, plain_attention=plain)
                 r = time_step(model, batch, args.img_size, ratio, device, fast=not plain,
-                              compile_=args.compile and not plain, steps=args.steps, warmup=args.warmup)
+                              compile_=args.compile and not plain, steps=args.steps, warmup=args.warmup,
+                              flops=flops)
                 ref = ref or r
                 print(f"{arch:6} {ratio:5.2f} {batch:5d} {version:9} {r['dtype']:5} {r['img_s']:9.1f} "
                       f"{r['img_s'] / ref['img_s']:6.2f} {r['gflop_img']:9.1f} {r['tflops']:8.3f} "

@@ -50,11 +50,11 @@ def test_paper_config_dry_run_reports_missing_data_and_full_job_count(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "datasets.aptos2019.path: /data/retfound/downstream/APTOS2019" in out(result)
     counts = job_counts(result.stdout)
-    # 2 protocols x 8 tasks x 5 models x 3 fractions x 5 seeds
-    assert counts["finetune"] == 1200 and counts["pretrain"] == 2
+    # 2 protocols x 8 tasks x 8 models x 3 fractions x 5 seeds; 4 SSL methods x 2 modalities
+    assert counts["finetune"] == 1920 and counts["pretrain"] == 8
     assert counts["prepare_dataset"] == 13 and "phantom_dataset" not in counts
-    # 3 DR tasks x 2 external sets each x 150 runs
-    assert counts["predict_external"] == 900
+    # 3 DR tasks x 2 external sets each x 240 runs
+    assert counts["predict_external"] == 1440
 
 
 def test_paper_config_without_data_fails_at_startup_naming_paths(tmp_path):
