@@ -42,6 +42,24 @@ def snakemake(workdir: Path, *args: str, timeout: float = 600):
     )
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (torchrun starts its workers in sessions of their own,
+    so a process-group kill misses them)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def job_counts(stdout: str) -> dict:
     """Parse the 'Job stats' table of a (dry-)run."""
     counts, in_table = {}, False

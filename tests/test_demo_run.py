@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, make_workdir, snakemake
+from conftest import ROOT, descendants, make_workdir, snakemake
 
 PRETRAIN_TARGET = "results/pretrain/mae/cfp/checkpoint.pth"
 
@@ -29,6 +29,7 @@ def reduced_config(path: Path) -> Path:
     for name, n in sizes.items():
         cfg["datasets"][name]["phantom"].update(n=n, size=64)
     cfg["pretrain"].update(epochs=6, batch_size=32)
+    cfg["pretrain"]["recipes"]["dino"]["epochs"] = 2
     cfg["finetune"].update(epochs=2, min_steps=6)
     cfg["fractions"] = [0.5]
     for task in cfg["tasks"].values():  # one run per task and model; glaucoma keeps every protocol
@@ -39,22 +40,6 @@ def reduced_config(path: Path) -> Path:
     cfg["evaluate"]["n_boot"] = 50
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, descendants
 from test_train import VIT, make_store, pretrain_cfg
 
 from retflow.models.mae import MaskedAutoencoderViT
@@ -43,24 +43,6 @@ def torchrun(pool, out, **settings):
                             start_new_session=True)
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (torchrun starts each worker in a session of its own)."""
-    parents = {}
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents.setdefault(int(fields[1]), []).append(int(stat))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += parents.get(p, [])
-    return tree
-
-
 def signal_tree(pids, sig):
     for p in pids:
         try:
@@ -79,7 +61,7 @@ def wait_for_mid_epoch_checkpoint(resume, proc, timeout=240.0):
             except Exception:  # noqa: BLE001 - caught between write and rename is impossible; be safe
                 state = None
             if state and state["epoch"] >= 1 and state["batch"] > 0:
-                tree = process_tree(proc.pid)
+                tree = [proc.pid] + descendants(proc.pid)
                 signal_tree(tree, signal.SIGSTOP)  # freeze it here, then kill it
                 return state, tree
         time.sleep(0.02)

@@ -245,7 +245,7 @@ def tiny_config(path: Path) -> Path:
     cfg["tasks"] = {name: {**task, "external": task["external"][:1]}}
     cfg["pretrain"]["pools"] = {modality: pool}
     cfg["pretrain"].update(epochs=4, batch_size=32, warmup_epochs=1)
-    cfg["models"] = {k: m for k, m in cfg["models"].items() if m["init"] == "pretrained"}
+    cfg["models"] = {"mae": cfg["models"]["mae"]}
     cfg["finetune"].update(epochs=1, min_steps=4)
     cfg.update(fractions=[1.0], seeds=[0], protocols=["finetune"])
     cfg["evaluate"]["n_boot"] = 20
