@@ -29,7 +29,7 @@ def reduced_config(path: Path) -> Path:
     for name, n in sizes.items():
         cfg["datasets"][name]["phantom"].update(n=n, size=64)
     cfg["pretrain"].update(epochs=6, batch_size=32)
-    cfg["pretrain"]["recipes"]["dino"]["epochs"] = 2
+    cfg["pretrain"]["recipes"]["simclr"]["epochs"] = 2
     cfg["finetune"].update(epochs=2, min_steps=6)
     cfg["fractions"] = [0.5]
     for task in cfg["tasks"].values():  # one run per task and model; glaucoma keeps every protocol
