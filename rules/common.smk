@@ -148,7 +148,10 @@ def pretrain_synthetic(wildcards):
 def pretrain_inputs(wildcards):
     """Manifests of the stores a pretraining run reads, and a token-reconstruction teacher."""
     out = [f"{s}/manifest.parquet" for s in pretrain_stores(wildcards)]
-    out += [synthetic_store_manifest(wildcards.modality) for _ in pretrain_synthetic(wildcards)]
+    out += [
+        synthetic_store_manifest(wildcards.modality)
+        for _ in pretrain_synthetic(wildcards)
+    ]
     if rfc.parse_pretrain_run(wildcards.method)[0] == "token_recon":
         teacher = teacher_checkpoint(wildcards)
         out += [teacher] if teacher.startswith(f"{RESULTS}/") else []

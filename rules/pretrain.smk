@@ -3,7 +3,8 @@
 
 rule pretrain:
     """Self-supervised pretraining (MAE, SimCLR, DINO, MoCo-v3, token reconstruction) under torchrun,
-    on real, synthetic or scheduled data (run name `method[-data]`); resumes from resume/last.pth."""
+    on real, synthetic or scheduled data (run name `method[-data]`); resumes from resume/last.pth.
+    """
     input:
         pretrain_inputs,
         leakage=leakage_report(),
