@@ -42,6 +42,16 @@ def snakemake(workdir: Path, *args: str, timeout: float = 600):
     )
 
 
+def write_config(path: Path, edit) -> Path:
+    """The demo config.yaml changed by ``edit(cfg)``, written to ``path``."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (torchrun starts its workers in sessions of their own,
     so a process-group kill misses them)."""

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from conftest import ROOT, job_counts, make_workdir, snakemake
+from conftest import job_counts, make_workdir, snakemake, write_config
 from retflow.data.prepare import prepare
 from retflow.data.store import MASK_SHARD_DIR, ImageStore, ShardWriter
 from retflow.evaluate.segmentation_metrics import (
@@ -337,20 +336,13 @@ def test_demo_dry_run_routes_segmentation_to_the_segment_rule(tmp_path):
     result = snakemake(work, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    assert counts["segment"] == 4  # vessel_seg: 2 models x 2 fractions x 1 seed
+    assert counts["segment"] == 6  # vessel_seg: 3 models (mae, simclr, scratch) x 2 fractions x 1 seed
     assert "results/finetune/vessel_seg/mae/frac0.1/seed0/metrics.json" in result.stdout
     one = snakemake(work, "-n", "--cores", "1", "results/finetune/vessel_seg/scratch/frac1/seed0/metrics.json")
     assert one.returncode == 0, one.stderr
     counts = job_counts(one.stdout)
     assert counts["segment"] == 1 and "finetune" not in counts and "evaluate_internal" not in counts
     assert "--masks True" in snakemake(work, "-n", "--cores", "1", "-p", "results/raw/cfp_vessels").stdout
-
-
-def write_config(path, edit):
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    edit(cfg)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_config_errors_for_segmentation_tasks(tmp_path):

@@ -2,18 +2,11 @@
 
 import yaml
 
-from conftest import ROOT, job_counts, make_workdir, snakemake
+from conftest import ROOT, job_counts, make_workdir, snakemake, write_config
 
 
 def out(result) -> str:
     return result.stdout + result.stderr
-
-
-def write_config(path, edit):
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    edit(cfg)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_demo_dry_run_fans_out_every_stage(tmp_path):
