@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from retflow.train.engine_pretrain import NonFiniteLoss, train_one_epoch
 from retflow.train.pretrain_data import PretrainData
 from retflow.train.pretrain_model import build_model, export_state
 from retflow.train.sampling import loader
+from retflow.train.stop_signal import StopFlag
 
 
 def use_batch_augment(cfg: dict, device: torch.device) -> bool:
@@ -78,19 +78,6 @@ def leaves(dataset):
     if isinstance(dataset, torch.utils.data.ConcatDataset):
         return [leaf for d in dataset.datasets for leaf in leaves(d)]
     return [dataset]
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM's pre-timeout signal): checkpoint at the next step, exit."""
-
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, frame):
-        print(f"signal {signum} received: checkpointing at the next step", flush=True)
-        self.raised = True
 
 
 def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.Optimizer:
