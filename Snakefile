@@ -21,6 +21,14 @@ container: config["containers"]["cpu"]
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+
+
+# synthetic images (latent diffusion): rules and synthetic_store(modality) only when enabled
+if config["synth"]["enabled"]:
+
+    include: "rules/synth.smk"
+
+
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/evaluate.smk"

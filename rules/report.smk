@@ -12,6 +12,7 @@ rule report:
         saliency=SALIENCY_PNGS,
         pretrain=[f"{RESULTS}/pretrain/{m}/{mod}/figure.png" for m, mod in PRETRAIN],
         qc=[f"{RESULTS}/data/{d}/qc.json" for d in DATASETS],
+        synth=SYNTH_REPORT_INPUTS if config["synth"]["enabled"] else [],
     output:
         report(
             f"{RESULTS}/report.html",

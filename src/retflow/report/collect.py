@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 PROTOCOLS = ("finetune", "probe")  # the classic names; any other top-level run folder is found too
-NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings"})
+NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth"})
 RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
 EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions"]
 

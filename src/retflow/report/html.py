@@ -24,6 +24,8 @@ import pandas as pd
 from ..atomic import write_text
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC
 from . import figures
+from .synth_section import nav_item as synth_nav_item
+from .synth_section import synth_section
 from .collect import (
     collect_compare,
     collect_leakage,
@@ -854,7 +856,7 @@ def _summary_section(tasks: list[str], task_cfgs: dict, results: pd.DataFrame, c
 
 
 def _pretrain_section(results_dir: Path) -> str:
-    parts = ["<h2 id='pretrain'>MAE pretraining</h2>"]
+    parts = ["<h2 id='pretrain'>Pretraining</h2>"]
     pre = collect_pretrain(results_dir)
     if pre.empty:
         parts.append("<p class='muted'>No pretraining outputs found.</p>")
@@ -979,7 +981,8 @@ def build_report(results_dir, benchmarks_dir, config: dict | None, out_path) -> 
         f"<code>{escape(str(results_dir))}</code>; {len(results)} evaluation result(s).</p>",
         "<nav><ul><li><a href='#summary'>Summary</a></li>"
         + "".join(f"<li><a href='#{_anchor(t)}'>Task: {escape(str(t))}</a></li>" for t in tasks)
-        + "<li><a href='#pretrain'>MAE pretraining</a></li><li><a href='#qc'>Data QC</a></li>"
+        + "<li><a href='#pretrain'>Pretraining</a></li>" + synth_nav_item(results_dir)
+        + "<li><a href='#qc'>Data QC</a></li>"
         "<li><a href='#cost'>Compute cost</a></li><li><a href='#config'>Configuration</a></li>"
         "<li><a href='#how'>How to read this report</a></li></ul></nav>",
         _summary_section(tasks, task_cfgs, results, config, sig),
@@ -994,6 +997,7 @@ def build_report(results_dir, benchmarks_dir, config: dict | None, out_path) -> 
             print(f"WARNING: task {task}: {exc!r}", file=sys.stderr)
     body += [
         _pretrain_section(results_dir),
+        synth_section(results_dir),  # '' without synthetic outputs
         _qc_section(results_dir),
         _cost_section(Path(benchmarks_dir) if benchmarks_dir else None, config),
         _config_section(config),

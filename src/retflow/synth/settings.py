@@ -1,0 +1,185 @@
+"""The ``synth:`` config section: which modalities are synthesised, from which pools, how.
+
+The schema (``config/schema.yaml``) fills the defaults and checks types; :func:`errors` checks
+what the schema cannot (cross-references, network shapes) and names the key of each problem;
+:func:`modality_settings` / :func:`quality_settings` build the JSON handed to the entry points.
+"""
+
+from __future__ import annotations
+
+from retflow.synth import paths  # noqa: F401 - re-exported for the rules
+
+#: label columns of the phantom generator's fundus / B-scan datasets (retflow.phantoms.generate)
+PHANTOM_LABELS = {"cfp": {"dr_grade", "glaucoma", "cdr"}, "oct": {"diagnosis", "drusen", "irf", "srf", "ped"},
+                  "oct_volume": {"diagnosis", "drusen", "irf", "srf", "ped"}}
+CLASSIFICATION = ("binary", "multiclass", "ordinal")
+
+
+def enabled(config: dict) -> bool:
+    return bool((config.get("synth") or {}).get("enabled"))
+
+
+def modalities(config: dict) -> list[str]:
+    """Synthesised modalities: ``synth.modalities``, default every modality with a pretraining pool."""
+    synth = config.get("synth") or {}
+    if synth.get("modalities"):
+        return list(synth["modalities"])
+    return [m for m, names in (config["pretrain"].get("pools") or {}).items() if names]
+
+
+def pools(config: dict, modality: str) -> list[str]:
+    """Real datasets the generator of ``modality`` learns from (default: the pretraining pools)."""
+    own = (config.get("synth") or {}).get("pools") or {}
+    if modality in own:
+        return list(own[modality])
+    return list((config["pretrain"].get("pools") or {}).get(modality) or [])
+
+
+def condition(config: dict, modality: str) -> dict | None:
+    """``{"label": column, "classes": [...]}`` for a class-conditional generator, else None."""
+    cond = ((config.get("synth") or {}).get("condition") or {}).get(modality)
+    if not cond:
+        return None
+    return {"label": cond["label"], "classes": [str(c) for c in cond["classes"]]}
+
+
+def n_shards(config: dict) -> int:
+    synth = config["synth"]
+    return -(-int(synth["n_images"]) // int(synth["shard_size"]))
+
+
+def shard_ids(config: dict) -> list[str]:
+    return [paths.shard_name(k) for k in range(n_shards(config))]
+
+
+def tstr_dataset(config: dict, modality: str) -> str | None:
+    """Labelled real dataset whose test split scores the train-on-synthetic classifier:
+    ``synth.quality.tstr_dataset``, else the dataset of the first classification task of this
+    modality that reads the conditioning label; None for an unconditional generator."""
+    cond = condition(config, modality)
+    if cond is None:
+        return None
+    given = ((config.get("synth") or {}).get("quality") or {}).get("tstr_dataset")
+    if given:
+        return given
+    for task in config.get("tasks", {}).values():
+        ds = config["datasets"].get(task["dataset"], {})
+        if (ds.get("modality") == modality and task["type"] in CLASSIFICATION
+                and task.get("label") == cond["label"]):
+            return task["dataset"]
+    return None
+
+
+def _check_levels(errors: list[str], key: str, net: dict, attention: bool) -> None:
+    channels = net["channels"]
+    groups = net["norm_num_groups"]
+    bad = [c for c in channels if c % groups]
+    if bad:
+        errors.append(f"{key}.channels: {bad} not divisible by {key}.norm_num_groups {groups}")
+    if attention:
+        levels = net["attention_levels"]
+        if len(levels) != len(channels):
+            errors.append(f"{key}.attention_levels: {len(levels)} entries for {len(channels)} channels")
+        heads = net["num_head_channels"]
+        bad = [c for c, a in zip(channels, levels) if a and c % heads]
+        if bad:
+            errors.append(f"{key}.num_head_channels: {heads} does not divide the attention channels {bad}")
+
+
+def errors(config: dict) -> list[str]:
+    """Every problem of the ``synth`` section of a schema-valid config, each naming its key."""
+    synth = config.get("synth") or {}
+    if not synth.get("enabled"):
+        return []
+    out: list[str] = []
+    datasets = config["datasets"]
+    if synth.get("sd_checkpoint"):
+        out.append("synth.sd_checkpoint: fine-tuning a Stable-Diffusion checkpoint is not implemented in this "
+                   "version (remove the key to train the MONAI latent diffusion model)")
+    mods = modalities(config)
+    if not mods:
+        out.append("synth.modalities: nothing to synthesise (no pretrain.pools and no synth.modalities)")
+    for key in ("pools", "condition"):
+        for m in synth.get(key) or {}:
+            if m not in mods:
+                out.append(f"synth.{key}.{m}: modality '{m}' is not synthesised (synth.modalities {mods})")
+    for m in mods:
+        names = pools(config, m)
+        if not names:
+            out.append(f"synth.pools.{m}: no real dataset to learn from (set synth.pools.{m} or pretrain.pools.{m})")
+        for name in names:
+            if name not in datasets:
+                out.append(f"synth.pools.{m}: unknown dataset '{name}'")
+            elif datasets[name]["modality"] != m:
+                out.append(f"synth.pools.{m}: dataset '{name}' has modality '{datasets[name]['modality']}'")
+        cond = condition(config, m)
+        if cond is not None:
+            _check_condition(out, config, m, cond, [n for n in names if n in datasets])
+    size = int(synth["image_size"])
+    down = 2 ** (len(synth["autoencoder"]["channels"]) - 1)
+    latent = size // down
+    if size % down:
+        out.append(f"synth.image_size: {size} is not divisible by the autoencoder's downsampling {down} "
+                   f"(2 ** (len(synth.autoencoder.channels) - 1))")
+    unet_down = 2 ** (len(synth["unet"]["channels"]) - 1)
+    if latent % unet_down:
+        out.append(f"synth.unet.channels: {len(synth['unet']['channels'])} levels downsample the {latent}x{latent} "
+                   f"latent grid by {unet_down}, which does not divide it")
+    _check_levels(out, "synth.autoencoder", synth["autoencoder"], attention=False)
+    _check_levels(out, "synth.unet", synth["unet"], attention=True)
+    if synth["scheduler"] == "ddpm" and int(synth["steps"]) != int(synth["train_timesteps"]):
+        out.append(f"synth.steps: the DDPM sampler takes every one of the {synth['train_timesteps']} "
+                   f"training timesteps (got {synth['steps']}); use scheduler: ddim for fewer steps")
+    if int(synth["steps"]) > int(synth["train_timesteps"]):
+        out.append(f"synth.steps: {synth['steps']} > synth.train_timesteps {synth['train_timesteps']}")
+    method = synth["quality"]["encoder_method"]
+    if method not in config["pretrain"]["methods"]:
+        out.append(f"synth.quality.encoder_method: '{method}' is not in pretrain.methods "
+                   f"{list(config['pretrain']['methods'])} (its checkpoint is the feature space)")
+    tstr = synth["quality"].get("tstr_dataset")
+    if tstr is not None and tstr not in datasets:
+        out.append(f"synth.quality.tstr_dataset: unknown dataset '{tstr}'")
+    return out
+
+
+def _check_condition(out: list[str], config: dict, m: str, cond: dict, names: list[str]) -> None:
+    key = f"synth.condition.{m}"
+    if len(set(cond["classes"])) != len(cond["classes"]):
+        out.append(f"{key}.classes: duplicate class names {cond['classes']}")
+    for name in names:  # phantoms: the label columns are known before the data exist
+        ds = config["datasets"][name]
+        if ds["source"] != "phantom":
+            continue
+        ph = ds.get("phantom") or {}
+        if not ph.get("labelled", True):
+            out.append(f"{key}.label: pool '{name}' is an unlabelled phantom (phantom.labelled: false), so it has "
+                       f"no '{cond['label']}' column; set it labelled or drop the condition (unconditional)")
+        elif cond["label"] not in PHANTOM_LABELS.get(ph.get("kind"), set()):
+            out.append(f"{key}.label: phantom pool '{name}' ({ph.get('kind')}) has no column '{cond['label']}' "
+                       f"(it has {sorted(PHANTOM_LABELS.get(ph.get('kind'), set()))})")
+    tstr = tstr_dataset(config, m)
+    if tstr is not None and tstr in config["datasets"] and config["datasets"][tstr]["modality"] != m:
+        out.append(f"synth.quality.tstr_dataset: dataset '{tstr}' has modality "
+                   f"'{config['datasets'][tstr]['modality']}', not '{m}'")
+
+
+def modality_settings(config: dict, modality: str) -> dict:
+    """Everything the training and sampling entry points of one modality need (JSON-able)."""
+    synth = config["synth"]
+    keys = ("image_size", "autoencoder", "unet", "ema_decay", "train_timesteps", "beta_schedule", "prediction",
+            "guidance_scale", "scheduler", "steps", "n_images", "shard_size", "sample_batch", "seed",
+            "class_balance", "checkpoint_every_steps", "hflip")
+    out = {k: synth[k] for k in keys}
+    out.update(modality=modality, condition=condition(config, modality), device=config.get("device", "auto"))
+    return out
+
+
+def quality_settings(config: dict, modality: str) -> dict:
+    """Settings of the quality checks of one modality (encoder architecture, TSTR set, sizes)."""
+    from retflow import config as rfc
+
+    out = dict(config["synth"]["quality"])
+    out.update(modality=modality, condition=condition(config, modality), vit=rfc.vit_settings(config, modality),
+               normalize=rfc.normalize_settings(config, modality), tstr_dataset=tstr_dataset(config, modality),
+               seed=config["synth"]["seed"], device=config.get("device", "auto"))
+    return out

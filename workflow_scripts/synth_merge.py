@@ -1,0 +1,10 @@
+"""Entry point: merge the sampled parts into the synthetic store."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.synth.sample import main_merge
+
+if __name__ == "__main__":
+    sys.exit(main_merge())

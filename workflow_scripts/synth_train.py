@@ -1,0 +1,10 @@
+"""Entry point: train the latent diffusion generator of one modality (resumable)."""
+
+import sys
+
+import _bootstrap  # noqa: F401
+
+from retflow.synth.train_ldm import main
+
+if __name__ == "__main__":
+    sys.exit(main())
