@@ -440,9 +440,7 @@ def pretrain_loss_figure(log_csv_paths) -> bytes:
         if isinstance(log_csv_paths, dict)
         else ((f"{Path(p).parent.parent.name}/{Path(p).parent.name}", p) for p in log_csv_paths)
     )
-    fig = Figure(figsize=(5.6, 3.8))
-    ax = fig.add_subplot()
-    plotted = 0
+    logs: dict[str, list] = {}  # one panel per method: their losses are on different scales
     for label, path in items:
         try:
             log = pd.read_csv(path)
@@ -450,14 +448,20 @@ def pretrain_loss_figure(log_csv_paths) -> bytes:
             continue
         if "loss" not in log or log.empty:
             continue
-        x = log["epoch"] if "epoch" in log else np.arange(len(log))
-        ax.plot(x, log["loss"], marker="." if len(log) < 60 else None, label=str(label))
-        plotted += 1
-    ax.set(xlabel="Epoch", ylabel="Loss (masked patches)", title="MAE pretraining loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if plotted:
+        method = str(label).split("/")[0].split("-")[0]
+        logs.setdefault(method, []).append((label, log))
+    fig = Figure(figsize=(5.6 * max(1, len(logs)), 3.8))
+    for i, (method, runs) in enumerate(logs.items()):
+        ax = fig.add_subplot(1, len(logs), i + 1)
+        for label, log in runs:
+            x = log["epoch"] if "epoch" in log else np.arange(len(log))
+            ax.plot(x, log["loss"], marker="." if len(log) < 60 else None, label=str(label))
+        ylabel = "Loss (masked patches)" if method == "mae" else f"{method} loss"
+        ax.set(xlabel="Epoch", ylabel=ylabel, title=f"{method} pretraining loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    else:
+    if not logs:
+        ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no pretraining logs", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
