@@ -18,6 +18,8 @@ import re
 import numpy as np
 import torch
 
+from retflow.train.sampling import shard
+
 SCHEDULES = ("real", "synthetic", "synthetic_then_real", "mixed")
 _MIXED = re.compile(r"^mixed\((0?\.\d+)\)$")
 
@@ -33,12 +35,6 @@ def parse_data(spec: str) -> tuple[str, float | None]:
     if spec not in SCHEDULES or spec == "mixed":
         raise ValueError(f"data: {spec!r} is not one of real, synthetic, synthetic_then_real, mixed(r)")
     return spec, None
-
-
-def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's share of a global order (the tail that does not divide evenly is dropped)."""
-    per_rank = len(order) // world
-    return order[: per_rank * world][rank::world]
 
 
 class PretrainData:
@@ -82,6 +78,3 @@ class PretrainData:
 
     def n_batches(self, epoch: int, batch_size: int, world: int = 1) -> int:
         return len(self.order(epoch, 0, world)) // batch_size
-
-    def datasets(self):
-        return self.dataset.datasets

@@ -6,12 +6,15 @@ import numpy as np
 import torch
 
 
+def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of a global order (the tail that does not divide evenly is dropped)."""
+    per_rank = len(order) // world
+    return order[: per_rank * world][rank::world]
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
     """This rank's sample order for ``epoch`` (same on every run with the same seed)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n)
-    per_rank = n // world
-    return order[: per_rank * world][rank::world]
+    return shard(np.random.default_rng([seed, epoch]).permutation(n), rank, world)
 
 
 def repeated_order(n: int, length: int, seed: int, epoch: int) -> np.ndarray:
