@@ -335,6 +335,10 @@ def test_demo_synth_dry_run_plans_the_synth_branch_into_the_report(tmp_path):
     cfg = demo_synth_config()
     assert counts["synth_train"] == 1 and counts["synth_store"] == 1 and counts["synth_quality"] == 1
     assert counts["synth_sample"] == settings.n_shards(cfg) and counts["report"] == 1
+    # mae_synth (DERETFound: synthetic then real) is a second MAE run, compared with mae and scratch downstream
+    assert counts["pretrain"] == 2 and "results/pretrain/mae-synthetic_then_real/cfp/checkpoint.pth" in result.stdout
+    assert counts["finetune"] == len(cfg["models"]) * len(cfg["tasks"]) * len(cfg["fractions"]) * len(cfg["seeds"])
+    assert "mae_synth" in cfg["models"] and "/mae_synth/frac" in result.stdout
     bad = tmp_path / "bad.yaml"
     cfg["synth"]["sd_checkpoint"] = "/models/sd-v1-4"
     bad.write_text(yaml.safe_dump(cfg))
@@ -352,7 +356,7 @@ def toy_synth_config(path):
     cfg = yaml.safe_load((ROOT / "config/demo_synth.yaml").read_text())
     cfg["datasets"]["cfp_pool"]["phantom"].update(n=60)
     cfg["datasets"]["cfp_clinic"]["phantom"].update(n=60)
-    cfg["pretrain"].update(epochs=1, batch_size=32, warmup_epochs=0)
+    cfg["pretrain"].update(epochs=2, synthetic_epochs=1, batch_size=12, warmup_epochs=0)
     synth = cfg["synth"]
     synth.update(image_size=16, n_images=24, shard_size=12, steps=5, sample_batch=12)
     synth["autoencoder"].update(channels=[8, 8], latent_channels=2, norm_num_groups=4, epochs=1, batch_size=16)
@@ -364,12 +368,17 @@ def toy_synth_config(path):
 
 
 def test_synth_branch_runs_through_snakemake_to_store_and_quality(tmp_path):
+    """The synthetic branch, then mae_synth's MAE run on it: one epoch of synthetic images, then the real pool."""
     from retflow.report.synth_section import synth_section
 
     work = make_workdir(tmp_path)
     config = toy_synth_config(work / "toy.yaml")
-    result = snakemake(work, "synth_all", "--cores", "2", "--configfile", str(config), timeout=400)
+    mae_synth = "results/pretrain/mae-synthetic_then_real/cfp"
+    result = snakemake(work, "synth_all", f"{mae_synth}/checkpoint.pth", "--cores", "2",
+                       "--configfile", str(config), timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = pd.read_csv(work / mae_synth / "log.csv")
+    assert list(log["data"]) == ["synthetic", "real"] and np.isfinite(log["loss"]).all()
     store = work / "results/synth/cfp/store"
     manifest = load_manifest(store)
     real = load_manifest(work / "results/data/cfp_pool")
