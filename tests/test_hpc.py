@@ -81,6 +81,12 @@ def pyproject_pins() -> dict[str, str]:
     return dict(d.split("==") for d in deps)
 
 
+def sd_extra_pins():
+    """The optional Stable-Diffusion stack (synth.sd_checkpoint), which the GPU image carries."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["sd"]
+    return dict(d.split("==") for d in extra)
+
+
 @pytest.mark.parametrize("flavour", ["cpu", "gpu"])
 def test_container_definition_parses_and_pins_the_pyproject_stack(flavour):
     path = ROOT / f"containers/{flavour}.def"
@@ -102,7 +108,7 @@ def test_container_definition_parses_and_pins_the_pyproject_stack(flavour):
     assert "import torch, torchvision, timm, retflow" in test_section
     post_text = text.split("%post", 1)[1].split("%environment", 1)[0]
     pins = dict(re.findall(r"\b([A-Za-z][\w.-]*)==([\w.+]+)", post_text))
-    assert pins == pyproject_pins()
+    assert pins == (pyproject_pins() | sd_extra_pins() if flavour == "gpu" else pyproject_pins())
 
 
 def test_old_single_container_is_gone_everywhere():

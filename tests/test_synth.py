@@ -176,9 +176,11 @@ def test_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
     assert trainer.load() and not Trainer(changed, [store], tmp_path / "cut2", torch.device("cpu")).load()
 
 
-def test_stable_diffusion_path_is_a_clear_not_implemented_error(tmp_path):
-    with pytest.raises(NotImplementedError, match="not implemented in this version"):
-        train({**TINY, "sd_checkpoint": "/models/sd14"}, [tmp_path], tmp_path / "out")
+def test_stable_diffusion_fine_tune_without_its_folder_is_a_clear_error(tmp_path):
+    """(The fine-tuning itself: tests/test_synth_sd.py, on a tiny pipeline folder built there.)"""
+    with pytest.raises(ValueError, match="synth.sd_checkpoint: no Stable-Diffusion pipeline folder at '/models/sd14'"):
+        train({**TINY, "sd_checkpoint": "/models/sd14"}, [tiny_store(tmp_path / "s")], tmp_path / "out")
+    assert not (tmp_path / "out/model.pth").exists()
 
 
 # ----------------------------------------------------------------------------- sampling into stores
@@ -304,8 +306,8 @@ def test_demo_synth_config_is_valid_and_checks_name_the_key():
         edit(c)
         return "\n".join(settings.errors(c))
 
-    assert "synth.sd_checkpoint: " in errs(lambda c: c["synth"].update(sd_checkpoint="/models/sd"))
-    assert "not implemented in this version" in errs(lambda c: c["synth"].update(sd_checkpoint="/models/sd"))
+    assert "synth.sd_checkpoint: no Stable-Diffusion pipeline folder at '/models/sd'" in errs(
+        lambda c: c["synth"].update(sd_checkpoint="/models/sd"))
     assert "synth.pools.cfp: unknown dataset 'nope'" in errs(lambda c: c["synth"].update(pools={"cfp": ["nope"]}))
     assert "unlabelled phantom" in errs(lambda c: c["datasets"]["cfp_pool"]["phantom"].update(labelled=False))
     assert "synth.condition.cfp.label: phantom pool" in errs(
@@ -344,7 +346,7 @@ def test_demo_synth_dry_run_plans_the_synth_branch_into_the_report(tmp_path):
     bad.write_text(yaml.safe_dump(cfg))
     result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
     assert result.returncode != 0
-    assert "synth.sd_checkpoint: fine-tuning a Stable-Diffusion checkpoint is not implemented" in (
+    assert "synth.sd_checkpoint: no Stable-Diffusion pipeline folder at '/models/sd-v1-4'" in (
         result.stdout + result.stderr)
     off = snakemake(work, "-n", "--cores", "1", "pretrain_all")  # default config: synth disabled, no synth jobs
     assert off.returncode == 0, off.stderr

@@ -14,6 +14,9 @@ largest-remainder counts, shuffled with ``seed``) and each job seeds its noise w
 = ``pool`` (as the real pretraining pools), ``dataset`` = ``synth_<modality>``, ``synthetic`` =
 True, the label column (conditional generators), ``sha256`` and ``phash`` (as the leakage checks
 read them) and the sampler settings.
+
+A ``model.pth`` of a Stable-Diffusion fine-tune (``synth.sd_checkpoint``) samples through the diffusers
+pipeline instead (:func:`load_generator`, :mod:`retflow.synth.stable_diffusion`), into the same format.
 """
 
 from __future__ import annotations
@@ -72,8 +75,14 @@ def class_plan(class_counts: list[int], n_images: int, balance: str, seed: int) 
 class Generator:
     """The trained generator of one modality (EMA weights) ready to sample."""
 
-    def __init__(self, model_path: str | Path, device: torch.device):
-        self.bundle = load_state(model_path)
+    #: whether guidance applies without class labels (an unconditional MONAI generator has no guidance)
+    guides_unconditional = False
+
+    def __init__(self, model_path: str | Path | dict, device: torch.device):
+        self.bundle = model_path if isinstance(model_path, dict) else load_state(model_path)
+        if self.bundle.get("kind") == "stable_diffusion":
+            raise ValueError("this model.pth is a Stable-Diffusion fine-tune: load it with "
+                             "retflow.synth.sample.load_generator")
         s = self.bundle["settings"]
         self.settings = s
         self.device = device
@@ -105,12 +114,22 @@ class Generator:
         return np.concatenate(out) if out else np.zeros((0, *self.bundle["store_shape"]), np.uint8)
 
 
+def load_generator(model_path: str | Path, device: torch.device):
+    """The generator ``model_path`` holds: the MONAI latent diffusion model or a Stable-Diffusion fine-tune."""
+    bundle = load_state(model_path)
+    if bundle.get("kind") == "stable_diffusion":
+        from retflow.synth.stable_diffusion import SDGenerator
+
+        return SDGenerator(bundle, device)
+    return Generator(bundle, device)
+
+
 def sample_shard(model_path: str | Path, settings: dict, shard: int, out_dir: str | Path) -> pd.DataFrame:
     """Sampling job ``shard``: write its images as a store (``shards/`` + ``manifest.parquet``) in ``out_dir``."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     device = pick_device(settings.get("device", "auto"))
-    gen = Generator(model_path, device)
+    gen = load_generator(model_path, device)
     n_images, shard_size, seed = int(settings["n_images"]), int(settings["shard_size"]), int(settings["seed"])
     start, stop = shard_range(shard, n_images, shard_size)
     labels = None
@@ -145,7 +164,8 @@ def sample_shard(model_path: str | Path, settings: dict, shard: int, out_dir: st
     manifest["shard"] = int(shard)
     manifest["sampler"] = settings["scheduler"]
     manifest["sampler_steps"] = int(settings["steps"])
-    manifest["guidance_scale"] = float(settings["guidance_scale"]) if labels is not None else float("nan")
+    guided = labels is not None or gen.guides_unconditional
+    manifest["guidance_scale"] = float(settings["guidance_scale"]) if guided else float("nan")
     manifest["seed"] = seed
     manifest["sample_seconds"] = seconds / max(1, len(images))  # per image, this job's wall time
     with atomic_path(out_dir / "manifest.parquet") as tmp:

@@ -7,12 +7,20 @@ what the schema cannot (cross-references, network shapes) and names the key of e
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from retflow.synth import paths  # noqa: F401 - re-exported for the rules
 
 #: label columns of the phantom generator's fundus / B-scan datasets (retflow.phantoms.generate)
 PHANTOM_LABELS = {"cfp": {"dr_grade", "glaucoma", "cdr"}, "oct": {"diagnosis", "drusen", "irf", "srf", "ped"},
                   "oct_volume": {"diagnosis", "drusen", "irf", "srf", "ped"}}
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
+#: how the default Stable-Diffusion prompts name a modality ("<modality text>, <label> <class>")
+MODALITY_TEXT = {"cfp": "a colour fundus photograph", "oct": "an OCT B-scan"}
+#: what a diffusers Stable-Diffusion pipeline folder must hold (StableDiffusionPipeline.save_pretrained)
+SD_COMPONENTS = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer", "scheduler/scheduler_config.json")
 
 
 def enabled(config: dict) -> bool:
@@ -41,6 +49,91 @@ def condition(config: dict, modality: str) -> dict | None:
     if not cond:
         return None
     return {"label": cond["label"], "classes": [str(c) for c in cond["classes"]]}
+
+
+def sd_prompts(config: dict, modality: str) -> list[str]:
+    """Text prompts of a Stable-Diffusion fine-tune: one per class of ``synth.condition.<modality>`` (in
+    class order), or the one fixed prompt of an unconditional generator. ``synth.prompts.<modality>``
+    gives them (``{class: prompt}``, or a string when unconditional); a class without an entry gets
+    ``"<modality text>, <label> <class>"``, e.g. ``"a colour fundus photograph, dr_grade 3"``."""
+    given = ((config.get("synth") or {}).get("prompts") or {}).get(modality)
+    cond = condition(config, modality)
+    default = default_prompts(modality, cond)
+    if cond is None:
+        return [given if isinstance(given, str) else default[0]]
+    given = {str(k): v for k, v in given.items()} if isinstance(given, dict) else {}
+    return [given.get(c, d) for c, d in zip(cond["classes"], default)]
+
+
+def default_prompts(modality: str, cond: dict | None) -> list[str]:
+    """``"<modality text>, <label> <class>"`` per class, or the modality text alone when unconditional."""
+    text = MODALITY_TEXT.get(modality, modality)
+    return [text] if cond is None else [f"{text}, {cond['label']} {c}" for c in cond["classes"]]
+
+
+def sd_folder_errors(folder: str | Path | None, key: str = "synth.sd_checkpoint") -> list[str]:
+    """Problems of a local Stable-Diffusion pipeline folder (layout only: nothing is loaded), naming the path."""
+    path = Path(str(folder))
+    if not path.exists():
+        return [f"{key}: no Stable-Diffusion pipeline folder at '{path}' (nothing is downloaded: give a local "
+                f"folder written by diffusers' StableDiffusionPipeline.save_pretrained)"]
+    if not path.is_dir():
+        return [f"{key}: '{path}' is a file, not a diffusers Stable-Diffusion pipeline folder"]
+    missing = [c for c in SD_COMPONENTS if not (path / c).exists()]
+    if missing:
+        return [f"{key}: the Stable-Diffusion pipeline folder '{path}' lacks {', '.join(missing)} (expected the "
+                f"layout of StableDiffusionPipeline.save_pretrained: model_index.json, unet/, vae/, text_encoder/, "
+                f"tokenizer/, scheduler/)"]
+    return []
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sd_errors(out: list[str], config: dict, mods: list[str]) -> None:
+    """Checks of the Stable-Diffusion fine-tuning path (``synth.sd_checkpoint``, ``synth.prompts``)."""
+    synth = config["synth"]
+    folder = synth["sd_checkpoint"]
+    problems = sd_folder_errors(folder)
+    absent = problems and not Path(str(folder)).exists()
+    if problems and not (absent and config.get("missing_data") == "warn"):
+        out.extend(problems)
+    g = float(synth["guidance_scale"])
+    if 0.0 < g < 1.0:
+        out.append(f"synth.guidance_scale: {g} is between 0 and 1, which the Stable-Diffusion pipeline does not "
+                   f"guide with (it guides above 1); use 0 (unconditional), 1 (prompt only) or more")
+    for m, given in (synth.get("prompts") or {}).items():
+        if m not in mods:
+            out.append(f"synth.prompts.{m}: modality '{m}' is not synthesised (synth.modalities {mods})")
+            continue
+        cond = condition(config, m)
+        if cond is None and not isinstance(given, str):
+            out.append(f"synth.prompts.{m}: the generator of '{m}' is unconditional (no synth.condition.{m}), "
+                       f"so it takes one prompt (a string), not a mapping")
+        elif cond is not None and isinstance(given, str):
+            out.append(f"synth.prompts.{m}: give one prompt per class of synth.condition.{m} "
+                       f"({{class: prompt}}), not one string")
+        elif cond is not None:
+            unknown = sorted(str(k) for k in given if str(k) not in cond["classes"])
+            if unknown:
+                out.append(f"synth.prompts.{m}: classes {unknown} are not in synth.condition.{m}.classes "
+                           f"{cond['classes']}")
+    if problems:
+        return
+    path = Path(str(folder))
+    vae, unet = _read_json(path / "vae/config.json"), _read_json(path / "unet/config.json")
+    down = 2 ** (len(vae.get("block_out_channels") or [0]) - 1) * 2 ** (len(unet.get("down_block_types") or [0]) - 1)
+    size = int(synth["image_size"])
+    if size % down:
+        out.append(f"synth.image_size: {size} is not divisible by {down}, the downsampling of the VAE and UNet "
+                   f"of {path} (Stable Diffusion v1/v2: a multiple of 64)")
+    timesteps = _read_json(path / "scheduler/scheduler_config.json").get("num_train_timesteps")
+    if timesteps and int(synth["steps"]) > int(timesteps):
+        out.append(f"synth.steps: {synth['steps']} > the {timesteps} training timesteps of {path}/scheduler")
 
 
 def n_shards(config: dict) -> int:
@@ -86,6 +179,27 @@ def _check_levels(errors: list[str], key: str, net: dict, attention: bool) -> No
             errors.append(f"{key}.num_head_channels: {heads} does not divide the attention channels {bad}")
 
 
+def _monai_errors(out: list[str], synth: dict) -> None:
+    """Shapes and sampler settings of the MONAI autoencoder + diffusion UNet."""
+    size = int(synth["image_size"])
+    down = 2 ** (len(synth["autoencoder"]["channels"]) - 1)
+    latent = size // down
+    if size % down:
+        out.append(f"synth.image_size: {size} is not divisible by the autoencoder's downsampling {down} "
+                   f"(2 ** (len(synth.autoencoder.channels) - 1))")
+    unet_down = 2 ** (len(synth["unet"]["channels"]) - 1)
+    if latent % unet_down:
+        out.append(f"synth.unet.channels: {len(synth['unet']['channels'])} levels downsample the {latent}x{latent} "
+                   f"latent grid by {unet_down}, which does not divide it")
+    _check_levels(out, "synth.autoencoder", synth["autoencoder"], attention=False)
+    _check_levels(out, "synth.unet", synth["unet"], attention=True)
+    if synth["scheduler"] == "ddpm" and int(synth["steps"]) != int(synth["train_timesteps"]):
+        out.append(f"synth.steps: the DDPM sampler takes every one of the {synth['train_timesteps']} "
+                   f"training timesteps (got {synth['steps']}); use scheduler: ddim for fewer steps")
+    if int(synth["steps"]) > int(synth["train_timesteps"]):
+        out.append(f"synth.steps: {synth['steps']} > synth.train_timesteps {synth['train_timesteps']}")
+
+
 def errors(config: dict) -> list[str]:
     """Every problem of the ``synth`` section of a schema-valid config, each naming its key."""
     synth = config.get("synth") or {}
@@ -93,10 +207,13 @@ def errors(config: dict) -> list[str]:
         return []
     out: list[str] = []
     datasets = config["datasets"]
-    if synth.get("sd_checkpoint"):
-        out.append("synth.sd_checkpoint: fine-tuning a Stable-Diffusion checkpoint is not implemented in this "
-                   "version (remove the key to train the MONAI latent diffusion model)")
     mods = modalities(config)
+    sd = bool(synth.get("sd_checkpoint"))
+    if sd:
+        _sd_errors(out, config, mods)
+    elif synth.get("prompts"):
+        out.append("synth.prompts: text prompts are only used when fine-tuning a Stable-Diffusion pipeline "
+                   "(synth.sd_checkpoint); remove them or set synth.sd_checkpoint")
     if not mods:
         out.append("synth.modalities: nothing to synthesise (no pretrain.pools and no synth.modalities)")
     for key in ("pools", "condition"):
@@ -115,23 +232,8 @@ def errors(config: dict) -> list[str]:
         cond = condition(config, m)
         if cond is not None:
             _check_condition(out, config, m, cond, [n for n in names if n in datasets])
-    size = int(synth["image_size"])
-    down = 2 ** (len(synth["autoencoder"]["channels"]) - 1)
-    latent = size // down
-    if size % down:
-        out.append(f"synth.image_size: {size} is not divisible by the autoencoder's downsampling {down} "
-                   f"(2 ** (len(synth.autoencoder.channels) - 1))")
-    unet_down = 2 ** (len(synth["unet"]["channels"]) - 1)
-    if latent % unet_down:
-        out.append(f"synth.unet.channels: {len(synth['unet']['channels'])} levels downsample the {latent}x{latent} "
-                   f"latent grid by {unet_down}, which does not divide it")
-    _check_levels(out, "synth.autoencoder", synth["autoencoder"], attention=False)
-    _check_levels(out, "synth.unet", synth["unet"], attention=True)
-    if synth["scheduler"] == "ddpm" and int(synth["steps"]) != int(synth["train_timesteps"]):
-        out.append(f"synth.steps: the DDPM sampler takes every one of the {synth['train_timesteps']} "
-                   f"training timesteps (got {synth['steps']}); use scheduler: ddim for fewer steps")
-    if int(synth["steps"]) > int(synth["train_timesteps"]):
-        out.append(f"synth.steps: {synth['steps']} > synth.train_timesteps {synth['train_timesteps']}")
+    if not sd:  # the MONAI networks; a Stable-Diffusion fine-tune brings its own
+        _monai_errors(out, synth)
     method = synth["quality"]["encoder_method"]
     if method not in config["pretrain"]["methods"]:
         out.append(f"synth.quality.encoder_method: '{method}' is not in pretrain.methods "
@@ -171,6 +273,8 @@ def modality_settings(config: dict, modality: str) -> dict:
             "class_balance", "checkpoint_every_steps", "hflip")
     out = {k: synth[k] for k in keys}
     out.update(modality=modality, condition=condition(config, modality), device=config.get("device", "auto"))
+    if synth.get("sd_checkpoint"):  # only then, so the MONAI path's settings (the rules' params) stay as they were
+        out.update(sd_checkpoint=str(synth["sd_checkpoint"]), prompts=sd_prompts(config, modality))
     return out
 
 

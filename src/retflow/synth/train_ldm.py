@@ -16,6 +16,9 @@ draws flips, timesteps, noise and label drops; epoch orders are a function of (s
 epoch). So an interrupted run continues where it stopped and ends with the same weights as an
 uninterrupted one. Outputs: ``model.pth`` (EMA weights + everything sampling needs),
 ``log.csv`` (per epoch: stage, loss, lr, seconds) and ``recon.png`` (real vs autoencoded).
+
+With ``synth.sd_checkpoint`` the same loop fine-tunes the UNet of a local Stable-Diffusion pipeline
+instead (one stage, ``unet``; :mod:`retflow.synth.stable_diffusion`), with the same outputs.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def epoch_batches(n: int, batch_size: int, seed: int, stage: str, epoch: int) ->
 
 
 class Trainer:
+    #: the stages :meth:`run` goes through, in order (a subclass may train fewer)
+    stages = STAGES
+
     def __init__(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device):
         self.s = settings
         self.out_dir = out_dir
@@ -95,25 +101,29 @@ class Trainer:
         self.latent_scale: float | None = None
 
     # ------------------------------------------------------------------ checkpoints
+    def networks(self) -> dict:
+        """What a resume checkpoint holds besides optimizers and position (objects with state dicts)."""
+        return {"ae": self.ae, "ae_ema": self.ae_ema, "unet": self.unet, "unet_ema": self.unet_ema}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.s, len(self.pool))
+
     def save(self) -> None:
-        save_atomic({"ae": self.ae.state_dict(), "ae_ema": self.ae_ema.state_dict(),
-                     "unet": self.unet.state_dict(), "unet_ema": self.unet_ema.state_dict(),
+        save_atomic({**{k: v.state_dict() for k, v in self.networks().items()},
                      "opt": {k: o.state_dict() for k, o in self.opt.items()}, "pos": dict(self.pos),
-                     "gen": self.gen.get_state(), "log": self.log,
-                     "fingerprint": fingerprint(self.s, len(self.pool))}, self.resume_path)
+                     "gen": self.gen.get_state(), "log": self.log, "fingerprint": self.fingerprint()},
+                    self.resume_path)
 
     def load(self) -> bool:
         if not self.resume_path.exists():
             return False
         state = load_state(self.resume_path)
-        if state.get("fingerprint") != fingerprint(self.s, len(self.pool)):
+        if state.get("fingerprint") != self.fingerprint():
             print(f"ignoring {self.resume_path}: written with other training settings or another pool; "
                   f"training from scratch", flush=True)
             return False
-        self.ae.load_state_dict(state["ae"])
-        self.ae_ema.load_state_dict(state["ae_ema"])
-        self.unet.load_state_dict(state["unet"])
-        self.unet_ema.load_state_dict(state["unet_ema"])
+        for k, v in self.networks().items():
+            v.load_state_dict(state[k])
         for k, o in self.opt.items():
             o.load_state_dict(state["opt"][k])
         self.pos = dict(state["pos"])
@@ -186,7 +196,7 @@ class Trainer:
         every = int(self.s.get("checkpoint_every_steps") or 0)
         done_here = 0
         n = len(self.pool)
-        for stage in STAGES[STAGES.index(self.pos["stage"]):]:
+        for stage in self.stages[self.stages.index(self.pos["stage"]):]:
             cfg = self.s[stage]
             epochs = int(cfg["epochs"])
             per_epoch = len(epoch_batches(n, int(cfg["batch_size"]), 0, stage, 0))
@@ -221,9 +231,9 @@ class Trainer:
                 self.save()
                 if stopping:
                     return False
-            nxt = STAGES.index(stage) + 1
-            if nxt < len(STAGES):
-                self.pos.update(stage=STAGES[nxt], epoch=0, batch=0, step=0)
+            nxt = self.stages.index(stage) + 1
+            if nxt < len(self.stages):
+                self.pos.update(stage=self.stages[nxt], epoch=0, batch=0, step=0)
                 self.save()
         return True
 
@@ -232,6 +242,8 @@ class Trainer:
         """The sampling bundle: EMA weights + architecture + everything the store and report need."""
         if self.latent_scale is None:
             self.encode_pool()
+        self.ae_ema.shadow.eval()
+        self.unet_ema.shadow.eval()
         counts = self.pool.class_counts()
         return {
             "autoencoder": self.ae_ema.shadow.state_dict(),
@@ -245,13 +257,17 @@ class Trainer:
             "train_seconds": float(sum(r["seconds"] for r in self.log)),
         }
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] through the (EMA) autoencoder, same shape."""
+        return aek.decode(self.ae_ema.shadow, aek.encode(self.ae_ema.shadow, x))
+
     @torch.no_grad()
     def recon_figure(self, path: Path, n: int = 8) -> None:
         from PIL import Image
 
         idx = np.linspace(0, len(self.pool) - 1, n).astype(int)
         x = self._images(idx)
-        rec = aek.decode(self.ae_ema.shadow, aek.encode(self.ae_ema.shadow, x))
+        rec = self.reconstruct(x)
         rows = [((t + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy() for t in (x, rec)]
         grid = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)
         if grid.shape[2] == 1:
@@ -263,17 +279,16 @@ class Trainer:
 
 
 def train(settings: dict, stores: list[str], out_dir: Path, stop_after_steps: int | None = None) -> bool:
-    """Train (or resume) and write ``model.pth``, ``log.csv``, ``recon.png``; False if stopped early."""
-    if settings.get("sd_checkpoint"):
-        raise NotImplementedError("synth.sd_checkpoint: Stable-Diffusion fine-tuning is not implemented in this "
-                                  "version")
+    """Train (or resume) and write ``model.pth``, ``log.csv``, ``recon.png``; False if stopped early.
+    ``settings["sd_checkpoint"]``: fine-tune that Stable-Diffusion pipeline's UNet instead."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(settings, stores, out_dir, pick_device(settings.get("device", "auto")))
+    kind = Trainer
+    if settings.get("sd_checkpoint"):
+        from retflow.synth.stable_diffusion import SDTrainer as kind
+    trainer = kind(settings, stores, out_dir, pick_device(settings.get("device", "auto")))
     if not trainer.run(StopFlag() if stop_after_steps is None else None, stop_after_steps):
         return False
-    trainer.ae_ema.shadow.eval()
-    trainer.unet_ema.shadow.eval()
     with atomic_path(out_dir / "log.csv") as tmp:
         pd.DataFrame(trainer.log).to_csv(tmp, index=False)
     trainer.recon_figure(out_dir / "recon.png")
