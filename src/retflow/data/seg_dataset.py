@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from retflow.data.dataset import eval_transform, model_channels, seed_item, train_transform
+from retflow.data.dataset import StoreDataset, eval_transform, model_channels, seed_item, train_transform
 from retflow.data.store import MASK_SHARD_DIR, ImageStore
 
 __all__ = ["SegDataset", "seg_train_transform", "seg_eval_transform", "max_mask_value"]
@@ -34,23 +33,13 @@ def max_mask_value(store: Path | str) -> int:
     return max(int(np.load(p, mmap_mode="r").max()) for p in masks.paths)
 
 
-class SegDataset(Dataset):
-    """Rows ``indices`` of a store as (image float (C, S, S), mask int64 (S, S)) pairs."""
+class SegDataset(StoreDataset):
+    """Rows ``indices`` of a store as (image float (C, S, S), mask int64 (S, S)) pairs; the store
+    reading and per-item augmentation seeding are :class:`StoreDataset`'s."""
 
     def __init__(self, store: Path | str, indices, transform=None, in_chans: int = 3):
-        self.images = ImageStore(store)
+        super().__init__(store, indices, None, transform, in_chans)
         self.masks = ImageStore(store, MASK_SHARD_DIR)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-        self.in_chans = in_chans
-        self.aug_seed: int | None = None
-
-    def set_aug_seed(self, seed: int | None) -> None:
-        """Seed augmentations per (seed, item): identical across resumes and worker counts."""
-        self.aug_seed = seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored uint8 image (H, W, C) and mask (H, W) of item ``i``."""

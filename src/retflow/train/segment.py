@@ -49,8 +49,8 @@ from retflow.models.seg_decoder import SegViT
 from retflow.models.vit import ViTSpec
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.distributed import pick_device
-from retflow.train.sampling import loader, repeated_order, step_seed
-from retflow.train.schedule import apply_lr, lr_at
+from retflow.train.engine_finetune import train_one_epoch
+from retflow.train.sampling import loader, repeated_order
 
 __all__ = ["build_model", "predict_masks", "run", "main"]
 
@@ -185,26 +185,13 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
     meta = {"kind": "segmentation", "spec": spec.to_dict(), "normalize": norm, "classes": classes,
             "task": task["name"], "feature_size": cfg.get("feature_size", 16)}
-    use_bf16 = device.type == "cuda"
+    cfg = {**cfg, "min_lr": cfg.get("min_lr", 0.0), "warmup_epochs": cfg.get("warmup_epochs", 0)}
+    dice_ce = lambda logits, y: criterion(logits.float(), y[:, None])  # noqa: E731  (N,K,S,S) vs (N,S,S)
     for epoch in range(start, epochs):
-        model.train()
         train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
         order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)
-        total, lr = 0.0, 0.0
-        for b, (x, y) in enumerate(loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))):
-            lr = apply_lr(optimizer, lr_at(epoch + b / n_batches, cfg["lr"], cfg.get("min_lr", 0.0),
-                                           cfg.get("warmup_epochs", 0), epochs))
-            step_seed(cfg["seed"], epoch, b, 0)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(x.to(device))
-            loss = criterion(logits.float(), y.to(device)[:, None])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise RuntimeError(f"loss is {value} at epoch {epoch} batch {b}; stopping (best checkpoint kept)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += value
+        dl = loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))
+        train_loss, lr = train_one_epoch(model, dl, dice_ce, optimizer, epoch, n_batches, cfg, device)
         pred, true, val_ce = predict_masks(model, val_ds, device)
         val = summarize(per_image_scores(pred, true, k))
         score = val[PRIMARY_SEG_METRIC] if math.isfinite(val[PRIMARY_SEG_METRIC]) else -math.inf
@@ -212,9 +199,9 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         if improved:
             best = score
             save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
-        log.append({"epoch": epoch, "train_loss": total / n_batches, "val_ce": val_ce, "val_dice": val["dice"],
+        log.append({"epoch": epoch, "train_loss": train_loss, "val_ce": val_ce, "val_dice": val["dice"],
                     "val_iou": val["iou"], "lr": lr, "best": improved})
-        print(f"epoch {epoch}: train {total / n_batches:.4f} val ce {val_ce:.4f} dice {val['dice']:.4f} "
+        print(f"epoch {epoch}: train {train_loss:.4f} val ce {val_ce:.4f} dice {val['dice']:.4f} "
               f"iou {val['iou']:.4f}{' *' if improved else ''}", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "best": best, "log": log}, resume_path)
