@@ -336,7 +336,7 @@ def test_demo_dry_run_routes_segmentation_to_the_segment_rule(tmp_path):
     result = snakemake(work, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    assert counts["segment"] == 6  # vessel_seg: 3 models (mae, simclr, scratch) x 2 fractions x 1 seed
+    assert counts["segment"] == 4  # vessel_seg: 2 models (mae, scratch) x 2 fractions x 1 seed
     assert "results/finetune/vessel_seg/mae/frac0.1/seed0/metrics.json" in result.stdout
     one = snakemake(work, "-n", "--cores", "1", "results/finetune/vessel_seg/scratch/frac1/seed0/metrics.json")
     assert one.returncode == 0, one.stderr
