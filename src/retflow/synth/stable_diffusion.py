@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from retflow.synth.ema import EMA
-from retflow.synth.pool import PoolImages, to_store
+from retflow.synth.pool import to_store
 from retflow.synth.settings import default_prompts, sd_folder_errors
 from retflow.synth.train_ldm import Trainer, fingerprint
 
@@ -109,13 +109,7 @@ class SDTrainer(Trainer):
 
     def __init__(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device):
         _check_folder(settings["sd_checkpoint"])  # before reading the pool: fail fast
-        self.s = settings
-        self.out_dir = out_dir
-        self.device = device
-        self.resume_path = out_dir / "resume" / "last.pth"
-        torch.manual_seed(int(settings["seed"]))
-        self.pool = PoolImages(stores, settings["condition"], settings["modality"])
-        self.n_classes = len(self.pool.classes)
+        self.setup(settings, stores, out_dir, device)
         given = settings.get("prompts") or default_prompts(settings["modality"], settings["condition"])
         self.prompts = [str(p) for p in given]
         if len(self.prompts) != max(1, self.n_classes):
@@ -133,9 +127,6 @@ class SDTrainer(Trainer):
         text_encoder = parts["text_encoder"].to(device).eval()
         # the class prompts, then "" (no label / dropped label): the frozen text encoder runs once
         self.text = encode_prompts(parts["tokenizer"], text_encoder, self.prompts + [""], device)
-        self.gen = torch.Generator().manual_seed(int(settings["seed"]))
-        self.pos = {"stage": "unet", "epoch": 0, "batch": 0, "step": 0}
-        self.log: list[dict] = []
         self.latent_scale = float(self.vae.config.scaling_factor)
 
     def networks(self) -> dict:

@@ -76,13 +76,7 @@ class Trainer:
     stages = STAGES
 
     def __init__(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device):
-        self.s = settings
-        self.out_dir = out_dir
-        self.device = device
-        self.resume_path = out_dir / "resume" / "last.pth"
-        torch.manual_seed(int(settings["seed"]))
-        self.pool = PoolImages(stores, settings["condition"], settings["modality"])
-        self.n_classes = len(self.pool.classes)
+        self.setup(settings, stores, out_dir, device)
         channels = self.pool.shape[2]
         self.ae = aek.build_autoencoder(settings["autoencoder"], channels).to(device)
         self.ae_ema = EMA(self.ae, settings["ema_decay"])
@@ -94,10 +88,20 @@ class Trainer:
                     "unet": torch.optim.AdamW(self.unet.parameters(), lr=settings["unet"]["lr"], weight_decay=0.0)}
         self.scheduler = ldm.make_scheduler("ddpm", settings["train_timesteps"], settings["beta_schedule"],
                                             settings["prediction"])
-        self.gen = torch.Generator().manual_seed(int(settings["seed"]))
-        self.pos = {"stage": "autoencoder", "epoch": 0, "batch": 0, "step": 0}
-        self.log: list[dict] = []
         self.latents: torch.Tensor | None = None
+
+    def setup(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device) -> None:
+        """What every generator trainer has: settings, seeded RNGs, the pool, the position in training."""
+        self.s = settings
+        self.out_dir = out_dir
+        self.device = device
+        self.resume_path = out_dir / "resume" / "last.pth"
+        torch.manual_seed(int(settings["seed"]))
+        self.pool = PoolImages(stores, settings["condition"], settings["modality"])
+        self.n_classes = len(self.pool.classes)
+        self.gen = torch.Generator().manual_seed(int(settings["seed"]))
+        self.pos = {"stage": self.stages[0], "epoch": 0, "batch": 0, "step": 0}
+        self.log: list[dict] = []
         self.latent_scale: float | None = None
 
     # ------------------------------------------------------------------ checkpoints
