@@ -166,7 +166,9 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     n_batches = max(len(train_ds) // batch, math.ceil(cfg.get("min_steps", 0) / epochs))
     model, groups = build_model(cfg, spec, k, init_path)
     model.to(device)
-    cfg = {**cfg, "lr": cfg["blr"] * batch / 256}
+    # what engine_finetune.train_one_epoch reads: the scaled lr and the schedule (defaults filled in)
+    cfg = {**cfg, "lr": cfg["blr"] * batch / 256, "min_lr": cfg.get("min_lr", 0.0),
+           "warmup_epochs": cfg.get("warmup_epochs", 0)}
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
     from monai.losses import DiceCELoss
 
@@ -185,7 +187,6 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
     meta = {"kind": "segmentation", "spec": spec.to_dict(), "normalize": norm, "classes": classes,
             "task": task["name"], "feature_size": cfg.get("feature_size", 16)}
-    cfg = {**cfg, "min_lr": cfg.get("min_lr", 0.0), "warmup_epochs": cfg.get("warmup_epochs", 0)}
     dice_ce = lambda logits, y: criterion(logits.float(), y[:, None])  # noqa: E731  (N,K,S,S) vs (N,S,S)
     for epoch in range(start, epochs):
         train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
