@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from retflow import config as rfc  # noqa: E402
 from retflow.data.dataset import load_manifest  # noqa: E402
 from retflow.models.vit import ViTSpec, create_vit  # noqa: E402
-from retflow.synth.quality import Encoder, classifier_scores, label_indices, read_images  # noqa: E402
+from retflow.models.features import FeatureExtractor  # noqa: E402
+from retflow.synth.quality import classifier_scores, label_indices, read_images  # noqa: E402
 
 
 def knn_balanced_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
             print(f"{name:<28} missing: {ckpt}")
             continue
         t0 = time.perf_counter()
-        enc = Encoder(ckpt, vit, normalize, torch.device("cpu"))
+        enc = FeatureExtractor(ckpt, vit, normalize, torch.device("cpu"))
         fx = {s: enc(images[s]) for s in images}
         lin = classifier_scores(fx["train"], y[idx["train"]], fx["test"], y[idx["test"]], len(classes), seed=0)
         knn = knn_balanced_accuracy(fx["train"], y[idx["train"]], fx["test"], y[idx["test"]])

@@ -224,6 +224,8 @@ def test_config_checks_and_default_prompts(tiny_sd, tmp_path):
     assert "synth.prompts.oct: modality 'oct' is not synthesised" in errs(
         lambda c: c["synth"]["prompts"].update(oct="an OCT B-scan"))
     assert "only used when fine-tuning" in errs(lambda c: c["synth"].update(sd_checkpoint=None))
+    assert ("synth.prompts.cfp: the generator of 'cfp' is unconditional (no synth.condition.cfp), so it takes one "
+            "prompt (a string), not a mapping") in errs(lambda c: c["synth"].update(condition={}))
     # the MONAI network checks do not apply to a Stable-Diffusion fine-tune
     assert errs(lambda c: c["synth"]["unet"].update(channels=[30, 64, 64])) == ""
 

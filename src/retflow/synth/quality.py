@@ -32,10 +32,11 @@ import torch
 from scipy import linalg
 
 from retflow.atomic import json_safe, write_json
-from retflow.data.dataset import eval_transform, load_manifest, model_channels
+from retflow.data.dataset import load_manifest
 from retflow.data.labels import normalise_label
 from retflow.data.store import ImageStore
 from retflow.inference import pick_device
+from retflow.models.features import FeatureExtractor
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -124,32 +125,7 @@ def memorisation(synth: np.ndarray, real: np.ndarray, metric: str = "euclidean")
             "exact_copies": int((d_s <= 1e-6).sum()), "distances": d_s, "real_distances": d_r, "nearest": i_s}
 
 
-# ----------------------------------------------------------------------------- features
-class Encoder:
-    """Our pretrained ViT encoder (mean-pooled patch tokens) as a feature extractor."""
-
-    def __init__(self, checkpoint: str | Path, vit: dict, normalize: dict | None, device: torch.device):
-        from retflow.models.vit import ViTSpec, create_vit, load_checkpoint_file, load_encoder_weights
-
-        spec = ViTSpec.from_dict(vit)
-        self.model = create_vit(spec, num_classes=0, global_pool="avg")
-        load_encoder_weights(self.model, load_checkpoint_file(checkpoint), strict_report=False)
-        self.model = self.model.to(device).eval()
-        self.spec, self.device = spec, device
-        self.transform = eval_transform(spec.img_size, normalize, spec.in_chans)
-
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray, batch: int = 128) -> np.ndarray:
-        """uint8 (n, H, W, C) -> float32 (n, embed_dim)."""
-        out = []
-        for s in range(0, len(images), batch):
-            x = torch.stack([self.transform(model_channels(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1),
-                                                           self.spec.in_chans)) for im in images[s:s + batch]])
-            f = self.model.forward_head(self.model.forward_features(x.to(self.device)), pre_logits=True)
-            out.append(f.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.model.num_features), np.float32)
-
-
+# ----------------------------------------------------------------------------- images
 def read_images(store: str | Path, indices: np.ndarray) -> np.ndarray:
     im = ImageStore(store)
     return np.stack([im[int(i)] for i in indices]) if len(indices) else np.zeros((0,), np.uint8)
@@ -194,7 +170,7 @@ def classifier_scores(train_x, train_y, test_x, test_y, n_classes: int, seed: in
             "train_classes": sorted(int(c) for c in np.unique(train_y))}
 
 
-def tstr(encoder: Encoder, synth_feats: np.ndarray, synth_y: np.ndarray, tstr_store: str | Path, cond: dict,
+def tstr(encoder: FeatureExtractor, synth_feats: np.ndarray, synth_y: np.ndarray, tstr_store: str | Path, cond: dict,
          seed: int, max_real: int) -> dict:
     manifest = load_manifest(tstr_store)
     if cond["label"] not in manifest.columns:
@@ -245,7 +221,7 @@ def evaluate(synth_store: str | Path, real_stores: list[str], encoder_ckpt: str 
     rng = np.random.default_rng([int(settings["seed"]), 2])
     cond = settings.get("condition")
     device = pick_device(settings.get("device", "auto"))
-    encoder = Encoder(encoder_ckpt, settings["vit"], settings.get("normalize"), device)
+    encoder = FeatureExtractor(encoder_ckpt, settings["vit"], settings.get("normalize"), device)
 
     sm = load_manifest(synth_store).sort_values("index")
     pick = np.sort(rng.permutation(len(sm))[: int(settings["max_synthetic"])])
