@@ -31,6 +31,7 @@ from retflow.models.checkpoint_layouts import load_encoder
 from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.vit import ViTSpec, create_vit
 from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.engine_finetune import evaluate_outputs, predict_outputs, train_one_epoch
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
@@ -119,7 +120,9 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     if cfg["protocol"] == "probe_logreg":
         summary = _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir)
     else:
-        summary = _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir)
+        fingerprint = run_fingerprint(cfg, [Path(store) / "manifest.parquet", init_path])
+        summary = _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir,
+                           fingerprint)
     best_state = load_state(out_dir / "best.pth")
     model.load_state_dict(best_state["model"])
     outputs = predict_outputs(model, test_ds, device, task, scale)
@@ -143,7 +146,7 @@ def _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta,
     return {"epochs": 0, "best_C": info["best_C"]}
 
 
-def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir) -> dict:
+def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir, fingerprint) -> dict:
     batch = min(cfg["batch_size"], len(train_ds))
     epochs = cfg["epochs"]
     # small label fractions: repeat the training set within an epoch to reach min_steps in total
@@ -163,8 +166,8 @@ def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, 
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"  # copied to <out>/best.pth at the end
     start, best, log = 0, -math.inf, []
-    if resume_path.exists() and best_path.exists():
-        state = load_state(resume_path)
+    state = load_resume(resume_path, fingerprint) if best_path.exists() else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
@@ -185,7 +188,7 @@ def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, 
         print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {score:.4f}"
               f"{' *' if improved else ''}", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "best": best, "log": log}, resume_path)
+                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
     save_atomic(load_state(best_path), out_dir / "best.pth")

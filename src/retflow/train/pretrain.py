@@ -6,7 +6,8 @@ the lr schedule is a function of the step and every step's randomness is seeded 
 (seed, epoch, step, rank), so nothing else is needed) and the loader position (epoch, batch) are
 written atomically to ``<out>/resume/last.pth`` after every epoch, every
 ``checkpoint_every_steps`` steps and when SLURM's SIGTERM/SIGUSR1 arrives; a rerun continues from
-it and reaches the same weights as an uninterrupted run. The final ``checkpoint.pth`` holds
+it and reaches the same weights as an uninterrupted run (only a checkpoint written with the same
+settings, process count and input files: :mod:`retflow.train.resume`). The final ``checkpoint.pth`` holds
 ``{'model': ...}`` in RETFound's layout (encoder keys ``encoder.*`` = timm ViT names; MAE: the
 full encoder + decoder state).
 """
@@ -29,10 +30,11 @@ from retflow.models.lr_decay import param_groups_weight_decay
 from retflow.models.vit import ViTSpec
 from retflow.train import distributed as D
 from retflow.train.batch_augment import BatchAugment
-from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.checkpoint import save_atomic
 from retflow.train.engine_pretrain import NonFiniteLoss, train_one_epoch
 from retflow.train.pretrain_data import PretrainData
 from retflow.train.pretrain_model import build_model, export_state
+from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.sampling import loader
 from retflow.train.stop_signal import StopFlag
 
@@ -80,6 +82,13 @@ def leaves(dataset):
     return [dataset]
 
 
+def input_files(cfg: dict, stores: list[str], synthetic_stores: list[str] | None) -> list[str]:
+    """Files whose change makes a resume checkpoint stale: the pools' manifests, the init and teacher checkpoints."""
+    files = [str(Path(s) / "manifest.parquet") for s in [*stores, *(synthetic_stores or [])]]
+    teacher = (cfg.get("token_recon") or {}).get("teacher_checkpoint") if cfg.get("method") == "token_recon" else None
+    return files + [f for f in (cfg.get("init"), teacher) if isinstance(f, str) and f]
+
+
 def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, betas (0.9, 0.95), no decay on norms/biases/tokens; the fused kernel on CUDA."""
     groups = param_groups_weight_decay(model, cfg["weight_decay"])
@@ -99,6 +108,7 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
                         cfg.get("data", "real"), cfg["epochs"], cfg.get("synthetic_epochs"), cfg["seed"])
     augment = BatchAugment(spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"),
                            in_chans=spec.in_chans) if on_device else None
+    fingerprint = run_fingerprint(cfg, input_files(cfg, stores, synthetic_stores), world_size=info.world_size)
     model = build_model(cfg, log=print if info.is_main else None).to(info.device)
     if info.world_size > 1 and info.device.type == "cuda" and cfg.get("method", "mae") in ("simclr", "mocov3"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
@@ -107,8 +117,8 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
     optimizer = make_optimizer(model, cfg, info.device)
     resume_path = out_dir / "resume" / "last.pth"
     start_epoch, start_batch, log_rows = 0, 0, []
-    if resume_path.exists():
-        state = load_state(resume_path)
+    state = load_resume(resume_path, fingerprint, log=print if info.is_main else None)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_batch, log_rows = state["epoch"], state["batch"], state["log"]
@@ -131,7 +141,7 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "batch": batch, "log": log_rows}, resume_path)
+                         "epoch": epoch, "batch": batch, "log": log_rows, "fingerprint": fingerprint}, resume_path)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         order = data.order(epoch, info.rank, info.world_size)

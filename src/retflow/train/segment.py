@@ -48,6 +48,7 @@ from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.seg_decoder import SegViT
 from retflow.models.vit import ViTSpec
 from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.engine_finetune import train_one_epoch
 from retflow.train.sampling import loader, repeated_order
@@ -176,11 +177,12 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     print(f"segment {task['name']}: {len(train_ds)} train (fraction {cfg['fraction']:g}), {len(val_ds)} val, "
           f"{len(test_ds)} test; {k} classes; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
 
+    fingerprint = run_fingerprint(cfg, [Path(store) / "manifest.parquet", init_path])
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"
     start, best, log = 0, -math.inf, []
-    if resume_path.exists() and best_path.exists():
-        state = load_state(resume_path)
+    state = load_resume(resume_path, fingerprint) if best_path.exists() else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
@@ -205,7 +207,7 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         print(f"epoch {epoch}: train {train_loss:.4f} val ce {val_ce:.4f} dice {val['dice']:.4f} "
               f"iou {val['iou']:.4f}{' *' if improved else ''}", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "best": best, "log": log}, resume_path)
+                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
     best_state = load_state(best_path)
