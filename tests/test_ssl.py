@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retflow.data.dataset import model_channels
-from retflow.data.ssl_views import blur_kernel_size, ssl_view_transform
+from retflow.data.ssl_views import VIEW_DEFAULTS, blur_kernel_size, blur_sigma, ssl_view_transform
 from retflow.models.ssl import SSL_METHODS, build_ssl, load_teacher, resolve_cfg
 from retflow.models.ssl.dino import dino_loss
 from retflow.models.ssl.mocov3 import infonce
@@ -367,6 +367,51 @@ def test_views_differ_and_blur_kernel():
     a, b = tf(img)
     assert not torch.equal(a, b)
     assert blur_kernel_size(224) == 23 and blur_kernel_size(32) == 3 and blur_kernel_size(96) % 2 == 1
+
+
+
+def _steps(view) -> list[str]:
+    """Names of a view's augmentation steps (RandomApply unwrapped to what it applies)."""
+    names = []
+    for s in view.transforms:
+        inner = s.transforms if type(s).__name__ == "RandomApply" else [s]
+        names += [type(x).__name__ for x in inner]
+    return names
+
+
+def test_blur_sigma_scales_with_the_crop_size():
+    assert blur_sigma(224) == pytest.approx((0.1, 2.0))
+    assert blur_sigma(64) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
+    blur = [s for s in ssl_view_transform("simclr", 64).transforms[0].transforms if "GaussianBlur" in str(s)]
+    assert blur and blur[0].transforms[0].sigma == pytest.approx(list(blur_sigma(64)))
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov3", "dino"])
+def test_colour_steps_follow_the_method_config(method):
+    full = ssl_view_transform(method, IMG, cfg={})
+    assert {"ColorJitter", "RandomGrayscale"} <= set(_steps(full.transforms[0]))
+    assert "RandomSolarize" in _steps(full.transforms[1]) and "RandomSolarize" not in _steps(full.transforms[0])
+    off = ssl_view_transform(method, IMG, cfg={"color_jitter": 0, "grayscale_p": 0, "solarize_p": 0})
+    for view in off.transforms:
+        assert _steps(view)[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+        assert not {"ColorJitter", "RandomGrayscale", "RandomSolarize"} & set(_steps(view))
+    half = ssl_view_transform(method, IMG, cfg={"color_jitter": 0.5}).transforms[0].transforms[2].transforms[0]
+    assert half.brightness == pytest.approx((0.8, 1.2)) and half.hue == pytest.approx((-0.05, 0.05))
+    gray = ssl_view_transform(method, IMG, in_chans=1, cfg={"color_jitter": 0.5})  # OCT: brightness/contrast only
+    jitter = gray.transforms[0].transforms[2].transforms[0]
+    assert jitter.saturation is None and jitter.hue is None and "RandomGrayscale" not in _steps(gray.transforms[0])
+    assert isinstance(make(method, {k: 0 for k in VIEW_DEFAULTS}), torch.nn.Module)  # build_ssl takes the keys
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("color_jitter", -0.1, r"simclr.color_jitter must be a number in \[0, 5\]"),
+    ("color_jitter", "strong", r"simclr.color_jitter must be a number"),
+    ("grayscale_p", 1.5, r"simclr.grayscale_p must be a probability in \[0, 1\], got 1.5"),
+    ("solarize_p", True, r"simclr.solarize_p must be a probability"),
+])
+def test_bad_colour_settings_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ssl_view_transform("simclr", IMG, cfg={key: value})
 
 
 # ------------------------------------------------------- 2-process (gloo)

@@ -8,10 +8,19 @@ into a list of ``(B, C, h, w)`` tensors, one per view -- what ``model(views)`` t
 
 * ``simclr``, ``mocov3``, ``dino``: the asymmetric BYOL / DINO / MoCo-v3 recipe -- random resized
   crop (``crop_scale``) + horizontal flip + colour jitter (brightness 0.4, contrast 0.4,
-  saturation 0.2, hue 0.1, p=0.8) + grayscale (p=0.2) + Gaussian blur (sigma 0.1-2, kernel ~10 %
-  of the crop; p=1.0 on view 1, p=0.1 on view 2) + solarisation (p=0.2, view 2 only).  For
-  one-channel images (OCT) only brightness/contrast jitter is used (saturation, hue and grayscale
-  are meaningless there); three-channel copies of grayscale scans pass the colour steps unchanged.
+  saturation 0.2, hue 0.1, p=0.8) + grayscale (p=0.2) + Gaussian blur (kernel ~10 % of the crop,
+  sigma 0.1-2 px at 224 px and proportionally less on smaller crops, so the blur removes the same
+  share of detail at every size; p=1.0 on view 1, p=0.1 on view 2) + solarisation (p=0.2, view 2
+  only).  For one-channel images (OCT) only brightness/contrast jitter is used (saturation, hue
+  and grayscale are meaningless there); three-channel copies of grayscale scans pass the colour
+  steps unchanged.
+
+  The colour steps are the method's config keys (:data:`VIEW_DEFAULTS`): ``color_jitter`` scales
+  the four jitter strengths (1 = the values above, 0 = no jitter), ``grayscale_p`` and
+  ``solarize_p`` are the probabilities.  Colour carries the lesions in fundus photographs, and on
+  the demo's phantoms, whose images differ mostly in colour, the full-strength jitter leaves
+  SimCLR's NT-Xent at its chance value: the demo config turns the colour steps off.
+  (``bench/probe_encoders.py`` measures what each setting's encoder knows.)
 * ``dino`` with ``local_crops > 0``: after the 2 global views, ``local_crops`` views of
   ``local_size`` px cropped with ``local_crop_scale`` (jitter as above, blur p=0.5, no solarisation).
 * ``token_recon``: one view, exactly :func:`~retflow.data.dataset.train_transform` (random resized
@@ -26,7 +35,10 @@ from torchvision.transforms import v2
 
 from retflow.data.dataset import _to_float, train_transform
 
-__all__ = ["MultiView", "ssl_view_transform", "blur_kernel_size"]
+__all__ = ["MultiView", "VIEW_DEFAULTS", "ssl_view_transform", "blur_kernel_size", "blur_sigma", "check_view_cfg"]
+
+#: colour-augmentation keys of the multi-view methods' config sections (simclr, mocov3, dino)
+VIEW_DEFAULTS = {"color_jitter": 1.0, "grayscale_p": 0.2, "solarize_p": 0.2}
 
 
 class MultiView:
@@ -52,17 +64,36 @@ def blur_kernel_size(size: int) -> int:
     return max(3, int(round(0.1 * size)) // 2 * 2 + 1)
 
 
-def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float) -> v2.Compose:
+def blur_sigma(size: int) -> tuple[float, float]:
+    """Gaussian-blur sigma range: (0.1, 2.0) px at 224 px (SimCLR / BYOL), scaled to the crop size."""
+    f = size / 224.0
+    return (0.1 * f, 2.0 * f)
+
+
+def check_view_cfg(method: str, cfg: dict) -> None:
+    """Colour-augmentation values in range, else ``ValueError`` naming ``<method>.<key>``."""
+    s = cfg["color_jitter"]
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s <= 5.0:
+        raise ValueError(f"{method}.color_jitter must be a number in [0, 5] (1 = BYOL's jitter strengths), got {s!r}")
+    for key in ("grayscale_p", "solarize_p"):
+        p = cfg[key]
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{method}.{key} must be a probability in [0, 1], got {p!r}")
+
+
+def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float,
+          color_jitter: float = 1.0, grayscale_p: float = 0.2) -> v2.Compose:
     steps: list = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
-    if in_chans == 3:
-        steps += [
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-    else:
-        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8))
+    s = float(color_jitter)
+    if s > 0 and in_chans == 3:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s,
+                                                    hue=min(0.5, 0.1 * s))], p=0.8))
+    elif s > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s)], p=0.8))
+    if grayscale_p > 0 and in_chans == 3:
+        steps.append(v2.RandomGrayscale(p=grayscale_p))
     if blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma(size))], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # uint8 input: threshold in 0..255
     return v2.Compose(steps + _to_float(normalize, in_chans))
@@ -81,11 +112,14 @@ def ssl_view_transform(method: str, size: int, crop_scale=(0.2, 1.0), normalize:
     cfg = resolve_cfg(method, cfg)
     if method == "token_recon":
         return MultiView([train_transform(size, crop_scale, normalize=normalize, in_chans=in_chans)])
+    check_view_cfg(method, cfg)
+    colour = {"color_jitter": cfg["color_jitter"], "grayscale_p": cfg["grayscale_p"]}
     views = [
-        _view(size, crop_scale, in_chans, normalize, blur_p=1.0, solarize_p=0.0),
-        _view(size, crop_scale, in_chans, normalize, blur_p=0.1, solarize_p=0.2),
+        _view(size, crop_scale, in_chans, normalize, blur_p=1.0, solarize_p=0.0, **colour),
+        _view(size, crop_scale, in_chans, normalize, blur_p=0.1, solarize_p=cfg["solarize_p"], **colour),
     ]
     if method == "dino" and int(cfg["local_crops"]) > 0:
-        local = _view(int(cfg["local_size"]), cfg["local_crop_scale"], in_chans, normalize, blur_p=0.5, solarize_p=0.0)
+        local = _view(int(cfg["local_size"]), cfg["local_crop_scale"], in_chans, normalize, blur_p=0.5,
+                      solarize_p=0.0, **colour)
         views += [local] * int(cfg["local_crops"])
     return MultiView(views)

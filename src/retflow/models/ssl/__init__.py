@@ -21,6 +21,8 @@ from typing import Any, Mapping
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from retflow.data.ssl_views import VIEW_DEFAULTS
+
 from ..vit import ViTSpec, create_vit, load_checkpoint_file, load_encoder_weights
 from .base import SSLModel, freeze, merge_cfg
 from .dino import DINO
@@ -100,6 +102,8 @@ def build_ssl(method: str, spec: ViTSpec, cfg: Mapping[str, Any] | None = None,
     :func:`load_teacher`.
     """
     params = resolve_cfg(method, cfg)
+    for key in VIEW_DEFAULTS:  # the views' colour steps: ssl_view_transform's, not the model's
+        params.pop(key, None)
     build_only = {k: params.pop(k) for k in _BUILD_ONLY.get(method, ())}
     if method != "token_recon":
         if teacher is not None:

@@ -36,6 +36,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from retflow.data.ssl_views import VIEW_DEFAULTS
+
 from ..vit import ViTSpec
 from .base import SSLModel, all_reduce_sum, build_encoder, cosine_momentum, dist_rank_world, ema_update, fp32, freeze
 from .heads import DINOHead
@@ -86,6 +88,7 @@ class DINO(SSLModel):
         "local_crops": 0,
         "local_size": 96,
         "local_crop_scale": (0.05, 0.4),  # read by ssl_view_transform only
+        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
     }
 
     def __init__(self, spec: ViTSpec, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retflow.data.ssl_views import VIEW_DEFAULTS
+
 from ..pos_embed import get_2d_sincos_pos_embed
 from ..vit import ViTSpec
 from .base import SSLModel, build_encoder, cosine_momentum, dist_rank_world, ema_update, fp32, freeze, gather_cat
@@ -95,6 +97,7 @@ class MoCoV3(SSLModel):
         "freeze_patch_embed": True,  # random patch projection
         "sincos_pos_embed": True,
         "drop_path_rate": 0.0,
+        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
     }
 
     def __init__(self, spec: ViTSpec, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,

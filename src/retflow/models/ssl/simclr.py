@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from retflow.data.ssl_views import VIEW_DEFAULTS
+
 from ..vit import ViTSpec
 from .base import SSLModel, build_encoder, dist_rank_world, fp32, gather_cat
 from .heads import projection_mlp
@@ -62,6 +64,7 @@ class SimCLR(SSLModel):
         "proj_layers": 2,  # SimCLR v1: 2 layers (v2 found 3 slightly better)
         "temperature": 0.2,
         "drop_path_rate": 0.0,
+        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
     }
 
     def __init__(self, spec: ViTSpec, proj_hidden_dim: int = 2048, proj_dim: int = 128, proj_layers: int = 2,
