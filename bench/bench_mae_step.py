@@ -11,7 +11,10 @@ For every (arch, mask ratio) it times two versions of the same step in this proc
 and prints img/s, the ratio retflow / reference, model GFLOPs per image (counted by
 ``torch.utils.flop_counter`` on one forward + backward), achieved TFLOP/s, MFU against the
 device's peak (``--peak-tflops``; default: H100 SXM bf16 dense 989 on an H100, else the matmul
-peak measured here in this process) and peak memory (CUDA).
+peak measured here in this process) and peak memory: on CUDA ``max_memory_allocated``; on the CPU
+each version runs in a fresh child process and the figure is its peak resident memory
+(``ru_maxrss``) minus its resident memory before the model was built (weights, gradients, AdamW
+state and activations of the step).
 
 Example (CPU, this machine)::
 
@@ -22,6 +25,8 @@ On an H100: ``--archs large --batch 256 --steps 20 --warmup 5 [--compile]``.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import time
 
 import torch
@@ -116,6 +121,30 @@ def time_step(model, batch: int, img_size: int, mask_ratio: float, device, fast:
             "tflops": flops / dt / 1e12, "mem": mem, "dtype": "bf16" if bf16 else "fp32"}
 
 
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def measure(arch: str, img_size: int, plain: bool, batch: int, ratio: float, device_str: str, compile_: bool,
+            steps: int, warmup: int, flops: float, threads: int | None = None) -> dict:
+    """Build one version and time its step; on the CPU, run in a child process for its memory peak."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_str)
+    before = rss_bytes()
+    model = build(arch, img_size, device, plain_attention=plain)
+    r = time_step(model, batch, img_size, ratio, device, fast=not plain, compile_=compile_ and not plain,
+                  steps=steps, warmup=warmup, flops=flops)
+    if device.type == "cpu" and before:
+        r["mem"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30
+    return r
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -141,15 +170,17 @@ def main(argv=None) -> None:
             flops = model_flops(arch, batch, args.img_size, ratio, device)
             versions = [("retflow", False)] if args.skip_reference else [("reference", True), ("retflow", False)]
             for version, plain in versions:
-                model = build(arch, args.img_size, device, plain_attention=plain)
-                r = time_step(model, batch, args.img_size, ratio, device, fast=not plain,
-                              compile_=args.compile and not plain, steps=args.steps, warmup=args.warmup,
-                              flops=flops)
+                job = (arch, args.img_size, plain, batch, ratio, str(device), args.compile, args.steps, args.warmup,
+                       flops, torch.get_num_threads())
+                if device.type == "cpu":  # a fresh process: its memory peak is this version's alone
+                    with multiprocessing.get_context("spawn").Pool(1) as pool:
+                        r = pool.apply(measure, job)
+                else:
+                    r = measure(*job)
                 ref = ref or r
                 print(f"{arch:6} {ratio:5.2f} {batch:5d} {version:9} {r['dtype']:5} {r['img_s']:9.1f} "
                       f"{r['img_s'] / ref['img_s']:6.2f} {r['gflop_img']:9.1f} {r['tflops']:8.3f} "
                       f"{100 * r['tflops'] / peak:6.1f} {r['mem']:7.2f}", flush=True)
-                del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 

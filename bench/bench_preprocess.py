@@ -55,7 +55,6 @@ def preprocessing(paths: list[Path], workers: int, draft: bool, repeat: int = 1)
                for p in paths] * repeat
     prep = {**PREP, "jpeg_draft": draft}
     worker = partial(_work, modality="cfp", prep=prep, volume=False)
-    t0 = time.perf_counter()
     images, t_first = [], None
     for result in _map(records, worker, workers):
         assert result[0] == "ok", result

@@ -203,7 +203,7 @@ def _batches(
 def _run(lm, paths, fn: Callable[[torch.Tensor], torch.Tensor], *, modality, batch_size, device,
          prep_size, enhance, crop_border, show_progress, desc):
     skipped: list[Skipped] = []
-    model = lm.model.to(device).eval()
+    lm.model.to(device).eval()
     names: list[str] = []
     infos: list[dict] = []
     outs: list[np.ndarray] = []

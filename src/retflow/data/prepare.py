@@ -19,7 +19,6 @@ from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from retflow.atomic import atomic_path, write_json

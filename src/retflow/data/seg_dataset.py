@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from retflow.data.dataset import StoreDataset, eval_transform, model_channels, seed_item, train_transform
 from retflow.data.store import MASK_SHARD_DIR, ImageStore

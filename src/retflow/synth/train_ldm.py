@@ -24,7 +24,6 @@ instead (one stage, ``unet``; :mod:`retflow.synth.stable_diffusion`), with the s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -40,7 +39,8 @@ from retflow.synth import autoencoder as aek
 from retflow.synth import ldm
 from retflow.synth.ema import EMA
 from retflow.synth.pool import PoolImages, to_model
-from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.checkpoint import save_atomic
+from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.schedule import lr_at as scheduled_lr
 from retflow.train.stop_signal import StopFlag
 
@@ -52,8 +52,7 @@ SAMPLING_KEYS = frozenset({"guidance_scale", "scheduler", "steps", "n_images", "
 
 def fingerprint(settings: dict, n_images: int) -> str:
     """What a resume checkpoint was trained with: the training settings and the pool size."""
-    train = {k: v for k, v in settings.items() if k not in SAMPLING_KEYS}
-    return hashlib.sha256(json.dumps([train, n_images], sort_keys=True).encode()).hexdigest()
+    return run_fingerprint({k: v for k, v in settings.items() if k not in SAMPLING_KEYS}, n_images=n_images)
 
 
 def lr_at(step: int, total: int, base: float, floor: float = 0.01) -> float:
@@ -121,10 +120,8 @@ class Trainer:
     def load(self) -> bool:
         if not self.resume_path.exists():
             return False
-        state = load_state(self.resume_path)
-        if state.get("fingerprint") != self.fingerprint():
-            print(f"ignoring {self.resume_path}: written with other training settings or another pool; "
-                  f"training from scratch", flush=True)
+        state = load_resume(self.resume_path, self.fingerprint(), log=lambda m: print(m, flush=True))
+        if state is None:
             return False
         for k, v in self.networks().items():
             v.load_state_dict(state[k])
