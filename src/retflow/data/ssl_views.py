@@ -18,8 +18,8 @@ into a list of ``(B, C, h, w)`` tensors, one per view -- what ``model(views)`` t
   The colour steps are the method's config keys (:data:`VIEW_DEFAULTS`): ``color_jitter`` scales
   the four jitter strengths (1 = the values above, 0 = no jitter), ``grayscale_p`` and
   ``solarize_p`` are the probabilities.  Colour carries the lesions in fundus photographs, and on
-  the demo's phantoms, whose images differ mostly in colour, the full-strength jitter leaves
-  SimCLR's NT-Xent at its chance value: the demo config turns the colour steps off.
+  the demo's 64 px phantoms the full-strength colour steps leave SimCLR's NT-Xent at its chance
+  value (the less jitter, the better its encoder probes): the demo config turns them off.
   (``bench/probe_encoders.py`` measures what each setting's encoder knows.)
 * ``dino`` with ``local_crops > 0``: after the 2 global views, ``local_crops`` views of
   ``local_size`` px cropped with ``local_crop_scale`` (jitter as above, blur p=0.5, no solarisation).
