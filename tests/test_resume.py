@@ -25,16 +25,17 @@ def test_fingerprint_follows_settings_and_input_files_but_not_operational_keys(t
     assert file_stamp(tmp_path / "absent") == [str(tmp_path / "absent"), None, None] and file_stamp(None)[0] is None
 
 
-def test_load_resume_ignores_another_runs_checkpoint_and_says_so(tmp_path):
+def test_load_resume_ignores_another_runs_checkpoint_and_says_so(tmp_path, capsys):
     path = tmp_path / "resume" / "last.pth"
     assert load_resume(path, "abc") is None  # nothing to resume: silent
     save_atomic({"epoch": 2, "fingerprint": "abc"}, path)
     assert load_resume(path, "abc")["epoch"] == 2
-    said = []
-    assert load_resume(path, "xyz", log=said.append) is None
-    assert said == [f"ignoring {path}: written by a run with other settings or inputs; training from the start"]
+    message = f"ignoring {path}: written by a run with other settings or inputs; training from the start\n"
+    assert load_resume(path, "xyz") is None
+    assert capsys.readouterr().out == message
+    assert load_resume(path, "xyz", report=False) is None and capsys.readouterr().out == ""
     save_atomic({"epoch": 2}, path)  # written before fingerprints existed
-    assert load_resume(path, "abc", log=said.append) is None and len(said) == 2
+    assert load_resume(path, "abc") is None and capsys.readouterr().out == message
 
 
 def test_pretraining_rerun_with_other_settings_starts_afresh(tmp_path, capsys):

@@ -81,13 +81,13 @@ def check_view_cfg(method: str, cfg: dict) -> None:
             raise ValueError(f"{method}.{key} must be a probability in [0, 1], got {p!r}")
 
 
-def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float,
-          color_jitter: float = 1.0, grayscale_p: float = 0.2) -> v2.Compose:
+def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float, *,
+          color_jitter: float, grayscale_p: float) -> v2.Compose:
     steps: list = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
     s = float(color_jitter)
     if s > 0 and in_chans == 3:
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s,
-                                                    hue=min(0.5, 0.1 * s))], p=0.8))
+                                                    hue=0.1 * s)], p=0.8))
     elif s > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s)], p=0.8))
     if grayscale_p > 0 and in_chans == 3:

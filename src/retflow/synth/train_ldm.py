@@ -118,9 +118,7 @@ class Trainer:
                     self.resume_path)
 
     def load(self) -> bool:
-        if not self.resume_path.exists():
-            return False
-        state = load_resume(self.resume_path, self.fingerprint(), log=lambda m: print(m, flush=True))
+        state = load_resume(self.resume_path, self.fingerprint())
         if state is None:
             return False
         for k, v in self.networks().items():

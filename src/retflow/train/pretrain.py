@@ -117,7 +117,7 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
     optimizer = make_optimizer(model, cfg, info.device)
     resume_path = out_dir / "resume" / "last.pth"
     start_epoch, start_batch, log_rows = 0, 0, []
-    state = load_resume(resume_path, fingerprint, log=print if info.is_main else None)
+    state = load_resume(resume_path, fingerprint, report=info.is_main)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

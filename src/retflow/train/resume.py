@@ -43,15 +43,16 @@ def run_fingerprint(settings: dict, files: Iterable[str | os.PathLike | None] = 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_resume(path: str | os.PathLike, fingerprint: str, log=print) -> dict | None:
+def load_resume(path: str | os.PathLike, fingerprint: str, report: bool = True) -> dict | None:
     """The state in ``path`` if it exists and was written with ``fingerprint``; otherwise ``None``
-    (a checkpoint of another run is reported through ``log`` and left to be overwritten)."""
+    (a checkpoint of another run is left to be overwritten, and said on stdout when ``report``)."""
     path = Path(path)
     if not path.exists():
         return None
     state = load_state(path)
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        if log is not None:
-            log(f"ignoring {path}: written by a run with other settings or inputs; training from the start")
+        if report:
+            print(f"ignoring {path}: written by a run with other settings or inputs; training from the start",
+                  flush=True)
         return None
     return state
