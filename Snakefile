@@ -1,18 +1,22 @@
 # retflow: retinal foundation models, from images to a report, as one Snakemake DAG.
 # Default config = the embedded demo (phantoms, tiny ViTs, CPU minutes);
 # config/retfound_paper.yaml = the RETFound paper at full scale.
-from snakemake.utils import min_version, validate
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version
 
 min_version("9.0")
 
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-# config.yaml (the demo) is the default; `--configfile X` replaces it instead of merging into it
-if not workflow.config_settings.configfiles:
+from retflow.settings import startup  # noqa: E402
 
-    configfile: "config.yaml"
-
-
-validate(config, "config/schema.yaml")
+# The config: `--configfile X` replaces the default config.yaml (the demo), which is read here so
+# that a YAML error names its line. Validated against config/schema.yaml (defaults filled in),
+# cross-references, paths and CSV headers: every problem is one line, then exit 1
+# (retflow.settings.startup).
+startup.apply(config, workflow.config_settings.configfiles, Path(workflow.basedir) / "config.yaml")
 
 
 # CPU image for every rule that names none; GPU rules name config["containers"]["gpu"]

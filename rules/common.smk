@@ -1,25 +1,12 @@
 # Config helpers: all logic lives in retflow.config; this file only wires it into the DAG.
+# The config is validated (schema defaults, cross-references, paths, CSV headers) in the
+# Snakefile by retflow.settings.startup before this file is read.
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from retflow import config as rfc  # noqa: E402
 from retflow.train import launch  # noqa: E402
 from retflow.data.labels import label_specs  # noqa: E402
-
-_errors = rfc.semantic_errors(config)
-if _errors:
-    _listing = "\n  ".join(_errors)
-    raise ValueError(f"invalid config:\n  {_listing}")
-_missing = rfc.missing_paths(config)
-if _missing:
-    _listing = "\n  ".join(_missing)
-    _msg = f"missing input paths named in the config:\n  {_listing}"
-    if config["missing_data"] == "error":
-        raise ValueError(f"{_msg}\n(set missing_data: warn to dry-run without them)")
-    print(f"WARNING: {_msg}", file=sys.stderr)
 
 RESULTS = config["results"]
 CONTAINERS = config["containers"]

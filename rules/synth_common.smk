@@ -1,14 +1,10 @@
 # Helpers of the synthetic branch (rules/synth.smk includes this file): config checks, paths and
-# settings; all logic lives in retflow.synth. rules/pretrain.smk may call synthetic_store(m) /
+# settings (checked at startup); all logic lives in retflow.synth. rules/pretrain.smk may call synthetic_store(m) /
 # synthetic_store_manifest(m) when synth.enabled.
 from retflow.synth import paths as synth_paths  # noqa: E402
 from retflow.synth import settings as synth_cfg  # noqa: E402
 
-_synth_errors = synth_cfg.errors(config)
-if _synth_errors:
-    _listing = "\n  ".join(_synth_errors)
-    raise ValueError(f"invalid config:\n  {_listing}")
-
+# synth_cfg.errors(config) ran at startup (retflow.settings.startup)
 SYNTH_MODALITIES = synth_cfg.modalities(config)
 SYNTH_SHARDS = synth_cfg.shard_ids(config)
 SYNTH_DIR = f"{RESULTS}/synth/{{modality}}"
