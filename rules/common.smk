@@ -5,17 +5,20 @@ import json
 from pathlib import Path
 
 from retflow import config as rfc  # noqa: E402
+from retflow.layout import Layout  # noqa: E402
+from retflow.settings import build  # noqa: E402
 from retflow.train import launch  # noqa: E402
 from retflow.data.labels import label_specs  # noqa: E402
 
 RESULTS = config["results"]
+LAYOUT = Layout(RESULTS)  # every results path (retflow.layout)
 CONTAINERS = config["containers"]
 DATASETS = config["datasets"]
 TASKS = config["tasks"]
 MODELS = config["models"]
 # segmentation tasks: one `segment` job writes metrics.json (rules/segment.smk), finetune protocol only
 SEGMENTATION_TASKS = [t for t, s in TASKS.items() if s["type"] == "segmentation"]
-RUN_DIR = f"{RESULTS}/{{protocol}}/{{task}}/{{model}}/frac{{frac}}/seed{{seed}}"
+RUN_DIR = LAYOUT.run_dir("{protocol}", "{task}", "{model}", "{frac}", "{seed}")
 RUN_LOG = "{protocol}/{task}/{model}/frac{frac}/seed{seed}"
 PRETRAIN = rfc.pretrain_runs(config)
 
@@ -29,19 +32,19 @@ def res(kind, key):
 
 
 def store_dir(dataset):
-    return f"{RESULTS}/data/{dataset}"
+    return LAYOUT.store(dataset)
 
 
 def store_manifest(dataset):
-    return f"{store_dir(dataset)}/manifest.parquet"
+    return LAYOUT.manifest(dataset)
 
 
 def run_metrics(run):
     """All metrics.json files of one downstream run: internal test + each external set."""
-    d = f"{RESULTS}/{run.dir}"
+    d = LAYOUT.run(run)
     out = [f"{d}/metrics.json"]
     out += [
-        f"{d}/external/{e['dataset']}/metrics.json"
+        f"{LAYOUT.external_dir(d, e['dataset'])}/metrics.json"
         for e in rfc.external_sets(TASKS[run.task])
     ]
     return out
@@ -63,7 +66,7 @@ def phantom_names():
 def prepare_inputs(wildcards):
     ds = DATASETS[wildcards.dataset]
     if ds["source"] == "phantom":
-        return {"raw": f"{RESULTS}/raw/{wildcards.dataset}"}
+        return {"raw": LAYOUT.raw(wildcards.dataset)}
     paths = {}
     for key in ("path", "images"):
         p = rfc.dataset_path(config, wildcards.dataset, key)
@@ -75,7 +78,7 @@ def prepare_inputs(wildcards):
 def prepare_location(wildcards):
     ds = DATASETS[wildcards.dataset]
     if ds["source"] == "phantom":
-        return f"{RESULTS}/raw/{wildcards.dataset}"
+        return LAYOUT.raw(wildcards.dataset)
     return str(rfc.dataset_path(config, wildcards.dataset, "path"))
 
 
@@ -84,7 +87,7 @@ def allowed_labels(wildcards):
 
 
 def leakage_report():
-    return f"{RESULTS}/data/leakage.json"
+    return LAYOUT.leakage()
 
 
 def images_option(wildcards):
@@ -93,29 +96,7 @@ def images_option(wildcards):
 
 
 def pretrain_settings(wildcards):
-    p = config["pretrain"]
-    method, data = rfc.parse_pretrain_run(wildcards.method)
-    settings = {
-        k: v
-        for k, v in p.items()
-        if k not in ("methods", "pools", "mask_ratio", "recipes")
-    }
-    settings.update((p.get("recipes") or {}).get(method) or {})
-    if method == "token_recon":
-        settings["token_recon"] = dict(
-            p["token_recon"], teacher_checkpoint=teacher_checkpoint(wildcards)
-        )
-    settings.update(
-        method=method,
-        data=data,
-        modality=wildcards.modality,
-        mask_ratio=p["mask_ratio"][wildcards.modality],
-        vit=rfc.vit_settings(config, wildcards.modality),
-        normalize=rfc.normalize_settings(config, wildcards.modality),
-        seed=config["seeds"][0],
-        device=config["device"],
-    )
-    return as_json(settings)
+    return build.pretrain(config, wildcards.method, wildcards.modality, LAYOUT).to_json()
 
 
 def pretrain_stores(wildcards):
@@ -140,17 +121,15 @@ def pretrain_inputs(wildcards):
         for _ in pretrain_synthetic(wildcards)
     ]
     if rfc.parse_pretrain_run(wildcards.method)[0] == "token_recon":
-        teacher = teacher_checkpoint(wildcards)
-        out += [teacher] if teacher.startswith(f"{RESULTS}/") else []
+        own_run = config["pretrain"]["token_recon"]["teacher_checkpoint"]
+        if own_run in config["pretrain"]["methods"]:  # the DAG's own run, not a local file
+            out.append(teacher_checkpoint(wildcards))
     return out
 
 
 def teacher_checkpoint(wildcards):
     """token_recon's frozen teacher: the DAG's own run of a method, or a local file."""
-    teacher = config["pretrain"]["token_recon"]["teacher_checkpoint"]
-    if teacher in config["pretrain"]["methods"]:
-        return f"{RESULTS}/pretrain/{teacher}/{wildcards.modality}/checkpoint.pth"
-    return teacher if isinstance(teacher, str) else teacher[wildcards.modality]
+    return build.teacher_checkpoint(config, wildcards.modality, LAYOUT)
 
 
 def pretrain_launch(wildcards, threads, resources):
@@ -164,8 +143,7 @@ def init_checkpoint(wildcards):
     model = MODELS[wildcards.model]
     modality = rfc.task_modality(config, wildcards.task)
     if model["init"] == "pretrained":
-        run = rfc.pretrain_run(config, model)
-        return f"{RESULTS}/pretrain/{run}/{modality}/checkpoint.pth"
+        return LAYOUT.pretrain_checkpoint(rfc.pretrain_run(config, model), modality)
     if model["init"] == "file":
         path = rfc.model_weights_file(config, wildcards.model, modality)
         return path if Path(path).exists() else []
@@ -184,30 +162,9 @@ def init_option(wildcards):
 
 
 def finetune_settings(wildcards):
-    task = TASKS[wildcards.task]
-    if wildcards.task in SEGMENTATION_TASKS:
-        raise ValueError(
-            f"task '{wildcards.task}' is a segmentation task: its runs are made by rule"
-            f" segment (RUN_DIR/metrics.json, protocol finetune), not by rule finetune"
-        )
-    settings = dict(config[wildcards.protocol])
-    settings.update(
-        task={
-            "name": wildcards.task,
-            "label": task["label"],
-            "type": task["type"],
-            "classes": rfc.task_classes(task),
-        },
-        vit=rfc.vit_settings(config, rfc.task_modality(config, wildcards.task)),
-        normalize=rfc.normalize_settings(
-            config, rfc.task_modality(config, wildcards.task)
-        ),
-        protocol=wildcards.protocol,
-        fraction=float(wildcards.frac),
-        seed=int(wildcards.seed),
-        device=config["device"],
-    )
-    return as_json(settings)
+    return build.finetune(
+        config, wildcards.protocol, wildcards.task, wildcards.frac, wildcards.seed
+    ).to_json()
 
 
 def evaluate_args(wildcards, eval_set):
@@ -238,22 +195,11 @@ def predict_external_args(wildcards):
 
 def segment_settings(wildcards):
     """Settings of one segmentation run (retflow.train.segment): the `segment` section + the run."""
-    task = TASKS[wildcards.task]
-    modality = rfc.task_modality(config, wildcards.task)
-    settings = dict(config["segment"])
-    settings.update(
-        task={
-            "name": wildcards.task,
-            "type": task["type"],
-            "classes": [str(c) for c in task["classes"]],
-        },
-        vit=rfc.vit_settings(config, modality),
-        normalize=rfc.normalize_settings(config, modality),
-        protocol=wildcards.protocol,
-        model=wildcards.model,
-        fraction=float(wildcards.frac),
-        seed=int(wildcards.seed),
-        device=config["device"],
-        evaluate=config["evaluate"],
-    )
-    return as_json(settings)
+    return build.segment(
+        config,
+        wildcards.task,
+        wildcards.model,
+        wildcards.frac,
+        wildcards.seed,
+        wildcards.protocol,
+    ).to_json()

@@ -12,8 +12,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-class ConfigError(ValueError):
-    """A configuration problem, reported with the offending key."""
+from retflow.settings.load import ConfigError  # noqa: E402,F401 - one ConfigError, re-exported
 
 
 def fraction_tag(fraction: float) -> str:

@@ -36,8 +36,10 @@ def file_stamp(path: str | os.PathLike | None) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def run_fingerprint(settings: dict, files: Iterable[str | os.PathLike | None] = (), **extra: Any) -> str:
-    """SHA-256 of the settings (without :data:`OPERATIONAL_KEYS`), the input files' stamps and ``extra``."""
+def run_fingerprint(settings, files: Iterable[str | os.PathLike | None] = (), **extra: Any) -> str:
+    """SHA-256 of the settings (a settings record or a dict; without :data:`OPERATIONAL_KEYS`), the input
+    files' stamps and ``extra``."""
+    settings = settings.to_dict() if hasattr(settings, "to_dict") else settings
     kept = {k: v for k, v in settings.items() if k not in OPERATIONAL_KEYS}
     payload = [kept, [file_stamp(f) for f in files], extra]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

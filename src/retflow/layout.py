@@ -1,0 +1,130 @@
+"""Layout: the one place that spells every path under the results folder.
+
+The rules (``rules/*.smk``), the report, the synthetic branch and the library all ask a
+:class:`Layout` for paths; nothing else writes ``f"{results}/..."``. A method called with
+Snakemake wildcard strings (``"{task}"``) gives the rule's pattern, called with values the
+concrete path::
+
+    results/raw/{dataset}/                               phantom datasets as generated
+    results/data/{dataset}/                              a prepared store (shards/, manifest.parquet,
+                                                         quarantine.csv, qc.json)
+    results/data/leakage.json, preflight.json            cross-dataset leakage, the pre-flight gate
+    results/pretrain/{run}/{modality}/                   checkpoint.pth, log.csv, figure.png, settings.json
+    results/{protocol}/{task}/{model}/frac{f}/seed{s}/    one downstream run (run_dir)
+    results/compare/{task}/{protocol}/frac{f}/seed{s}.json
+    results/saliency/{task}.png / .json
+    results/synth/{modality}/                            generator, samples, store/
+    results/report.html
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+
+def fraction_tag(fraction) -> str:
+    """A label fraction as it appears in paths (``0.1`` -> ``"0.1"``; a wildcard stays as it is)."""
+    if isinstance(fraction, str) and not re.fullmatch(r"[0-9.eE+-]+", fraction):
+        return fraction
+    return format(float(fraction), "g")
+
+
+#: the top-level folders that are not downstream protocols
+NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth"})
+_RUN = re.compile(r"(?P<protocol>[^/]+)/(?P<task>[^/]+)/(?P<model>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>\d+)"
+                  r"(?:/external/(?P<external>[^/]+))?/[^/]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Paths under the results root ``root`` (the config's ``results``)."""
+
+    root: str = "results"
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", str(self.root).rstrip("/") or ".")
+
+    def _p(self, *parts) -> str:
+        return "/".join([self.root, *map(str, parts)])
+
+    # data stage ------------------------------------------------------------------
+    def raw(self, dataset: str) -> str:
+        return self._p("raw", dataset)
+
+    def store(self, dataset: str) -> str:
+        return self._p("data", dataset)
+
+    def shards(self, dataset: str) -> str:
+        return f"{self.store(dataset)}/shards"
+
+    def manifest(self, dataset: str) -> str:
+        return f"{self.store(dataset)}/manifest.parquet"
+
+    def quarantine(self, dataset: str) -> str:
+        return f"{self.store(dataset)}/quarantine.csv"
+
+    def qc(self, dataset: str) -> str:
+        return f"{self.store(dataset)}/qc.json"
+
+    def leakage(self) -> str:
+        return self._p("data", "leakage.json")
+
+    def preflight(self) -> str:
+        return self._p("data", "preflight.json")
+
+    # pretraining -----------------------------------------------------------------
+    def pretrain_dir(self, run: str, modality: str) -> str:
+        return self._p("pretrain", run, modality)
+
+    def pretrain_checkpoint(self, run: str, modality: str) -> str:
+        return f"{self.pretrain_dir(run, modality)}/checkpoint.pth"
+
+    # downstream runs -------------------------------------------------------------
+    def run_dir(self, protocol: str, task: str, model: str, fraction, seed) -> str:
+        return self._p(protocol, task, model, f"frac{fraction_tag(fraction)}", f"seed{seed}")
+
+    def run(self, run) -> str:
+        """The folder of a :class:`retflow.config.Run`."""
+        return self.run_dir(run.protocol, run.task, run.model, run.fraction, run.seed)
+
+    def external_dir(self, run_dir: str, dataset: str) -> str:
+        return f"{run_dir}/external/{dataset}"
+
+    def parse_run_file(self, path: str | Path) -> dict | None:
+        """``{protocol, task, model, fraction, seed, eval_set}`` of a file inside a run folder
+        (``.../external/<set>/...`` gives that eval set), or None for a path outside the layout."""
+        try:
+            rel = Path(path).resolve().relative_to(Path(self.root).resolve()).as_posix()
+        except ValueError:
+            return None
+        m = _RUN.fullmatch(rel)
+        if m is None or m["protocol"] in NOT_PROTOCOLS:
+            return None
+        return {"protocol": m["protocol"], "task": m["task"], "model": m["model"], "fraction": m["fraction"],
+                "seed": m["seed"], "eval_set": m["external"] or "internal"}
+
+    # report steps ----------------------------------------------------------------
+    def compare_json(self, task: str, protocol: str, fraction, seed) -> str:
+        return self._p("compare", task, protocol, f"frac{fraction_tag(fraction)}", f"seed{seed}.json")
+
+    def saliency_png(self, task: str) -> str:
+        return self._p("saliency", f"{task}.png")
+
+    def saliency_json(self, task: str) -> str:
+        return self._p("saliency", f"{task}.json")
+
+    def report(self) -> str:
+        return self._p("report.html")
+
+    # synthetic branch ------------------------------------------------------------
+    def synth_dir(self, modality: str) -> str:
+        return self._p("synth", modality)
+
+    def synth_store(self, modality: str) -> str:
+        """The synthetic store of a modality: ``shards/`` + ``manifest.parquet``, like a prepared dataset."""
+        return f"{self.synth_dir(modality)}/store"
+
+    def synth_store_manifest(self, modality: str) -> str:
+        return f"{self.synth_store(modality)}/manifest.parquet"

@@ -1,0 +1,279 @@
+"""Typed, frozen settings of each stage: what one job of that stage runs with.
+
+Built once from the validated config by :mod:`retflow.settings.build` (the rules hand them to
+the entry points as JSON; a library user calls the same builders), written next to the job's
+outputs as ``settings.json``. No field has a default: every value comes from the config, whose
+defaults live in ``config/schema.yaml`` alone. ``tests/test_settings.py`` checks that each
+record's fields are exactly its schema section's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from retflow.settings.frozen import Frozen
+
+frozen = dataclasses.dataclass(frozen=True)
+
+
+# ------------------------------------------------------------------------------ shared parts
+@frozen
+class ViTSettings(Frozen):
+    """The ``vit`` section for one modality (``in_chans`` resolved)."""
+
+    arch: str
+    img_size: int
+    patch_size: int
+    in_chans: int
+    model_kwargs: Mapping[str, Any]
+
+    def spec(self):
+        from retflow.models.vit import ViTSpec
+
+        return ViTSpec.from_dict(self.to_dict())
+
+
+@frozen
+class NormalizeSettings(Frozen):
+    """Model-input intensity normalisation of a modality (``preprocess.<modality>.normalize``)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@frozen
+class TaskSettings(Frozen):
+    """What a downstream job needs of its task (``tasks.<name>``)."""
+
+    name: str
+    type: str
+    label: Any  # one column; a tuple of 0/1 columns (multilabel); None (segmentation)
+    classes: tuple[str, ...]
+
+
+@frozen
+class EvaluateSettings(Frozen):
+    """``evaluate``: the bootstrap."""
+
+    n_boot: int
+    seed: int
+
+
+@frozen
+class Schedule(Frozen):
+    """A warmup + cosine learning-rate schedule over ``epochs`` (lr = blr x batch / 256, resolved)."""
+
+    lr: float
+    min_lr: float
+    warmup_epochs: int
+    epochs: int
+
+
+# ------------------------------------------------------------------------------ downstream
+@frozen
+class FinetuneSettings(Frozen):
+    """One fine-tuning or linear-probe run (``finetune`` / ``probe_*`` section + the run)."""
+
+    # the protocol's section (schema: finetune / probe_adamw / probe_lars / probe_logreg)
+    epochs: int
+    batch_size: int
+    blr: float
+    layer_decay: float
+    weight_decay: float
+    drop_path: float
+    label_smoothing: float
+    warmup_epochs: int
+    min_lr: float
+    crop_scale: tuple[float, float]
+    min_steps: int
+    select_by: str
+    augment: str
+    auto_augment: str
+    reprob: float
+    color_jitter: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_switch_prob: float
+    class_weights: str
+    num_workers: int
+    # the run
+    protocol: str
+    task: TaskSettings
+    vit: ViTSettings
+    normalize: NormalizeSettings
+    fraction: float
+    seed: int
+    device: str
+
+    def schedule(self, batch: int) -> Schedule:
+        return Schedule(lr=self.blr * batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
+                        epochs=self.epochs)
+
+
+@frozen
+class SegmentSettings(Frozen):
+    """One segmentation run (``segment`` section + the run)."""
+
+    epochs: int
+    batch_size: int
+    blr: float
+    layer_decay: float
+    weight_decay: float
+    drop_path: float
+    warmup_epochs: int
+    min_lr: float
+    crop_scale: tuple[float, float]
+    hflip: bool
+    min_steps: int
+    feature_size: int
+    n_overlay: int
+    num_workers: int
+    protocol: str
+    model: str
+    task: TaskSettings
+    vit: ViTSettings
+    normalize: NormalizeSettings
+    fraction: float
+    seed: int
+    device: str
+    evaluate: EvaluateSettings
+
+    def schedule(self, batch: int) -> Schedule:
+        return Schedule(lr=self.blr * batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
+                        epochs=self.epochs)
+
+
+# ------------------------------------------------------------------------------ pretraining
+@frozen
+class DecoderSettings(Frozen):
+    """MAE's decoder (``pretrain.decoder``)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+@frozen
+class ColourViews(Frozen):
+    """The colour steps of a two-view method's augmentation (:mod:`retflow.data.ssl_views`)."""
+
+    color_jitter: float
+    grayscale_p: float
+    solarize_p: float
+
+
+VIEW_KEYS = tuple(f.name for f in dataclasses.fields(ColourViews))
+
+
+@frozen
+class SimCLRSettings(Frozen):
+    proj_hidden_dim: int
+    proj_dim: int
+    proj_layers: int
+    temperature: float
+    drop_path_rate: float
+    color_jitter: float
+    grayscale_p: float
+    solarize_p: float
+
+
+@frozen
+class MoCoV3Settings(Frozen):
+    proj_hidden_dim: int
+    proj_dim: int
+    pred_hidden_dim: int
+    temperature: float
+    momentum: float
+    freeze_patch_embed: bool
+    sincos_pos_embed: bool
+    drop_path_rate: float
+    color_jitter: float
+    grayscale_p: float
+    solarize_p: float
+
+
+@frozen
+class DINOSettings(Frozen):
+    out_dim: int
+    hidden_dim: int
+    bottleneck_dim: int
+    head_layers: int
+    student_temp: float
+    teacher_temp: float
+    warmup_teacher_temp: float
+    warmup_teacher_temp_frac: float
+    center_momentum: float
+    momentum: float
+    freeze_last_layer_frac: float
+    drop_path_rate: float
+    local_crops: int
+    local_size: int
+    local_crop_scale: tuple[float, float]
+    color_jitter: float
+    grayscale_p: float
+    solarize_p: float
+
+
+@frozen
+class TokenReconSettings(Frozen):
+    teacher_checkpoint: str  # resolved to a file (the DAG's own run of a method, or a local file)
+    teacher_vit: Mapping[str, Any] | None
+    noise_std: tuple[float, float]
+    mask_ratio: tuple[float, float]
+    predictor_hidden_dim: int
+    cls_weight: float
+    drop_path_rate: float
+
+
+METHOD_SETTINGS = {"simclr": SimCLRSettings, "mocov3": MoCoV3Settings, "dino": DINOSettings,
+                   "token_recon": TokenReconSettings}
+
+
+@frozen
+class PretrainSettings(Frozen):
+    """One pretraining run: ``pretrain`` (with ``recipes.<method>`` applied) for one method + modality.
+
+    Only the run's own method section is set (the others are None), so another method's settings
+    never make this run stale."""
+
+    method: str
+    data: str
+    modality: str
+    mask_ratio: float
+    synthetic_epochs: int | None
+    gpu_augment: Any  # auto | true | false
+    compile: bool
+    clip_grad: float | None
+    decoder: DecoderSettings
+    norm_pix_loss: bool
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    blr: float
+    min_lr: float
+    warmup_epochs: int
+    weight_decay: float
+    crop_scale: tuple[float, float]
+    init: str | None
+    num_workers: int
+    checkpoint_every_steps: int
+    simclr: SimCLRSettings | None
+    mocov3: MoCoV3Settings | None
+    dino: DINOSettings | None
+    token_recon: TokenReconSettings | None
+    vit: ViTSettings
+    normalize: NormalizeSettings
+    seed: int
+    device: str
+
+    @property
+    def method_settings(self) -> Frozen | None:
+        """The run's method section (None for MAE)."""
+        return getattr(self, self.method) if self.method in METHOD_SETTINGS else None
+
+    def schedule(self, eff_batch: int) -> Schedule:
+        return Schedule(lr=self.blr * eff_batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
+                        epochs=self.epochs)
