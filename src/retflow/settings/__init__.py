@@ -2,6 +2,6 @@
 gets typed, frozen settings built from it (:mod:`.stages`). The schema is the only place a
 default is written."""
 
-from retflow.settings.load import ConfigError, load_config, read_yaml, validate
+from retflow.settings.load import ConfigError, load_config, read_yaml, section_defaults, validate
 
-__all__ = ["ConfigError", "load_config", "read_yaml", "validate"]
+__all__ = ["ConfigError", "load_config", "read_yaml", "section_defaults", "validate"]

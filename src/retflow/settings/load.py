@@ -57,7 +57,10 @@ def yaml_error_line(path: str | Path, exc: yaml.MarkedYAMLError) -> str:
     """``file:line:column: problem`` (1-based, as editors count) for a YAML syntax error."""
     mark = exc.problem_mark or exc.context_mark
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    problem = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+    problem = str(exc.problem or exc.context)
+    ctx = exc.context_mark
+    if exc.context and exc.problem and ctx is not None:
+        problem += f" ({exc.context} started at line {ctx.line + 1}, column {ctx.column + 1})"
     hint = ""
     if "\t" in (getattr(mark, "buffer", None) or "") or "found character '\\t'" in problem:
         hint = " (YAML indents with spaces, not tabs)"
@@ -100,6 +103,26 @@ def validate(config: dict, source: str = "config") -> dict:
     lines = list(dict.fromkeys(f"{source}: {line}" for e in errors for line in _describe(e, doc)))
     if lines:
         raise ConfigError(lines)
+    return filled
+
+
+def section_defaults(key: str, given: dict | None = None) -> dict:
+    """A config section (``"pretrain.simclr"``, ``"finetune"``) as the schema fills it: ``given``
+    with every default added and checked. For library users and tests that need one section
+    without writing a whole config."""
+    doc = schema()
+    sub = doc
+    for part in key.split("."):
+        sub = _subschema(doc, sub)
+        props = sub.get("properties") or {}
+        if part not in props:
+            raise ConfigError(f"{key}: not a section of the config schema")
+        sub = props[part]
+    sub = _subschema(doc, sub)
+    filled = copy.deepcopy(given or {})
+    errors = list(_validator({**sub, "definitions": doc["definitions"]}, True).iter_errors(filled))
+    if errors:
+        raise ConfigError([f"{key}: {line}" for e in errors for line in _describe(e, doc)])
     return filled
 
 
