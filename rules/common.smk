@@ -7,6 +7,8 @@ from pathlib import Path
 from retflow import config as rfc  # noqa: E402
 from retflow.layout import Layout  # noqa: E402
 from retflow.settings import build  # noqa: E402
+# retflow.settings.report as report_settings: `report` is Snakemake's report()
+from retflow.settings import report as report_settings  # noqa: E402
 from retflow.train import launch  # noqa: E402
 from retflow.data.labels import label_specs  # noqa: E402
 
@@ -90,6 +92,11 @@ def leakage_report():
     return LAYOUT.leakage()
 
 
+def preflight_report():
+    """The pre-flight gate's output (rules/data.smk): the input of every expensive rule."""
+    return LAYOUT.preflight()
+
+
 def images_option(wildcards):
     p = rfc.dataset_path(config, wildcards.dataset, "images")
     return f"--images '{p}'" if p is not None else ""
@@ -167,20 +174,17 @@ def finetune_settings(wildcards):
     ).to_json()
 
 
-def evaluate_args(wildcards, eval_set):
-    task = TASKS[wildcards.task]
-    kind, classes = task["type"], rfc.task_classes(task)
-    if eval_set != "internal":
-        ext = rfc.external_eval(config, wildcards.task, eval_set)
-        kind, classes = ext["type"], ext["classes"] or classes
-    names = " ".join(str(c) for c in classes)
-    classes_opt = "" if kind == "regression" else f"--classes {names}"
-    return (
-        f"--task {wildcards.task} --task-type {kind} --protocol {wildcards.protocol}"
-        f" --model {wildcards.model} --fraction {wildcards.frac} --seed {wildcards.seed}"
-        f" --eval-set {eval_set} {classes_opt}"
-        f" --n-boot {config['evaluate']['n_boot']} --boot-seed {config['evaluate']['seed']}"
-    )
+def evaluate_settings(wildcards, eval_set):
+    """Settings of one evaluate job: the run, its eval set's label scheme, the bootstrap."""
+    return report_settings.evaluation(
+        config,
+        wildcards.protocol,
+        wildcards.task,
+        wildcards.model,
+        wildcards.frac,
+        wildcards.seed,
+        eval_set,
+    ).to_json()
 
 
 def predict_external_args(wildcards):

@@ -14,7 +14,7 @@ rule finetune:
     input:
         store=lambda w: store_manifest(TASKS[w.task]["dataset"]),
         init=init_checkpoint,
-        leakage=leakage_report(),
+        preflight=preflight_report(),
     output:
         best=f"{RUN_DIR}/best.pth",
         log=f"{RUN_DIR}/train_log.csv",

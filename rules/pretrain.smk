@@ -7,7 +7,7 @@ rule pretrain:
     """
     input:
         pretrain_inputs,
-        leakage=leakage_report(),
+        preflight=preflight_report(),
     output:
         checkpoint=f"{RESULTS}/pretrain/{{method}}/{{modality}}/checkpoint.pth",
         log=f"{RESULTS}/pretrain/{{method}}/{{modality}}/log.csv",

@@ -14,7 +14,7 @@ rule segment:
     input:
         store=lambda w: store_manifest(TASKS[w.task]["dataset"]),
         init=init_checkpoint,
-        leakage=leakage_report(),
+        preflight=preflight_report(),
     output:
         metrics=f"{RUN_DIR}/metrics.json",
         best=f"{RUN_DIR}/best.pth",

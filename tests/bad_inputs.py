@@ -9,6 +9,7 @@ dataset spec and ``{image_id: expected reason}``.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,11 @@ def make_cfp_corpus(root: Path, n_good: int = 24) -> tuple[dict, dict[str, str]]
     bad("dark.png", "no_fundus_field",
         lambda p: Image.fromarray(rng.integers(0, 12, (80, 80, 3), dtype=np.uint8)).save(p))
     bad("../outside.png", "unsafe_path", lambda p: Image.fromarray(fundus(1011)).save(p))
+    # links are followed: one to a regular image is read (below), one to a device is never opened
+    bad("devzero.png", "not_a_file", lambda p: os.symlink("/dev/zero", p))
+    bad("pipe.png", "not_a_file", lambda p: os.mkfifo(p))  # opening it for reading would block
+    bad("loop.png", "not_a_file", lambda p: os.symlink(p.name, p))
+    bad("dangling.png", "missing_file", lambda p: os.symlink("nowhere.png", p))
     bad("nopatient.png", "missing_patient_id", lambda p: Image.fromarray(fundus(1012)).save(p), patient="")
     bad("", "missing_id")
     for copy in range(2):  # same id, different labels: ambiguous
@@ -102,6 +108,11 @@ def make_cfp_corpus(root: Path, n_good: int = 24) -> tuple[dict, dict[str, str]]
     for name in ("rgba.png", "palette.png"):
         rows.append({"image": name, "patient": f"Q{name}", "eye": "", "label": "1", "split": ""})
     Image.fromarray(fundus(1033)).save(img_dir / "unlisted.png")
+    # a symlink farm: the link leaves the image folder, the CSV entry does not
+    (root / "farm").mkdir()
+    Image.fromarray(fundus(1034)).save(root / "farm" / "target.png")
+    os.symlink(root / "farm" / "target.png", img_dir / "linked.png")
+    rows.append({"image": "linked.png", "patient": "F", "eye": "R", "label": "1", "split": ""})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     spec = {"modality": "cfp", "role": "labelled", "source": "csv", "id_column": "image",
             "patient_column": "patient", "eye_column": "eye", "label_columns": ["label"]}

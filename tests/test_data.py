@@ -88,12 +88,22 @@ def test_prepare_quarantines_bad_files_and_splits_by_patient(tmp_path):
         assert col in manifest
 
 
-def test_prepare_fails_above_quarantine_limit_naming_the_dataset(tmp_path):
-    spec = make_csv_dataset(tmp_path / "raw", n_patients=2, bad=[(f"e{i}.png", b"") for i in range(3)])
-    with pytest.raises(DatasetError, match="dataset 'toy'.*quarantined.*zero_bytes"):
-        prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", {**PREP, "max_quarantine_fraction": 0.1},
-                SPLITS, tmp_path / "out")
-    assert (tmp_path / "out" / "quarantine.csv").exists()
+def test_quarantine_limit_fails_at_the_gate_naming_the_dataset(tmp_path):
+    # the store is made (its quarantine.csv and qc.json are the evidence); the pre-flight gate judges the limit
+    from retflow.preflight_data import run_gate
+
+    spec = make_csv_dataset(tmp_path / "raw", n_patients=10, bad=[(f"e{i}.png", b"") for i in range(3)])
+    qc = prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS,
+                 tmp_path / "toy")
+    assert qc["quarantined_inputs"] == 3 and qc["n_sources"] == 23
+    leak = tmp_path / "leakage.json"
+    leak.write_text(json.dumps({"findings": [], "n_errors": 0, "n_warnings": 0}))
+    checks = {"max_quarantine_fraction": 0.1, "max_unusable_label_fraction": 0.5, "labelled_pool_splits": ["train"],
+              "pools": {}, "uses": []}
+    (problem,) = run_gate([tmp_path / "toy"], leak, checks, {}).problems
+    assert problem.startswith("dataset 'toy': 3/23 inputs quarantined (13.0% > preprocess.max_quarantine_fraction 10.0%)")
+    assert "zero_bytes" in problem and str(tmp_path / "toy" / "quarantine.csv") in problem
+    assert run_gate([tmp_path / "toy"], leak, {**checks, "max_quarantine_fraction": 0.2}, {}).problems == []
 
 
 def test_missing_csv_column_is_named(tmp_path):
@@ -216,7 +226,11 @@ def test_bad_input_corpus_every_kind_gets_its_reason(tmp_path):
     assert {k: got.get(k) for k in expected} == expected
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     kept = set(manifest.image_id)
-    assert {"nolabel", "sevenlabel", "weirdeye", "rgba", "palette"} <= kept  # label problems keep the image
+    assert {"nolabel", "sevenlabel", "weirdeye", "rgba", "palette", "linked"} <= kept  # label problems keep the image
+    details = dict(zip(q.image_id, q.detail))
+    assert "a character device, not a regular file" in details["devzero"] and "/dev/zero" in details["devzero"]
+    assert "FIFO" in details["pipe"] and "broken symbolic link" in details["dangling"]
+    assert "datasets.corpus.eye_map" in details["weirdeye"]
     assert manifest.loc[manifest.image_id == "sevenlabel", "label"].isna().all()
     assert set(manifest.eye) <= {"R", "L", ""}
     assert qc["unlisted_files"] == 2  # unlisted.png and sixteen_gray.png
@@ -236,15 +250,16 @@ def test_bad_volume_corpus_every_kind_gets_its_reason(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-    spec, _ = make_cfp_corpus(tmp_path / "raw")
+    spec = make_csv_dataset(tmp_path / "raw", n_patients=0, bad=[("e.png", b""), ("t.png", b"not an image")])
     proc = subprocess.run(
         [sys.executable, str(ROOT / "workflow_scripts" / "prepare_dataset.py"), "--name", "corpus",
          "--spec", json.dumps(spec), "--location", str(tmp_path / "raw" / "labels.csv"),
          "--images", str(tmp_path / "raw" / "images"),
-         "--preprocess", json.dumps({**PREP, "max_quarantine_fraction": 0.05}), "--splits", json.dumps(SPLITS), "--out-dir", str(tmp_path / "out")],
+         "--preprocess", json.dumps(PREP), "--splits", json.dumps(SPLITS), "--out-dir", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "dataset 'corpus'" in proc.stderr and "max_quarantine_fraction" in proc.stderr
+    assert "dataset 'corpus': no usable images among 2 inputs" in proc.stderr
+    assert str(tmp_path / "out" / "quarantine.csv") in proc.stderr  # the evidence it leaves
 
 
 def test_given_splits_are_kept_and_val_carved_from_train(tmp_path):
@@ -312,7 +327,7 @@ def test_unsupported_volume_is_reported_not_crashed(real_data):
     assert exc.value.reason == "unsupported_scan_pattern"
 
 
-def test_leakage_rule_fails_listing_ids_and_writes_nothing(tmp_path):
+def test_leakage_rule_writes_every_finding_for_the_gate(tmp_path):
     from retflow.data.cross_dataset_leakage import main as leakage_main
 
     img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
@@ -322,7 +337,9 @@ def test_leakage_rule_fails_listing_ids_and_writes_nothing(tmp_path):
                       "phash": [phash(img)]}).to_parquet(tmp_path / name / "manifest.parquet")
     out = tmp_path / "leakage.json"
     stores = [str(tmp_path / "pool"), str(tmp_path / "clinic")]
-    assert leakage_main(["--stores", *stores, "--out", str(out)]) == 1 and not out.exists()
+    assert leakage_main(["--stores", *stores, "--out", str(out)]) == 0  # rule preflight stops on the errors
+    report = json.loads(out.read_text())
+    assert report["n_errors"] == 1 and report["findings"][0]["action"] == "error"
     assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", '{"exact": "warn"}']) == 0
     report = json.loads(out.read_text())
     assert report["n_warnings"] == 1 and report["findings"][0]["ids"] == ["pool_0", "clinic_0"]

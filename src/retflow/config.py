@@ -12,12 +12,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from retflow.settings.load import ConfigError  # noqa: E402,F401 - one ConfigError, re-exported
-
-
-def fraction_tag(fraction: float) -> str:
-    """Format a label fraction the way it appears in target paths (``0.1`` -> ``"0.1"``)."""
-    return format(float(fraction), "g")
+from retflow.layout import fraction_tag  # noqa: F401 - re-exported
+from retflow.settings.load import ConfigError  # noqa: F401 - one ConfigError, re-exported
 
 
 def dataset_path(config: dict, name: str, key: str = "path") -> Path | None:
@@ -27,7 +23,7 @@ def dataset_path(config: dict, name: str, key: str = "path") -> Path | None:
         return None
     path = Path(value)
     if not path.is_absolute():
-        path = Path(config.get("data_root", ".")) / path
+        path = Path(config["data_root"]) / path
     return path
 
 
@@ -40,7 +36,11 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"datasets.{name}: source 'phantom' needs a 'phantom:' block")
         if ds["source"] != "phantom" and "path" not in ds:
             errors.append(f"datasets.{name}: source '{ds['source']}' needs 'path'")
-    pools = config["pretrain"].get("pools", {})
+        if ds.get("label_columns") == []:  # an explicit empty list, never "every column"
+            from retflow.data.ingest import empty_label_columns
+
+            errors.append(empty_label_columns(name))
+    pools = config["pretrain"]["pools"]
     for modality, names in pools.items():
         for name in names:
             if name not in datasets:
@@ -64,7 +64,7 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"models.{name}: data '{data}' needs synthetic images (synth.enabled: true)")
         if model.get("data") and model["init"] != "pretrained":
             errors.append(f"models.{name}: 'data' applies to init 'pretrained' only")
-    teacher = (config["pretrain"].get("token_recon") or {}).get("teacher_checkpoint")
+    teacher = config["pretrain"]["token_recon"].get("teacher_checkpoint")  # no default: optional
     if "token_recon" in methods and not teacher:
         errors.append("pretrain.token_recon.teacher_checkpoint: token reconstruction needs a teacher "
                       "(a method in pretrain.methods, e.g. mae, or a local checkpoint file)")
@@ -90,13 +90,27 @@ def semantic_errors(config: dict) -> list[str]:
             elif datasets[ext]["modality"] != modality:
                 errors.append(f"tasks.{name}.external: '{ext}' is {datasets[ext]['modality']}, task is {modality}")
             if entry.get("map") is not None:
+                # the external map takes the MODEL's classes to the external set's own 'classes'; a
+                # raw-value -> class mapping of the external dataset belongs in its label_map
                 targets = [str(c) for c in entry.get("classes", [])]
+                model = [str(c) for c in task.get("classes", [])]
+                pairs = [(str(k), str(v)) for k, v in entry["map"].items()]
+                shape = ", ".join(f'"{k}": "{v}"' for k, v in pairs[:4]) + (", ..." if len(pairs) > 4 else "")
+                label_map = (f"datasets.{ext}.label_map: {{{entry.get('label', task.get('label'))}: {{{shape}}}}} "
+                             f"(and drop this 'map')")
+                if pairs and all(v in model for _, v in pairs):  # its values are the model's classes
+                    hint = (f"; this one maps raw values to the task's classes {model}, which belongs in "
+                            f"{label_map}")
+                else:
+                    hint = (f"; to map the dataset's raw values to the task's classes, use {label_map}")
                 if not targets:
-                    errors.append(f"tasks.{name}.external.{ext}: a 'map' needs the external 'classes'")
-                unmapped = [str(c) for c in task.get("classes", []) if str(c) not in map(str, entry["map"])]
-                bad = [str(v) for v in entry["map"].values() if str(v) not in targets]
+                    errors.append(f"tasks.{name}.external.{ext}: a 'map' (model class -> external class) needs "
+                                  f"the external 'classes'{hint}")
+                    continue
+                unmapped = [c for c in model if c not in {k for k, _ in pairs}]
+                bad = [v for _, v in pairs if v not in targets]
                 if unmapped:
-                    errors.append(f"tasks.{name}.external.{ext}.map: no entry for model classes {unmapped}")
+                    errors.append(f"tasks.{name}.external.{ext}.map: no entry for model classes {unmapped}{hint}")
                 if bad:
                     errors.append(f"tasks.{name}.external.{ext}.map: values {bad} not in its classes {targets}")
         if task["type"] == "segmentation":  # masks instead of a label column
@@ -114,8 +128,8 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"tasks.{name}.classes: one name per label column ({len(labels)})")
         if len(set(map(str, task.get("classes", [])))) != len(task.get("classes", [])):
             errors.append(f"tasks.{name}.classes: duplicate class names")
-    splits = config.get("splits", {})
-    total = sum(splits.get(k, d) for k, d in (("train", 0.6), ("val", 0.2), ("test", 0.2)))
+    splits = config["splits"]
+    total = sum(splits[k] for k in ("train", "val", "test"))
     if abs(total - 1.0) > 1e-6:
         errors.append(f"splits: train + val + test must be 1, got {total:g}")
     return errors
@@ -131,17 +145,34 @@ def missing_paths(config: dict) -> list[str]:
             path = dataset_path(config, name, key)
             if path is not None and not path.exists():
                 missing.append(f"datasets.{name}.{key}: {path}")
-    init = config["pretrain"].get("init")
-    if init and not Path(init).exists():
-        missing.append(f"pretrain.init: {init}")
+    weights = [("pretrain.init", config["pretrain"]["init"])]
+    teacher = config["pretrain"]["token_recon"].get("teacher_checkpoint")  # no default: optional
+    methods = config["pretrain"]["methods"]
+    if "token_recon" in methods and teacher and teacher not in methods:  # a method name: its run in the DAG
+        weights += [(f"pretrain.token_recon.teacher_checkpoint{'.' + k if k else ''}", p)
+                    for k, p in (teacher.items() if isinstance(teacher, dict) else [("", teacher)])]
     for name, model in config["models"].items():
-        if model["init"] != "file":
-            continue
-        paths = model.get("path") or {}
-        for key, path in (paths.items() if isinstance(paths, dict) else [("", paths)]):
-            if not Path(path).exists():
-                missing.append(f"models.{name}.path{'.' + key if key else ''}: {path}")
+        if model["init"] == "file":
+            paths = model.get("path") or {}
+            weights += [(f"models.{name}.path{'.' + k if k else ''}", p)
+                        for k, p in (paths.items() if isinstance(paths, dict) else [("", paths)])]
+    for key, path in weights:
+        problem = _weights_problem(path) if path else None
+        if problem is not None:
+            missing.append(f"{key}: {path}{problem}")
     return missing
+
+
+def _weights_problem(path: str | Path) -> str | None:
+    """``None`` for an existing weights file or `retflow export` folder, ``""`` when missing, else
+    `` (why the folder is not an export)``; cheap, nothing is read."""
+    from retflow.checkpoint_file import export_folder_problem
+
+    path = Path(path)
+    if not path.exists():
+        return ""
+    problem = export_folder_problem(path) if path.is_dir() else None
+    return f" ({problem})" if problem else None
 
 
 def model_weights_file(config: dict, model: str, modality: str) -> str | None:
@@ -160,19 +191,13 @@ def task_modality(config: dict, task: str) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    """One downstream training run: the unit a user reruns."""
+    """One downstream training run: the unit a user reruns (its folder: ``retflow.layout.Layout.run``)."""
 
     protocol: str
     task: str
     model: str
     fraction: float
     seed: int
-
-    @property
-    def dir(self) -> str:
-        return (
-            f"{self.protocol}/{self.task}/{self.model}/frac{fraction_tag(self.fraction)}/seed{self.seed}"
-        )
 
 
 def task_classes(task: dict) -> list[str]:
@@ -193,9 +218,9 @@ def task_models(config: dict, task: str) -> list[str]:
 def task_fanout(config: dict, task: str) -> tuple[list, list, list]:
     """(protocols, fractions, seeds) of a task: its own overrides, else the global lists."""
     spec = config["tasks"][task]
-    return (spec.get("protocols") or config.get("protocols", ["finetune"]),
-            spec.get("fractions") or config.get("fractions", [1.0]),
-            spec.get("seeds") or config.get("seeds", [0]))
+    return (spec.get("protocols") or config["protocols"],
+            spec.get("fractions") or config["fractions"],
+            spec.get("seeds") or config["seeds"])
 
 
 def downstream_runs(config: dict, task: str | None = None) -> list[Run]:
@@ -227,7 +252,7 @@ def external_eval(config: dict, task_name: str, dataset: str) -> dict:
 
 def model_data(config: dict, model: dict) -> str:
     """A pretrained model's pretraining data schedule (``models.X.data``, else ``pretrain.data``)."""
-    return model.get("data") or config["pretrain"].get("data", "real")
+    return model.get("data") or config["pretrain"]["data"]
 
 
 def pretrain_run(config: dict, model: dict) -> str:
@@ -259,7 +284,7 @@ def pretrain_runs(config: dict) -> list[tuple[str, str]]:
             if name in task_models(config, task):
                 needed.add((pretrain_run(config, model), task_modality(config, task)))
     # a token-reconstruction teacher named by method is pretrained in the DAG too
-    teacher = (config["pretrain"].get("token_recon") or {}).get("teacher_checkpoint")
+    teacher = config["pretrain"]["token_recon"].get("teacher_checkpoint")
     for run, modality in list(needed):
         if parse_pretrain_run(run)[0] == "token_recon" and teacher in config["pretrain"]["methods"]:
             needed.add((teacher, modality))
@@ -267,25 +292,21 @@ def pretrain_runs(config: dict) -> list[tuple[str, str]]:
 
 
 def resources(config: dict, kind: str) -> dict:
-    """Resources for a rule kind: the ``default`` entry overlaid with the kind's entry."""
-    res = {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
-    res.update(config.get("resources", {}).get("default", {}))
-    res.update(config.get("resources", {}).get(kind, {}))
-    return res
+    """Resources for a rule kind: ``resources.default`` (schema defaults) overlaid with the kind's entry."""
+    return {**config["resources"]["default"], **(config["resources"].get(kind) or {})}
 
 
 def vit_settings(config: dict, modality: str) -> dict:
     """The ``vit`` section for one modality (``in_chans`` may be given per modality)."""
     vit = dict(config["vit"])
-    chans = vit.get("in_chans", 3)
-    vit["in_chans"] = int(chans.get(modality, 3) if isinstance(chans, dict) else chans)
+    chans = vit["in_chans"]
+    vit["in_chans"] = int(chans[modality] if isinstance(chans, dict) else chans)
     return vit
 
 
 def normalize_settings(config: dict, modality: str) -> dict:
     """Model-input intensity normalisation (mean/std per channel) of a modality."""
-    default = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    return dict(config.get("preprocess", {}).get(modality, {}).get("normalize") or default)
+    return dict(config["preprocess"][modality]["normalize"])
 
 
 def segmentation_errors(config: dict, name: str) -> list[str]:

@@ -13,8 +13,11 @@ concrete path::
     results/{protocol}/{task}/{model}/frac{f}/seed{s}/    one downstream run (run_dir)
     results/compare/{task}/{protocol}/frac{f}/seed{s}.json
     results/saliency/{task}.png / .json
-    results/synth/{modality}/                            generator, samples, store/
-    results/report.html
+    results/synth/{modality}/ldm/                        the generator: model.pth, log.csv, recon.png, settings.json
+    results/synth/{modality}/parts/{shard}/              one sampling job's store part + settings.json
+    results/synth/{modality}/store/                      the synthetic store (shards/, manifest.parquet, qc.json)
+    results/synth/{modality}/quality/                    quality.json, samples/memorisation/nearest.png, settings.json
+    results/report.html, report.settings.json
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def fraction_tag(fraction) -> str:
 NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth"})
 _RUN = re.compile(r"(?P<protocol>[^/]+)/(?P<task>[^/]+)/(?P<model>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>\d+)"
                   r"(?:/external/(?P<external>[^/]+))?/[^/]+$")
+_COMPARE = re.compile(r"compare/(?P<task>[^/]+)/(?P<protocol>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>\d+)\.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +119,21 @@ class Layout:
     def saliency_json(self, task: str) -> str:
         return self._p("saliency", f"{task}.json")
 
+    def parse_compare_file(self, path: str | Path) -> dict | None:
+        """``{task, protocol, fraction, seed}`` of a :meth:`compare_json` file, or None outside the layout."""
+        try:
+            rel = Path(path).resolve().relative_to(Path(self.root).resolve()).as_posix()
+        except ValueError:
+            return None
+        m = _COMPARE.fullmatch(rel)
+        return None if m is None else m.groupdict()
+
     def report(self) -> str:
         return self._p("report.html")
+
+    def report_settings(self) -> str:
+        """What the report was built with (:class:`retflow.settings.report.ReportSettings`), beside it."""
+        return self._p("report.settings.json")
 
     # synthetic branch ------------------------------------------------------------
     def synth_dir(self, modality: str) -> str:
@@ -128,3 +145,48 @@ class Layout:
 
     def synth_store_manifest(self, modality: str) -> str:
         return f"{self.synth_store(modality)}/manifest.parquet"
+
+    def synth_store_shards(self, modality: str) -> str:
+        return f"{self.synth_store(modality)}/shards"
+
+    def synth_store_qc(self, modality: str) -> str:
+        return f"{self.synth_store(modality)}/qc.json"
+
+    def synth_ldm_dir(self, modality: str) -> str:
+        """The trained generator: ``model.pth``, ``log.csv``, ``recon.png``, ``settings.json``, ``resume/``."""
+        return f"{self.synth_dir(modality)}/ldm"
+
+    def synth_model(self, modality: str) -> str:
+        return f"{self.synth_ldm_dir(modality)}/model.pth"
+
+    def synth_train_log(self, modality: str) -> str:
+        return f"{self.synth_ldm_dir(modality)}/log.csv"
+
+    def synth_recon(self, modality: str) -> str:
+        return f"{self.synth_ldm_dir(modality)}/recon.png"
+
+    @staticmethod
+    def synth_shard(k) -> str:
+        """Sampling job ``k`` as it appears in paths (``3`` -> ``"00003"``; a wildcard stays as it is)."""
+        return k if isinstance(k, str) else f"{int(k):05d}"
+
+    def synth_part(self, modality: str, shard) -> str:
+        """Sampling job ``shard``'s part: a small store (``shards/`` + ``manifest.parquet``) + ``settings.json``."""
+        return f"{self.synth_dir(modality)}/parts/{self.synth_shard(shard)}"
+
+    def synth_part_shards(self, modality: str, shard) -> str:
+        return f"{self.synth_part(modality, shard)}/shards"
+
+    def synth_part_manifest(self, modality: str, shard) -> str:
+        return f"{self.synth_part(modality, shard)}/manifest.parquet"
+
+    def synth_quality_dir(self, modality: str) -> str:
+        """The quality checks: ``quality.json``, ``{samples,memorisation,nearest}.png``, ``settings.json``."""
+        return f"{self.synth_dir(modality)}/quality"
+
+    def synth_quality_json(self, modality: str) -> str:
+        return f"{self.synth_quality_dir(modality)}/quality.json"
+
+    def synth_quality_png(self, modality: str, name: str) -> str:
+        """``name``: samples | memorisation | nearest."""
+        return f"{self.synth_quality_dir(modality)}/{name}.png"

@@ -1,11 +1,20 @@
 """Reading 2-D images, with every failure classified into a quarantine reason.
 
 OCT volumes are read by :mod:`retflow.data.volumes`; both raise :class:`UnreadableInput`.
+
+Only regular files are read. A symbolic link is followed (symlink farms are how clusters share
+datasets): a link to a regular file is read like the file, and its ``sha256`` is the target's
+content; a device (``/dev/zero``), FIFO, socket or directory -- or a link to one -- is refused as
+``not_a_file`` before anything opens it (:func:`check_file`), and every open re-checks the opened
+descriptor (:func:`open_regular`), so such a file is never read (it would hang or fill memory).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -28,9 +37,44 @@ class UnreadableInput(Exception):
         super().__init__(f"{path}: {reason}{' (' + detail + ')' if detail else ''}")
 
 
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "a special file"
+
+
+def _not_regular(path: Path | str, mode: int) -> UnreadableInput:
+    link = f"symbolic link to {os.readlink(path)}, " if os.path.islink(path) else ""
+    return UnreadableInput(path, "not_a_file", f"{link}{_kind(mode)}, not a regular file")
+
+
+def _regular_opener(path: str, flags: int) -> int:
+    """``open()``'s opener: never blocks on a FIFO, refuses anything but a regular file."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: Path | str):
+    """``open(path, "rb")`` for a regular file (links followed); :class:`UnreadableInput`
+    ``not_a_file`` for anything else, decided on the opened descriptor."""
+    return open(path, "rb", opener=_regular_opener)
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -48,13 +92,23 @@ def source_digest(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def check_file(path: Path) -> None:
-    """Raise the quarantine reason for a path that is not a non-empty regular file."""
-    if not path.exists():
-        raise UnreadableInput(path, "missing_file")
-    if not path.is_file():
-        raise UnreadableInput(path, "not_a_file", "a directory or special file")
-    if path.stat().st_size == 0:
+def check_file(path: Path | str, directory_ok: bool = False) -> None:
+    """Raise the quarantine reason for a path that is not a non-empty regular file (links are
+    followed; ``directory_ok``: a folder is fine too, e.g. a folder of B-scans). Nothing is opened."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        broken = f"broken symbolic link to {os.readlink(path)}" if os.path.islink(path) else ""
+        raise UnreadableInput(path, "missing_file", broken) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnreadableInput(path, "not_a_file", "a loop of symbolic links") from None
+        raise UnreadableInput(path, "unreadable", f"{type(exc).__name__}: {exc.strerror}") from None
+    if directory_ok and stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    if st.st_size == 0:
         raise UnreadableInput(path, "zero_bytes")
 
 
@@ -88,7 +142,7 @@ def read_image(path: Path | str, draft_size: int | None = None) -> tuple[np.ndar
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_regular(path) as fh, Image.open(fh) as im:
                 orig = (im.height, im.width)
                 n_frames = getattr(im, "n_frames", 1)
                 if n_frames > 1:
@@ -102,6 +156,8 @@ def read_image(path: Path | str, draft_size: int | None = None) -> tuple[np.ndar
         raise
     except UnidentifiedImageError as exc:
         raise UnreadableInput(path, "not_an_image", str(exc)) from None
+    except PermissionError as exc:
+        raise UnreadableInput(path, "unreadable", f"PermissionError: {exc.strerror}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableInput(path, "too_large", str(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:

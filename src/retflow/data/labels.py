@@ -1,14 +1,18 @@
 """Label validation: every label value either names a task class or is quarantined with a reason.
 
-A dataset's label columns are checked against what the config's tasks expect of them (the
-``classes`` of each task that reads the column; 0/1 for ``multilabel_columns``). A bad label
-does not discard the image -- it may still serve pretraining or another task's column -- the
-cell is blanked and the problem is listed in ``quarantine.csv`` (``missing_label`` or
-``unknown_label``, with the raw value).
+:func:`label_specs` names the label columns the config reads from a dataset -- the data stage
+keeps exactly these (plus an explicit ``label_columns``), never "every other column" -- and
+what each may hold: the ``classes`` of each task that reads the column; 0/1 for multilabel
+tasks and ``multilabel_columns``; None for a column that is kept but not checked here (a
+regression target, checked numerically when the task runs; a synthetic generator's conditioning
+label, whose other values train it unconditionally). A bad label does not discard the image --
+it may still serve pretraining or another task's column -- the cell is blanked and the problem
+is listed in ``quarantine.csv`` (``missing_label`` or ``unknown_label``, with the raw value).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 
@@ -24,41 +28,77 @@ def normalise_label(value) -> str | None:
     return text
 
 
-def label_specs(config: dict, dataset: str) -> dict[str, list[str]]:
-    """Allowed values per label column of ``dataset``, from the tasks that use it."""
+def label_specs(config: dict, dataset: str) -> dict[str, list[str] | None]:
+    """The label columns the config reads from ``dataset``, each with its allowed values (None:
+    kept, not checked against classes)."""
     spec = config["datasets"][dataset]
-    allowed: dict[str, set[str]] = {}
+    allowed: dict[str, set[str] | None] = {}
+
+    def use(col: str, classes) -> None:
+        if classes is None:
+            allowed.setdefault(col, None)
+        else:
+            allowed[col] = (allowed.get(col) or set()) | {str(c) for c in classes}
+
     for task in config.get("tasks", {}).values():
         kind = task["type"]
-        if kind not in ("binary", "multiclass", "ordinal", "multilabel"):
-            continue  # regression targets are checked numerically when the task runs
-        uses = []
+        if kind == "segmentation":
+            continue  # masks, no label column
+        binary = ["0", "1"] if kind == "multilabel" else None
+        checked = kind in ("binary", "multiclass", "ordinal")  # regression: checked when the task runs
         if dataset == task["dataset"]:
             cols = task["label"] if isinstance(task["label"], list) else [task["label"]]
-            uses += [(c, ["0", "1"] if kind == "multilabel" else task["classes"]) for c in cols]
+            for col in cols:
+                use(col, binary or (task["classes"] if checked else None))
         for ext in task.get("external", []):
             ext = {"dataset": ext} if isinstance(ext, str) else ext
-            if ext["dataset"] == dataset and kind != "multilabel":
-                classes = ext["classes"] if ext.get("map") else task["classes"]
-                uses.append((ext.get("label", task["label"]), classes))
-        for col, classes in uses:
-            allowed.setdefault(col, set()).update(str(c) for c in classes)
+            if ext["dataset"] != dataset:
+                continue
+            label = ext.get("label", task["label"])
+            classes = ext["classes"] if ext.get("map") else task.get("classes")
+            for col in label if isinstance(label, list) else [label]:
+                use(col, binary or (classes if checked else None))
     for col in spec.get("multilabel_columns", []) or []:
-        allowed.setdefault(col, set()).update({"0", "1"})
-    return {col: sorted(values) for col, values in allowed.items()}
+        use(col, ["0", "1"])
+    _conditioning_labels(config, dataset, use)
+    return {col: None if values is None else sorted(values) for col, values in allowed.items()}
 
 
-def check_labels(records: pd.DataFrame, allowed: dict[str, list[str]]) -> tuple[pd.DataFrame, list[dict]]:
+def _conditioning_labels(config: dict, dataset: str, use) -> None:
+    """A synthetic generator's conditioning label: read from its pools and its TSTR dataset."""
+    from retflow.synth import settings as synth
+
+    if not synth.enabled(config):
+        return
+    for modality in synth.modalities(config):
+        cond = synth.condition(config, modality)
+        if cond and (dataset in synth.pools(config, modality) or dataset == synth.tstr_dataset(config, modality)):
+            use(cond["label"], None)
+
+
+def usable_labels(manifest: pd.DataFrame, kind: str, columns: list[str], classes: list[str]) -> np.ndarray:
+    """Rows whose label a task of ``kind`` can use (what :func:`retflow.train.targets.encode_targets`
+    counts as valid, without importing torch): binary / multiclass / ordinal: a value in
+    ``classes``; multilabel: 0/1 in every column; regression: a finite number."""
+    if kind in ("binary", "multiclass", "ordinal"):
+        return manifest[columns[0]].map(normalise_label).isin([str(c) for c in classes]).to_numpy()
+    if kind == "multilabel":
+        return np.all([manifest[c].map(normalise_label).isin(["0", "1"]).to_numpy() for c in columns], axis=0)
+    return np.isfinite(pd.to_numeric(manifest[columns[0]], errors="coerce").to_numpy(dtype=float))
+
+
+def check_labels(records: pd.DataFrame, allowed: dict[str, list[str] | None]) -> tuple[pd.DataFrame, list[dict]]:
     """Normalise checked label columns; blank and report missing / unknown values.
 
     Returns the records (checked columns as canonical strings or None) and one problem dict per
-    bad cell: ``image_id, source, column, reason, detail``.
+    bad cell: ``image_id, source, column, reason, detail, value`` (``value``: the raw text as a
+    ``label_map`` key matches it, None when empty).
     """
     records = records.copy()
     problems = []
     for col, classes in allowed.items():
-        if col not in records.columns:
-            continue  # a missing column is a config error caught when the task runs
+        if col not in records.columns or classes is None:
+            continue  # a missing column is a config error caught when the task runs; None: not checked here
         lookup = set(classes)
         values = pd.Series([normalise_label(v) for v in records[col]], index=records.index, dtype=object)
         for idx, raw, value in zip(records.index, records[col], values):
@@ -66,11 +106,12 @@ def check_labels(records: pd.DataFrame, allowed: dict[str, list[str]]) -> tuple[
                 continue  # the whole record is quarantined already
             if value is None:
                 problems.append({"image_id": records.at[idx, "image_id"], "source": records.at[idx, "source"],
-                                 "column": col, "reason": "missing_label", "detail": f"{col} is empty/NaN"})
+                                 "column": col, "reason": "missing_label", "detail": f"{col} is empty/NaN",
+                                 "value": None})
             elif value not in lookup:
                 problems.append({"image_id": records.at[idx, "image_id"], "source": records.at[idx, "source"],
                                  "column": col, "reason": "unknown_label",
-                                 "detail": f"{col}={raw!r} not in {classes}"})
+                                 "detail": f"{col}={raw!r} not in {classes}", "value": str(raw).strip()})
                 value = None
             values.at[idx] = value
         records[col] = values.astype(object)

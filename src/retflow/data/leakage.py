@@ -11,7 +11,10 @@ Three kinds of evidence, each with its own action (``error`` or ``warn``) in the
 
 Within a dataset, any two different splits are a leak. Across datasets (``across_datasets``),
 an image used for training anything -- the pretraining pool, or train/val of a labelled set --
-must not reappear in another dataset's test split or in an external test set.
+must not reappear in another dataset's test split or in an external test set. A dataset is also
+checked against itself: the images it gives a pretraining pool (:mod:`retflow.data.pools`) that
+are in its own test split are a ``test_in_pool`` finding (only possible when
+``pretrain.labelled_pool_splits`` names ``test``; then a warning, recorded for the report).
 
 Near-duplicate search uses the pigeonhole principle: two 256-bit hashes within ``d`` bits agree
 exactly on at least one of ``d + 1`` disjoint chunks, so candidates come from exact chunk
@@ -21,12 +24,15 @@ buckets and are then verified, which scales to a million-image pool against a te
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from retflow.data.pools import pool_mask
 
 HASH_SIZE = 16  # 256-bit hashes: distinct fundus photos measured >= 24 bits apart
 TRAINING_SPLITS = ("pool", "train", "val")
@@ -115,12 +121,30 @@ def within_dataset(manifest: pd.DataFrame, name: str, cfg: dict) -> list[Finding
     return findings
 
 
-def across_datasets(manifests: dict[str, pd.DataFrame], cfg: dict) -> list[Finding]:
-    """Images used for training in one dataset that reappear in another dataset's test set."""
+def pooled_test_images(manifest: pd.DataFrame, name: str, splits: Sequence[str]) -> list[Finding]:
+    """A dataset against itself: its test images among the images it gives a pretraining pool."""
+    rows = manifest[pool_mask(manifest, splits) & (manifest["split"] == "test").to_numpy()]
+    if rows.empty:
+        return []
+    return [Finding("test_in_pool", "warn", f"{name}:pool vs {name}:test", rows.image_id.tolist(),
+                    f"{len(rows)} test images of '{name}' are in the pretraining pool "
+                    f"(pretrain.labelled_pool_splits {list(splits)} names test)")]
+
+
+def across_datasets(manifests: dict[str, pd.DataFrame], cfg: dict,
+                    pool_splits: Mapping[str, Sequence[str]] | None = None) -> list[Finding]:
+    """Images used for training in one dataset that reappear in another dataset's test set.
+    ``pool_splits``: the labelled splits each pool member gives its pool
+    (:func:`retflow.data.pools.pool_splits`), which train the encoder too; none when no dataset
+    is in a pool. (A pool member against itself: :func:`pooled_test_images`.)"""
     cfg = {**DEFAULTS, **cfg}
+    pool_splits = pool_splits or {}
     findings = []
     for train_name, train_df in manifests.items():
-        train_rows = train_df[train_df["split"].isin(TRAINING_SPLITS)]
+        training = train_df["split"].isin(TRAINING_SPLITS).to_numpy()
+        if train_name in pool_splits:  # what it gives a pool trains the encoder
+            training = training | pool_mask(train_df, pool_splits[train_name])
+        train_rows = train_df[training]
         for test_name, test_df in manifests.items():
             test_rows = test_df[test_df["split"] == "test"]
             if train_name == test_name or train_rows.empty or test_rows.empty:

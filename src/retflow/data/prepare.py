@@ -4,15 +4,20 @@ Writes into the output folder: ``shards/`` (uint8 image shards, see :mod:`retflo
 with ``mask_column`` also ``mask_shards/``, the segmentation masks in step with the images),
 ``manifest.parquet`` (one row per stored image), ``quarantine.csv`` (every input or label that
 was not used, with its reason) and ``qc.json`` (counts for the report). Nothing is dropped
-silently: an unusable file, a bad label or an unknown eye value is a row in ``quarantine.csv``;
-the step fails only when the fraction of quarantined inputs exceeds
-``preprocess.max_quarantine_fraction`` or when a leakage check set to ``error`` fires.
+silently: an unusable file, a bad label or an unknown eye value is a row in ``quarantine.csv``.
+The step fails only where no store can be made (an unreadable labels CSV, no usable image, no
+patient split); it then still writes ``quarantine.csv`` and ``qc.json`` (with the ``error``),
+and the CLI keeps copies of them in ``--keep-on-failure`` (Snakemake deletes a failed job's
+outputs). Thresholds -- ``preprocess.max_quarantine_fraction``, label usability, leakage checks
+set to ``error`` -- are judged by the pre-flight gate (:mod:`retflow.preflight_data`), which
+reads these files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from functools import partial
@@ -23,7 +28,8 @@ import pandas as pd
 
 from retflow.atomic import atomic_path, write_json
 from retflow.data import leakage
-from retflow.data.ingest import DatasetError, is_volume_dataset, label_columns, list_records, unlisted_files
+from retflow.data.ingest import (DatasetError, eye_problem, is_volume_dataset, label_columns, list_records,
+                                 unlisted_files)
 from retflow.data.io import UnreadableInput
 from retflow.data.labels import check_labels
 from retflow.data.preprocess import process_record, process_record_with_mask
@@ -92,17 +98,31 @@ def _quarantine_row(rec: dict, reason: str, detail: str, column: str = "", scope
             "column": column, "scope": scope}
 
 
+def label_values(problems: list[dict], allowed: dict) -> dict:
+    """Per checked label column: its allowed values, and the raw values that were not (with counts)
+    and the empty cells -- what the pre-flight gate quotes when a task's labels are unusable."""
+    out = {col: {"allowed": classes, "unknown": {}, "missing": 0} for col, classes in allowed.items()
+           if classes is not None}
+    for p in problems:
+        entry = out.setdefault(p["column"], {"allowed": allowed.get(p["column"]), "unknown": {}, "missing": 0})
+        if p["value"] is None:
+            entry["missing"] += 1
+        else:
+            entry["unknown"][p["value"]] = entry["unknown"].get(p["value"], 0) + 1
+    return out
+
+
 def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep: dict,
             splits: dict, out_dir: Path, allowed_labels: dict | None = None, leakage_cfg: dict | None = None,
             workers: int = 1) -> dict:
     t0 = time.perf_counter()
-    records = list_records(name, spec, location, image_dir)
+    records = list_records(name, spec, location, image_dir, list(allowed_labels or {}))
     records, label_problems = check_labels(records, allowed_labels or {})
     labels = label_columns(records)
     quarantine = [_quarantine_row(p, p["reason"], p["detail"], p["column"], "label") for p in label_problems]
     if "eye_unknown" in records:
         for rec in records[records["eye_unknown"] != ""].to_dict("records"):
-            quarantine.append(_quarantine_row(rec, "unknown_eye", f"eye value {rec['eye_unknown']!r}", "eye", "label"))
+            quarantine.append(_quarantine_row(rec, "unknown_eye", eye_problem(name, rec["eye_unknown"]), "eye", "label"))
         records = records.drop(columns="eye_unknown")
     flagged = records[records["issue"] != ""]
     for rec in flagged.to_dict("records"):
@@ -135,21 +155,23 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     with atomic_path(out_dir / "quarantine.csv") as tmp:
         qdf.to_csv(tmp, index=False)
     inputs_out = qdf.loc[qdf.scope == "input", "source"].nunique()
-    frac = inputs_out / max(1, n_total)
-    limit = prep.get("max_quarantine_fraction", 0.05)
     counts = qdf["reason"].value_counts().to_dict()
+    # the counts the pre-flight gate judges (max_quarantine_fraction, label usability); written
+    # with the error when no store can be made, so the evidence outlives the failure
+    qc = {
+        "dataset": name, "modality": spec["modality"], "role": spec["role"], "n_sources": n_total,
+        "quarantined_inputs": int(inputs_out), "quarantined_labels": int((qdf.scope == "label").sum()),
+        "quarantine_reasons": counts, "label_values": label_values(label_problems, allowed_labels or {}),
+    }
+
+    def fail(message: str):
+        writer.abort()
+        mask_writer.abort()
+        write_json({**qc, "error": message}, out_dir / "qc.json")
+        raise DatasetError(message)
+
     if not rows:
-        writer.abort()
-        mask_writer.abort()
-        raise DatasetError(f"dataset '{name}': no usable images among {n_total} inputs; reasons {counts}; "
-                           f"see {out_dir / 'quarantine.csv'}")
-    if frac > limit:
-        writer.abort()
-        mask_writer.abort()
-        raise DatasetError(
-            f"dataset '{name}': {inputs_out}/{n_total} inputs quarantined ({frac:.1%} > "
-            f"preprocess.max_quarantine_fraction {limit:.1%}); reasons {counts}; see {out_dir / 'quarantine.csv'}"
-        )
+        fail(f"dataset '{name}': no usable images among {n_total} inputs; reasons {counts}")
     manifest = pd.DataFrame(rows)
     manifest["bounds"] = manifest["bounds"].map(json.dumps)
     if spec.get("group_by", "patient") == "image":  # toys only: B-scans of one eye may cross splits
@@ -157,36 +179,26 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     try:
         manifest["split"] = assign_splits(manifest, spec, labels, splits).to_numpy()
     except ValueError as exc:
-        writer.abort()
-        mask_writer.abort()
-        raise DatasetError(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients "
-                           f"into train/val/test ({exc})") from None
+        fail(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients into train/val/test ({exc})")
     manifest["dataset"] = name
     leak_cfg = {**(leakage_cfg or {}), **spec.get("leakage", {})}
+    # findings set to `error` stop the workflow at the pre-flight gate (retflow.preflight_data), not here
     findings = leakage.within_dataset(manifest, name, leak_cfg)
-    errors = [f for f in findings if f.action == "error"]
-    if errors:
-        writer.abort()
-        mask_writer.abort()
-        listing = "\n  ".join(f.line() for f in errors[:30])
-        raise DatasetError(f"dataset '{name}': leakage between splits ({len(errors)} findings; set "
-                           f"leakage.<kind>: warn to continue):\n  {listing}")
     shape = writer.close()
     mask_shape = mask_writer.close()
     with atomic_path(out_dir / "manifest.parquet") as tmp:
         manifest.to_parquet(tmp, index=False)
     unlisted = unlisted_files(records, image_dir or (location.parent if location.is_file() else None))
     quality_cols = [c for c in manifest.columns if c.startswith("q_") and manifest[c].dtype == bool]
-    qc = {
-        "dataset": name, "modality": spec["modality"], "role": spec["role"], "n_sources": n_total,
+    qc.update({
         "n_images": int(len(manifest)), "shape": shape, "n_shards": writer.n_shards,
         "label_columns": labels, "split_counts": manifest["split"].value_counts().to_dict(),
-        "quarantined_inputs": int(inputs_out), "quarantined_labels": int((qdf.scope == "label").sum()),
-        "quarantine_reasons": counts, "unlisted_files": len(unlisted), "unlisted_examples": unlisted[:10],
+        "unlisted_files": len(unlisted), "unlisted_examples": unlisted[:10],
         "quality_flags": {c[2:]: int(manifest[c].sum()) for c in quality_cols},
-        "leakage_warnings": [f.line() for f in findings],
+        "leakage_warnings": [f.line() for f in findings if f.action != "error"],
+        "leakage_errors": [f.line() for f in findings if f.action == "error"],
         "seconds": round(time.perf_counter() - t0, 2), "workers": workers,
-    }
+    })
     if masks:
         qc["mask_shape"] = mask_shape
     write_json(qc, out_dir / "qc.json")
@@ -205,19 +217,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leakage", default="{}", help="leakage config, JSON")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--keep-on-failure", default=None,
+                    help="folder that receives copies of quarantine.csv and qc.json when the step fails")
     args = ap.parse_args(argv)
+    keep = Path(args.keep_on_failure) if args.keep_on_failure else None
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)  # evidence of an earlier failure is stale now
     try:
         qc = prepare(args.name, json.loads(args.spec), Path(args.location),
                      Path(args.images) if args.images else None, json.loads(args.preprocess),
                      json.loads(args.splits), Path(args.out_dir), json.loads(args.labels),
                      json.loads(args.leakage), args.workers)
     except DatasetError as exc:
-        print(f"ERROR: {exc}", file=sys.stderr)
+        print(f"ERROR: {exc}{keep_evidence(Path(args.out_dir), keep)}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in qc.items() if k != "leakage_warnings"}))
+    print(json.dumps({k: v for k, v in qc.items() if k not in ("leakage_warnings", "leakage_errors")}))
     for line in qc["leakage_warnings"]:
         print(f"WARNING: leakage {line}", file=sys.stderr)
+    for line in qc["leakage_errors"]:
+        print(f"LEAKAGE (stops the workflow at the pre-flight gate): {line}", file=sys.stderr)
     return 0
+
+
+def keep_evidence(out_dir: Path, keep: Path | None) -> str:
+    """Copy a failed step's quarantine.csv and qc.json into ``keep``; the text naming them for the error."""
+    files = [out_dir / f for f in ("quarantine.csv", "qc.json") if (out_dir / f).is_file()]
+    if not files:
+        return ""
+    if keep is None:
+        return f"; see {' and '.join(str(f) for f in files)}"
+    keep.mkdir(parents=True, exist_ok=True)
+    files = [Path(shutil.copy2(f, keep / f.name)) for f in files]
+    return f"; the quarantine list and counts are kept in {' and '.join(str(f) for f in files)}"
 
 
 if __name__ == "__main__":

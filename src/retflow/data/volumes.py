@@ -43,13 +43,15 @@ from typing import Any
 
 import numpy as np
 
-from retflow.data.io import UnreadableInput
+from retflow.data.io import UnreadableInput, check_file
 
 VENDOR_OCT_HINT = "pip install 'retflow[vendor-oct]'"
 
 #: every quarantine reason read_volume can raise
 REASONS = (
-    "missing_file",               # path does not exist
+    "missing_file",               # path does not exist (or a broken symbolic link)
+    "not_a_file",                 # a device, FIFO or socket, or a link to one (never opened)
+    "unreadable",                 # the path cannot be examined (e.g. permission denied)
     "zero_bytes",                 # empty file
     "unsupported_volume_format",  # extension not handled
     "reader_not_installed",       # .fds/.img without oct-converter
@@ -98,17 +100,10 @@ def read_volume(path: Path | str) -> OctVolume:
     Raises :class:`UnreadableInput` (never anything else) for a file that cannot be used.
     """
     path = Path(path)
-    if not path.exists():
-        raise UnreadableInput(path, "missing_file")
+    check_file(path, directory_ok=True)  # a device, FIFO or socket (or a link to one) is never opened
     if path.is_dir():
         reader, fmt = _read_directory, "bscan_folder"
     else:
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise _refusal(path, exc) from None
-        if size == 0:
-            raise UnreadableInput(path, "zero_bytes")
         reader, fmt = _dispatch(path)
     try:
         with _quiet():

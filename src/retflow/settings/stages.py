@@ -258,6 +258,7 @@ class PretrainSettings(Frozen):
     weight_decay: float
     crop_scale: tuple[float, float]
     init: str | None
+    labelled_pool_splits: tuple[str, ...]  # what a labelled dataset in the pool gives it (retflow.data.pools)
     num_workers: int
     checkpoint_every_steps: int
     simclr: SimCLRSettings | None
