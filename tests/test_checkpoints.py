@@ -2,12 +2,16 @@
 
 Every layout is written here as a tiny randomly initialised checkpoint in exactly that layout
 (embed 32, depth 2, heads 2, image 32, patch 8), read back with weights_only / safetensors, and
-the loaded encoder must hold the source tensors.
+the loaded encoder must hold the source tensors.  Then the one reader behind every entry point:
+a pickle that would run ``os.system`` is refused by each of them (file and global named, nothing
+executed), and an exported model folder is accepted wherever a weights file is.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 
 import pytest
 import timm
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import malicious_checkpoint as evil
+from retflow.checkpoint_file import RefusedCheckpoint, read_file, refused_globals
 from retflow.models import (
     CheckpointError,
     MaskedAutoencoderViT,
@@ -33,11 +39,14 @@ from retflow.models import (
     timm_create_kwargs,
 )
 from retflow.models.checkpoint_layouts import read_torch_file
-from retflow.train.checkpoint import save_atomic
+from retflow.models.mae_init import init_mae_from_checkpoint
+from retflow.models.ssl import load_teacher
+from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.predict import load_finetuned
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 SPEC = ViTSpec("vit_base_patch16_224", img_size=32, patch_size=8, model_kwargs=TINY)
-DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
 NORM = {"mean": [0.4, 0.3, 0.2], "std": [0.2, 0.2, 0.2]}
 
 
@@ -313,9 +322,9 @@ def test_bad_files_name_the_file(tmp_path):
         read_checkpoint(resnet)
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": {"blocks.0.x": torch.zeros(1)}, "when": __import__("datetime").date(2024, 1, 1)}, unsafe)
-    with pytest.raises(CheckpointError, match="unsafe.pth.*weights_only=True.*datetime.date"):
+    with pytest.raises(CheckpointError, match="unsafe.pth: refused to unpickle: the file references datetime.date"):
         read_torch_file(unsafe)
-    with pytest.raises(CheckpointError, match="folder without config.json"):
+    with pytest.raises(CheckpointError, match="a folder without config.json and model.safetensors, not an exported"):
         read_checkpoint(tmp_path)
     nested = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], nested)
@@ -403,3 +412,172 @@ def test_export_model_grayscale_defaults(tmp_path):
     assert torch.equal(_timm_reload(tmp_path / "g")(x(c=1)), model(x(c=1)))
     with pytest.raises(ValueError, match="class names"):
         export_model(model, spec, tmp_path / "h", classes=["a", "b", "c"])
+
+
+# ------------------------------------------------------------------------------- one reader, refusals
+def _readers():
+    """Every entry point that reads a checkpoint file, as name -> callable(path)."""
+    return {
+        "read_file": read_file,
+        "load_state": load_state,  # resume/last.pth, best.pth, synthetic-image models
+        "load_checkpoint_file": load_checkpoint_file,  # pretrain.init, token_recon teacher, feature extractor
+        "read_checkpoint": read_checkpoint,  # CLI, export
+        "load_encoder": lambda p: load_encoder(create_vit(SPEC, num_classes=3), p),  # finetune / segment init
+        "init_mae_from_checkpoint": lambda p: init_mae_from_checkpoint(MaskedAutoencoderViT(SPEC, **DEC), p),
+        "load_teacher": lambda p: load_teacher(p, SPEC),
+        "load_finetuned": lambda p: load_finetuned(p, torch.device("cpu")),  # workflow predict, saliency
+    }
+
+
+@pytest.mark.parametrize("fmt", evil.FORMATS)
+@pytest.mark.parametrize("reader", list(_readers()))
+def test_malicious_pickle_refused_by_every_reader(tmp_path, monkeypatch, reader, fmt):
+    monkeypatch.chdir(tmp_path)
+    path = evil.write(tmp_path / "RETFound_cfp_weights.pth", fmt)
+    with pytest.raises(RefusedCheckpoint) as info:
+        _readers()[reader](path)
+    assert isinstance(info.value, CheckpointError) and isinstance(info.value, ValueError)
+    assert info.value.globals == ["posix.system"]
+    evil.assert_refusal(str(info.value), path, tmp_path)
+
+
+def test_refused_globals_reads_opcodes_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = evil.write(tmp_path / "x.pth", "pickle2")
+    assert refused_globals(path) == ["posix.system"]
+    safe = tmp_path / "ok.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1.0)}, safe)
+    assert refused_globals(safe) == [] and read_file(safe)["args"].lr == 1.0
+    with open(tmp_path / "eval.pth", "wb") as fh:  # a global spelled with the GLOBAL opcode (protocol 0)
+        pickle.dump({"a": evil.Payload(), "b": __import__("datetime").date(2024, 1, 1)}, fh, protocol=0)
+    with pytest.raises(RefusedCheckpoint, match=r"posix.system \(= os.system\), datetime.date, which are not"):
+        read_file(tmp_path / "eval.pth")
+    assert not (tmp_path / evil.MARKER).exists()
+
+
+def test_non_regular_checkpoint_is_refused_unopened(tmp_path):
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.pth"
+    link.symlink_to("/dev/zero")
+    for path in (fifo, link):
+        with pytest.raises(CheckpointError, match=f"{path.name}: not a regular file"):
+            load_state(path)
+
+
+# ------------------------------------------------------------------------------- export folders everywhere
+def _encoder_export(tmp_path):
+    torch.manual_seed(0)
+    sd = randomised(MaskedAutoencoderViT(SPEC, **DEC).state_dict())
+    path = tmp_path / "checkpoint.pth"
+    save_atomic({"model": sd, "epoch": 1, "args": {"vit": SPEC.to_dict()}}, path)
+    out = tmp_path / "encoder_export"
+    export_checkpoint(path, out, verify=False)
+    return encoder_part(sd), out
+
+
+def test_export_folder_accepted_by_every_encoder_reader(tmp_path):
+    enc, out = _encoder_export(tmp_path)
+    blocks = [k for k in enc if k.startswith("blocks.")]
+    # the fine-tuning / segmentation encoder loader (models.<m>.path with init: file)
+    model = create_vit(SPEC, num_classes=3, global_pool="avg")
+    report = load_encoder(model, out)
+    assert report.layout == "retflow_export"
+    assert {k.split(".")[0] for k in report.missing_keys} == {"head", "fc_norm"}  # fresh, as RETFound
+    assert_holds(model, enc, blocks)
+    # pretrain.init (MAE and the other methods' student) and the token_recon teacher
+    assert load_checkpoint_file(out).keys() == load_checkpoint_file(out / "model.safetensors").keys()
+    mae = MaskedAutoencoderViT(SPEC, **DEC)
+    counts = init_mae_from_checkpoint(mae, out)
+    assert counts["decoder"] == 0
+    assert torch.equal(mae.encoder.blocks[0].attn.qkv.weight, enc["blocks.0.attn.qkv.weight"])
+    teacher = load_teacher(out, SPEC)
+    assert_holds(teacher, enc)
+
+
+def test_not_an_export_folder_names_what_is_missing(tmp_path):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="weights: a folder without config.json and model.safetensors"):
+        load_checkpoint_file(empty)
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="an export folder without model.safetensors"):
+        load_state(empty)
+
+
+def test_startup_check_accepts_export_folders_only(tmp_path):
+    import yaml
+
+    from retflow.config import missing_paths
+    from retflow.settings import validate
+
+    from conftest import ROOT
+
+    _, out = _encoder_export(tmp_path)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["models"]["retfound"] = {"init": "file", "path": str(out)}
+    raw["models"]["wrong"] = {"init": "file", "path": {"cfp": str(plain), "oct": str(tmp_path / "gone.pth")}}
+    raw["pretrain"]["init"] = str(out)
+    lines = missing_paths(validate(raw))
+    assert lines == [
+        f"models.wrong.path.cfp: {plain} (a folder without config.json and model.safetensors, not an exported "
+        "model (give a weights file, or a folder written by `retflow export`))",
+        f"models.wrong.path.oct: {tmp_path / 'gone.pth'}",
+    ]
+    raw["pretrain"]["methods"] = ["mae", "token_recon"]
+    raw["pretrain"]["token_recon"] = {"teacher_checkpoint": str(plain)}
+    assert missing_paths(validate(raw))[0].startswith(f"pretrain.token_recon.teacher_checkpoint: {plain} (a folder")
+    raw["pretrain"]["token_recon"] = {"teacher_checkpoint": str(out)}
+    assert not any(line.startswith("pretrain.") for line in missing_paths(validate(raw)))
+
+
+def test_load_finetuned_uses_recorded_head_and_reads_exports(tmp_path):
+    model, path = _finetuned(tmp_path, probe=True)
+    state = load_state(path)
+    state["task_spec"] = {"name": "dr", "type": "ordinal", "label": "g", "classes": ["0", "1", "2"]}
+    state["target_scale"] = [0.0, 1.0]
+    save_atomic(state, path)
+    got, meta, spec = load_finetuned(path, torch.device("cpu"))
+    assert spec == SPEC and meta["classes"] == ["0", "1", "2"] and meta["task_spec"]["type"] == "ordinal"
+    assert isinstance(got.head, torch.nn.Sequential)  # probe_head recorded -> BatchNorm + Linear
+    assert torch.equal(got(x()), model(x()))
+    out = tmp_path / "export"
+    export_checkpoint(path, out)
+    again, meta2, spec2 = load_finetuned(out, torch.device("cpu"))
+    assert spec2 == SPEC and meta2["task_spec"] == meta["task_spec"] and meta2["target_scale"] == [0.0, 1.0]
+    assert meta2["normalize"] == NORM and meta2["epoch"] == 7
+    assert torch.allclose(again(x()), model(x()), atol=1e-5)
+    # a pretrained encoder is not a fine-tuned model: one line naming the file
+    _, enc_out = _encoder_export(tmp_path)
+    with pytest.raises(CheckpointError, match="encoder_export: a pretrained encoder"):
+        load_finetuned(enc_out, torch.device("cpu"))
+
+
+def test_workflow_predict_refuses_in_one_line(tmp_path, monkeypatch):
+    from retflow.train import predict
+
+    monkeypatch.chdir(tmp_path)
+    path = evil.write(tmp_path / "best.pth")
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--checkpoint", str(path), "--store", str(tmp_path), "--out", str(tmp_path / "p.parquet")])
+    evil.assert_refusal(str(info.value.code), path, tmp_path)
+
+
+def test_one_place_loads_checkpoints():
+    """torch.load / safetensors loading is called in retflow.checkpoint_file only."""
+    import ast
+
+    from conftest import ROOT
+
+    def name(node):
+        return f"{name(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+    loaders = {"torch.load", "load_file", "safe_open", "safetensors.torch.load_file", "safetensors.torch.load"}
+    hits = []
+    for f in sorted((ROOT / "src" / "retflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and name(node.func) in loaders:
+                hits.append(f"{f.relative_to(ROOT)}:{node.lineno}: {name(node.func)}")
+    assert hits and all(h.startswith("src/retflow/checkpoint_file.py") for h in hits), hits

@@ -25,7 +25,7 @@ from retflow.train.checkpoint import capture_rng_state, load_state, restore_rng_
 from retflow.train.schedule import apply_lr, lr_at
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4)
-DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+DEC = dict(decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
 
 
 def tiny_spec(img_size: int = 32, in_chans: int = 3) -> ViTSpec:
@@ -192,7 +192,7 @@ def test_missing_blocks_raise(mae):
 
 def test_checkpoint_files(mae, tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match=f"pretrained weights file not found: {missing}"):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint file not found: {missing}"):
         load_checkpoint_file(missing)
     sd = mae.encoder_state_dict()
     pth = tmp_path / "ckpt.pth"
@@ -257,7 +257,7 @@ def test_lr_schedule_endpoints():
 # -------------------------------------------------------------- checkpoint
 def test_save_atomic_roundtrip(mae, tmp_path):
     opt = torch.optim.AdamW(param_groups_weight_decay(mae, 0.05), lr=1e-3)
-    mae(torch.randn(2, 3, 32, 32))[0].backward()
+    mae(torch.randn(2, 3, 32, 32), 0.75)[0].backward()
     opt.step()
     random.seed(3)
     np.random.seed(3)

@@ -7,9 +7,15 @@
 
 ``CKPT`` is any supported checkpoint: our ``best.pth`` (fine-tuned) or ``checkpoint.pth``
 (pretrained), an export folder, RETFound-MAE / RETFound-DINOv2, ImageNet MAE, DINOv2 or a timm
-state dict (see :mod:`retflow.models.checkpoint_layouts`).  Problems (missing files, a file that
-is no checkpoint, unreadable images) are reported as messages, not tracebacks; unreadable images
-are listed, counted and skipped.  Exit status: 0 done, 1 nothing could be processed, 2 usage or
+state dict (see :mod:`retflow.models.checkpoint_layouts`), read by the one checkpoint reader
+(:func:`retflow.checkpoint_file.read_file`: a pickle that could run code is refused, naming the
+file and the global).  Problems (missing files, a file that is no checkpoint) are one-line
+messages, not tracebacks.
+
+Images get the data stage's checks (:mod:`retflow.inference`): an image the data stage would
+quarantine is not scored; its output row says ``status`` ``quarantined`` with the ``reason`` and
+``detail``, stderr lists it once and ends with a one-line summary.  Exit status: 0 at least one
+image scored, 1 none could be (the output, with the reasons, is still written), 2 usage or
 checkpoint error.
 """
 from __future__ import annotations
@@ -45,7 +51,11 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--prep-size", type=int, default=None,
                    help="preprocessing output size (the store size); default: the model input size")
-    p.add_argument("--enhance", default="none", choices=["none", "clahe", "graham"], help="CFP contrast enhancement")
+    p.add_argument("--min-side", type=int, default=None,
+                   help="smaller images are quarantined, as in the data stage (default: the config schema's "
+                        "preprocess.min_side)")
+    p.add_argument("--enhance", default=None, choices=["none", "clahe", "graham"],
+                   help="CFP contrast enhancement (default: the config schema's preprocess.cfp.enhance)")
     p.add_argument("--no-crop-border", action="store_true", help="CFP: pad to square without cropping the field")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -95,36 +105,67 @@ def _load(args, global_pool=None):
     return lm
 
 
+#: refused inputs listed one by one on stderr before the summary (all of them are in the output)
+MAX_LISTED = 20
+
+
+def _schema_default(*keys: str):
+    """A default of the config schema (the only place defaults live): the data stage's checks."""
+    from retflow.settings.load import schema
+
+    node = schema()
+    for key in keys:
+        node = node["properties"][key]
+    return node["default"]
+
+
+def _image_options(args) -> dict:
+    """The keyword arguments of embed_images / predict_images from the command line."""
+    min_side = args.min_side if args.min_side is not None else _schema_default("preprocess", "min_side")
+    enhance = args.enhance if args.enhance is not None else _schema_default("preprocess", "cfp", "enhance")
+    if min_side < 1:
+        raise CliError(f"--min-side must be >= 1, got {min_side}")
+    return dict(modality=args.modality, batch_size=args.batch_size, device=args.device, prep_size=args.prep_size,
+                enhance=enhance, crop_border=not args.no_crop_border, min_side=min_side,
+                show_progress=not args.no_progress)
+
+
 def _images(args):
     from retflow.inference import collect_images
 
-    paths, problems = collect_images(args.inputs)
-    for p in problems:
-        print(f"skipped {p}", file=sys.stderr)
-    return paths, problems
+    return collect_images(args.inputs)
 
 
-def _finish(n_ok: int, skipped: list, out: str, what: str) -> int:
-    for s in skipped:
-        print(f"skipped {s}", file=sys.stderr)
-    print(f"{what}: {n_ok} image(s) -> {out}; {len(skipped)} skipped", file=sys.stderr)
+def _finish(frame, skipped: list, out: str, what: str) -> int:
+    """List each refused input once, then one summary line; exit 0 when anything was scored."""
+    from collections import Counter
+
+    for s in skipped[:MAX_LISTED]:
+        print(f"{what}: not scored: {s}", file=sys.stderr)
+    if len(skipped) > MAX_LISTED:
+        print(f"{what}: ... and {len(skipped) - MAX_LISTED} more not scored (see the reason column of {out})",
+              file=sys.stderr)
+    n_ok = len(frame) - len(skipped)
+    line = f"{what}: {n_ok} of {len(frame)} input(s) scored -> {out}"
+    if skipped:
+        counts = ", ".join(f"{r} {n}" for r, n in Counter(s.reason for s in skipped).most_common())
+        line += f"; {len(skipped)} quarantined as the data stage would ({counts}), listed with status/reason"
+    print(line, file=sys.stderr)
     return 0 if n_ok else 1
 
 
 def _cmd_embed(args) -> int:
     from retflow.inference import embed_images, write_embeddings
 
+    options = _image_options(args)
     lm = _load(args, global_pool=args.pool)
     paths, problems = _images(args)
-    frame, skipped = embed_images(
-        lm, paths, modality=args.modality, batch_size=args.batch_size, device=args.device,
-        prep_size=args.prep_size, enhance=args.enhance, crop_border=not args.no_crop_border,
-        show_progress=not args.no_progress)
-    if len(frame):
-        write_embeddings(frame, args.out, metadata={
-            "checkpoint": str(args.checkpoint), "layout": lm.report.layout, "kind": lm.kind,
-            "pool": lm.global_pool, "modality": args.modality, "spec": lm.spec.to_dict()})
-    return _finish(len(frame), problems + skipped, args.out if len(frame) else "(nothing written)", "embed")
+    frame, skipped = embed_images(lm, paths, refused=problems, **options)
+    write_embeddings(frame, args.out, metadata={
+        "checkpoint": str(args.checkpoint), "layout": lm.report.layout, "kind": lm.kind,
+        "pool": lm.global_pool, "modality": args.modality, "spec": lm.spec.to_dict(),
+        "min_side": options["min_side"], "enhance": options["enhance"]})
+    return _finish(frame, skipped, args.out, "embed")
 
 
 def _cmd_predict(args) -> int:
@@ -135,13 +176,9 @@ def _cmd_predict(args) -> int:
         raise CliError(f"{args.checkpoint} is a pretrained encoder (layout {lm.report.layout}); "
                        "predict needs a fine-tuned best.pth or its export")
     paths, problems = _images(args)
-    frame, skipped = predict_images(
-        lm, paths, modality=args.modality, batch_size=args.batch_size, device=args.device,
-        prep_size=args.prep_size, enhance=args.enhance, crop_border=not args.no_crop_border,
-        show_progress=not args.no_progress)
-    if len(frame):
-        write_probabilities(frame, args.out)
-    return _finish(len(frame), problems + skipped, args.out if len(frame) else "(nothing written)", "predict")
+    frame, skipped = predict_images(lm, paths, refused=problems, **_image_options(args))
+    write_probabilities(frame, args.out)
+    return _finish(frame, skipped, args.out, "predict")
 
 
 def _cmd_export(args) -> int:
@@ -149,7 +186,7 @@ def _cmd_export(args) -> int:
 
     lm = _load(args, global_pool=args.pool)
     export_model(lm.model, lm.spec, args.out, classes=lm.classes, normalize=lm.normalize, task=lm.task,
-                 source=str(args.checkpoint), layout=lm.report.layout, verify=not args.no_verify)
+                 source=str(args.checkpoint), layout=lm.report.layout, verify=not args.no_verify, meta=lm.meta)
     what = f"classifier ({len(lm.classes)} classes)" if lm.kind == "classifier" else f"encoder (pool {lm.global_pool})"
     print(f"exported {what} {lm.spec.arch} -> {args.out}", file=sys.stderr)
     return 0

@@ -1,11 +1,17 @@
 """Run a trained model on image files: embeddings and class probabilities.
 
-Images go through the same steps as the workflow's prepared stores: CFP photographs through
-:func:`retflow.data.preprocess.preprocess_cfp` (fundus-field crop, pad to square, optional
-contrast enhancement, resize), OCT B-scans through :func:`~retflow.data.preprocess.preprocess_oct`
-(robust intensity scaling, one channel); then the evaluation transform (resize to the model's
-input size, /255, the model's normalisation).  An unreadable file is listed and skipped, never
-fatal.
+Every input goes through the data stage's own reading, checks and preprocessing
+(:func:`retflow.data.preprocess.preprocess_image`): an input the data stage would quarantine
+(missing, not a regular file -- a device, FIFO or a link to one --, empty, not an image,
+truncated, multi-frame, smaller than ``preprocess.min_side``, blank / near-constant, for CFP
+grayscale or without a fundus field) is not scored but becomes a row with ``status``
+``quarantined`` and the data stage's ``reason`` / ``detail``; nothing is skipped silently.  Scored
+images: CFP fundus-field crop, pad to square, optional contrast enhancement, resize; OCT B-scans
+robust intensity scaling, one channel; then the evaluation transform (resize to the model's input
+size, /255, the model's normalisation).
+
+Folders are searched recursively and every file in them is an input, as in the data stage's
+image folders (hidden files, whose names start with ``.``, are left out there too).
 
 Progress bars use ``tqdm`` when it is importable (it is no dependency of retflow), else a plain
 counter on stderr.
@@ -16,7 +22,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +32,8 @@ from retflow.atomic import atomic_path
 from retflow.models.checkpoint_layouts import LoadedModel
 
 __all__ = [
-    "IMAGE_SUFFIXES",
+    "STATUS_OK",
+    "STATUS_QUARANTINED",
     "Skipped",
     "collect_images",
     "prepare_image",
@@ -38,26 +45,32 @@ __all__ = [
     "progress",
 ]
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm"})
 MODALITIES = ("cfp", "oct")
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+#: the columns every output row starts with
+ROW_COLUMNS = ("path", "status", "reason", "detail")
 
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-    """An input that produced no output, and why."""
+    """An input that produced no output: the data stage's quarantine ``reason`` and ``detail``."""
 
     path: str
     reason: str
+    detail: str = ""
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{self.path}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
 
 
 def collect_images(inputs: Iterable[str | Path], recursive: bool = True) -> tuple[list[Path], list[Skipped]]:
-    """Image files among ``inputs`` (files as given; folders searched for image suffixes).
+    """The inputs to score: paths as given (checked when read), and every file of a folder.
 
-    Returns ``(paths, problems)``: a missing path or a folder without images is a problem.
-    Duplicates are removed, order kept (folders sorted).
+    A folder contributes every entry that is not a folder and not hidden (sorted), whatever its
+    type or suffix: a link to ``/dev/zero``, a FIFO or ``notes.txt`` is read and refused with its
+    reason like any input.  Returns ``(paths, problems)``: a folder without files is a problem.
+    Duplicates (same resolved path) are removed, order kept.
     """
     paths: list[Path] = []
     problems: list[Skipped] = []
@@ -73,34 +86,27 @@ def collect_images(inputs: Iterable[str | Path], recursive: bool = True) -> tupl
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in (p.rglob("*") if recursive else p.iterdir())
-                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+                           if not f.name.startswith(".") and not f.is_dir())
             if not found:
-                problems.append(Skipped(str(p), "folder without image files"))
+                problems.append(Skipped(str(p), "no_files", "a folder without files"))
             for f in found:
                 add(f)
-        elif p.exists():
-            add(p)
         else:
-            problems.append(Skipped(str(p), "missing_file"))
+            add(p)  # a missing path is reported once, by the data stage's file check
     return paths, problems
 
 
-def prepare_image(path: str | Path, modality: str, size: int, *, enhance: str = "none",
+def prepare_image(path: str | Path, modality: str, size: int, *, min_side: int, enhance: str = "none",
                   crop_border: bool = True) -> tuple[np.ndarray, dict]:
-    """Read and preprocess one image as the workflow does; ``(uint8 HxWxC, info)``.
+    """Read, check and preprocess one image as the data stage does; ``(uint8 HxWxC, info)``.
 
-    Raises :class:`retflow.data.io.UnreadableInput` for files that cannot be used.
+    Raises :class:`retflow.data.io.UnreadableInput` with the data stage's quarantine reason.
     """
-    from retflow.data.io import read_image
-    from retflow.data.preprocess import preprocess_cfp, preprocess_oct
+    from retflow.data.preprocess import preprocess_image
 
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    raw, orig = read_image(path, draft_size=2 * size)
-    if modality == "cfp":
-        img, info = preprocess_cfp(raw, size, crop_border, enhance, scale=orig[0] / raw.shape[0])
-    else:
-        img, info = preprocess_oct(raw, size)
+    img, info, _ = preprocess_image(path, modality, size, min_side, crop_border=crop_border, enhance=enhance)
     return img, info
 
 
@@ -165,92 +171,130 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 # ----------------------------------------------------------------------------- running
-def _batches(
-    lm: LoadedModel, paths: Sequence[Path], modality: str, batch_size: int, prep_size: int | None,
-    enhance: str, crop_border: bool, show_progress: bool, desc: str, skipped: list[Skipped],
-) -> Iterator[tuple[list[str], list[dict], torch.Tensor]]:
+@dataclasses.dataclass
+class _Outcome:
+    """What became of one input: an output vector and its preprocessing info, or why not."""
+
+    path: str
+    output: np.ndarray | None = None
+    info: dict | None = None
+    skipped: Skipped | None = None
+
+
+def _run(lm: LoadedModel, paths: Sequence[str | Path], fn: Callable[[torch.Tensor], torch.Tensor], *,
+         modality: str, batch_size: int, device, prep_size: int | None, enhance: str, crop_border: bool,
+         min_side: int, show_progress: bool, desc: str) -> list[_Outcome]:
+    """One :class:`_Outcome` per input, in order; inputs are checked and preprocessed one by one and
+    scored in batches."""
     from retflow.data.dataset import eval_transform
     from retflow.data.io import UnreadableInput
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     spec = lm.spec
     transform = eval_transform(spec.img_size, lm.normalize, spec.in_chans)
     size = prep_size or spec.img_size
-    bar = progress(len(paths), desc, show_progress)
-    names: list[str] = []
-    infos: list[dict] = []
-    tensors: list[torch.Tensor] = []
+    device = pick_device(str(device))
+    lm.model.to(device).eval()
+    outcomes = [_Outcome(str(p)) for p in paths]
+    pending: list[tuple[_Outcome, torch.Tensor]] = []
+
+    def flush() -> None:
+        if pending:
+            out = fn(torch.stack([x for _, x in pending]).to(device)).float().cpu().numpy()
+            for (o, _), row in zip(pending, out):
+                o.output = row
+            pending.clear()
+
+    bar = progress(len(outcomes), desc, show_progress)
     try:
-        for path in paths:
-            try:
-                img, info = prepare_image(path, modality, size, enhance=enhance, crop_border=crop_border)
-                tensors.append(_to_model_input(img, spec.in_chans, transform))
-                names.append(str(path))
-                infos.append(info)
-            except UnreadableInput as exc:
-                skipped.append(Skipped(str(path), exc.reason + (f" ({exc.detail})" if exc.detail else "")))
-            except Exception as exc:  # any other failure on one file must not stop the run
-                skipped.append(Skipped(str(path), f"{type(exc).__name__}: {exc}"))
-            bar.update(1)
-            if len(tensors) == batch_size:
-                yield names, infos, torch.stack(tensors)
-                names, infos, tensors = [], [], []
-        if tensors:
-            yield names, infos, torch.stack(tensors)
+        with torch.inference_mode():
+            for o in outcomes:
+                try:
+                    img, info = prepare_image(o.path, modality, size, min_side=min_side, enhance=enhance,
+                                              crop_border=crop_border)
+                    x = _to_model_input(img, spec.in_chans, transform)
+                except UnreadableInput as exc:
+                    o.skipped = Skipped(o.path, exc.reason, exc.detail)
+                except MemoryError:  # as the data stage classifies a failure on one input
+                    o.skipped = Skipped(o.path, "too_large", "out of memory while decoding")
+                except Exception as exc:  # a library failing on one odd file must not stop the run
+                    o.skipped = Skipped(o.path, "unreadable", f"{type(exc).__name__}: {exc}")
+                else:
+                    o.info = info
+                    pending.append((o, x))
+                bar.update(1)
+                if len(pending) == batch_size:
+                    flush()
+            flush()
     finally:
         bar.close()
+    return outcomes
 
 
-def _run(lm, paths, fn: Callable[[torch.Tensor], torch.Tensor], *, modality, batch_size, device,
-         prep_size, enhance, crop_border, show_progress, desc):
-    skipped: list[Skipped] = []
-    lm.model.to(device).eval()
-    names: list[str] = []
-    infos: list[dict] = []
-    outs: list[np.ndarray] = []
-    with torch.inference_mode():
-        for b_names, b_infos, x in _batches(lm, paths, modality, batch_size, prep_size, enhance, crop_border,
-                                            show_progress, desc, skipped):
-            outs.append(fn(x.to(device)).float().cpu().numpy())
-            names += b_names
-            infos += b_infos
-    out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-    return names, infos, out, skipped
+def _frame(outcomes: list[_Outcome], columns: list[str], modality: str) -> pd.DataFrame:
+    """The output table: ``path, status, reason, detail``, the outputs (NaN when not scored), and for
+    CFP the data stage's boolean quality flags (``q_*``; empty when not scored)."""
+    values = np.full((len(outcomes), len(columns)), np.nan, np.float32)
+    for i, o in enumerate(outcomes):
+        if o.output is not None:
+            values[i] = o.output
+    frame = pd.DataFrame({
+        "path": [o.path for o in outcomes],
+        "status": [STATUS_QUARANTINED if o.skipped else STATUS_OK for o in outcomes],
+        "reason": [o.skipped.reason if o.skipped else "" for o in outcomes],
+        "detail": [o.skipped.detail if o.skipped else "" for o in outcomes],
+    })
+    frame = pd.concat([frame, pd.DataFrame(values, columns=columns)], axis=1)
+    if modality == "cfp":
+        flags = sorted({k for o in outcomes if o.info for k, v in o.info.items()
+                        if k.startswith("q_") and isinstance(v, bool)})
+        for k in flags:
+            frame[k] = pd.array([o.info.get(k) if o.info else None for o in outcomes], dtype="boolean")
+    return frame
+
+
+def _skipped(outcomes: list[_Outcome]) -> list[Skipped]:
+    return [o.skipped for o in outcomes if o.skipped]
 
 
 def embed_images(
     lm: LoadedModel, paths: Sequence[str | Path], *, modality: str = "cfp", batch_size: int = 16,
     device: str | torch.device = "cpu", prep_size: int | None = None, enhance: str = "none",
-    crop_border: bool = True, show_progress: bool = True,
+    crop_border: bool = True, min_side: int, show_progress: bool = True, refused: Sequence[Skipped] = (),
 ) -> tuple[pd.DataFrame, list[Skipped]]:
     """Embeddings: the model's pooled pre-logits features (``forward_head(pre_logits=True)``).
 
     Encoder with ``global_pool="token"``: the class token after the final norm (MAE linear
     probe); ``"avg"``: mean of patch tokens + ``fc_norm`` (RETFound); a fine-tuned classifier:
-    its ``fc_norm`` output.  Returns ``(frame, skipped)``; the frame has ``path``, for CFP
-    ``field_found``, and ``emb_0 .. emb_{D-1}`` (float32).
+    its ``fc_norm`` output.  Returns ``(frame, skipped)``: one row per input (``path``, ``status``,
+    ``reason``, ``detail``, ``emb_0 .. emb_{D-1}`` float32, NaN when not scored, CFP quality
+    flags) and the inputs that were not scored.  ``min_side``: the data stage's
+    ``preprocess.min_side``; ``refused``: inputs refused before reading (:func:`collect_images`'
+    problems), listed after the others.
     """
     model = lm.model
 
     def fn(x):
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
-    names, infos, out, skipped = _run(lm, [Path(p) for p in paths], fn, modality=modality, batch_size=batch_size,
-                                      device=pick_device(str(device)), prep_size=prep_size, enhance=enhance,
-                                      crop_border=crop_border, show_progress=show_progress, desc="embed")
-    dim = out.shape[1] if out.size else int(getattr(model, "num_features", 0))
-    frame = pd.DataFrame({"path": names})
-    if modality == "cfp":
-        frame["field_found"] = [bool(i.get("field_found", True)) for i in infos]
-    emb = pd.DataFrame(out.astype(np.float32).reshape(len(names), dim), columns=[f"emb_{i}" for i in range(dim)])
-    return pd.concat([frame, emb], axis=1), skipped
+    outcomes = _run(lm, paths, fn, modality=modality, batch_size=batch_size, device=device, prep_size=prep_size,
+                    enhance=enhance, crop_border=crop_border, min_side=min_side, show_progress=show_progress,
+                    desc="embed") + [_Outcome(r.path, skipped=r) for r in refused]
+    dim = int(getattr(model, "num_features", 0))
+    dim = next((len(o.output) for o in outcomes if o.output is not None), dim)
+    return _frame(outcomes, [f"emb_{i}" for i in range(dim)], modality), _skipped(outcomes)
 
 
 def predict_images(
     lm: LoadedModel, paths: Sequence[str | Path], *, modality: str = "cfp", batch_size: int = 16,
     device: str | torch.device = "cpu", prep_size: int | None = None, enhance: str = "none",
-    crop_border: bool = True, show_progress: bool = True,
+    crop_border: bool = True, min_side: int, show_progress: bool = True, refused: Sequence[Skipped] = (),
 ) -> tuple[pd.DataFrame, list[Skipped]]:
-    """Softmax probabilities of a fine-tuned classifier: ``path``, ``prob_<class>`` ..., ``pred``."""
+    """Softmax probabilities of a fine-tuned classifier, one row per input: ``path``, ``status``,
+    ``reason``, ``detail``, ``prob_<class>`` ... (NaN when not scored), ``pred`` (empty when not
+    scored), CFP quality flags; and the inputs that were not scored (``refused``: as
+    :func:`embed_images`)."""
     if lm.kind != "classifier" or not lm.classes:
         raise ValueError("predict needs a fine-tuned classifier checkpoint (best.pth or its export); "
                          f"{lm.report.path} is a pretrained encoder (layout {lm.report.layout})")
@@ -259,18 +303,15 @@ def predict_images(
     def fn(x):
         return torch.softmax(model(x).float(), dim=1)
 
-    names, infos, probs, skipped = _run(lm, [Path(p) for p in paths], fn, modality=modality,
-                                        batch_size=batch_size, device=pick_device(str(device)),
-                                        prep_size=prep_size, enhance=enhance, crop_border=crop_border,
-                                        show_progress=show_progress, desc="predict")
-    probs = probs.reshape(len(names), len(lm.classes))
-    frame = pd.DataFrame({"path": names})
-    for k, c in enumerate(lm.classes):
-        frame[f"prob_{c}"] = probs[:, k]
-    frame["pred"] = [lm.classes[i] for i in probs.argmax(axis=1)] if len(names) else []
-    if modality == "cfp":
-        frame["field_found"] = [bool(i.get("field_found", True)) for i in infos]
-    return frame, skipped
+    outcomes = _run(lm, paths, fn, modality=modality, batch_size=batch_size, device=device, prep_size=prep_size,
+                    enhance=enhance, crop_border=crop_border, min_side=min_side, show_progress=show_progress,
+                    desc="predict") + [_Outcome(r.path, skipped=r) for r in refused]
+    frame = _frame(outcomes, [f"prob_{c}" for c in lm.classes], modality)
+    probs = frame[[f"prob_{c}" for c in lm.classes]].to_numpy()
+    scored = frame["status"].to_numpy() == STATUS_OK
+    pred = np.where(scored, np.asarray(lm.classes, dtype=object)[np.nan_to_num(probs).argmax(axis=1)], "")
+    frame.insert(len(ROW_COLUMNS) + len(lm.classes), "pred", pred)
+    return frame, _skipped(outcomes)
 
 
 def write_embeddings(frame: pd.DataFrame, path: str | Path, metadata: dict | None = None) -> None:

@@ -86,6 +86,31 @@ def _check_picture(path: str, arr: np.ndarray, min_side: int, shape_hw) -> None:
         raise UnreadableInput(path, "blank_image", "no variation in pixel values")
 
 
+def preprocess_image(source: str | Path, modality: str, size: int, min_side: int, *, crop_border: bool = True,
+                     enhance: str = "none", jpeg_draft: bool = True) -> tuple[np.ndarray, dict, tuple[int, int]]:
+    """Read, check and preprocess one 2-D image as the data stage stores it: ``(image, manifest
+    fields, source (h, w))``. Also what ``retflow predict`` / ``embed`` run on each input.
+
+    Raises :class:`UnreadableInput` with the quarantine reason: the file checks of
+    :func:`~retflow.data.io.read_image` (``missing_file``, ``not_a_file``, ``zero_bytes``,
+    ``not_an_image``, ``truncated``, ``corrupt``, ``multi_frame``, ...), ``too_small`` (a side
+    below ``min_side``), ``blank_image`` (near-constant), and for CFP ``wrong_mode`` (grayscale)
+    and ``no_fundus_field``.
+    """
+    # JPEGs decode at a reduced DCT scale that still leaves >= 2x the stored size
+    raw, orig = read_image(source, draft_size=2 * size if jpeg_draft else None)
+    _check_picture(str(source), raw, min_side, orig)
+    if modality == "cfp":
+        if raw.ndim == 2:
+            raise UnreadableInput(source, "wrong_mode", "grayscale image in a colour-fundus (cfp) dataset")
+        img, info = preprocess_cfp(raw, size, crop_border, enhance, scale=orig[0] / raw.shape[0])
+        if not info["field_found"]:
+            raise UnreadableInput(source, "no_fundus_field", "no illuminated circular field detected")
+    else:
+        img, info = preprocess_oct(raw, size)
+    return img, info, orig
+
+
 def process_record(rec: dict, modality: str, prep: dict, volume: bool) -> tuple[list[dict], list[np.ndarray]]:
     """Preprocess one record into stored images and their manifest rows."""
     source = rec["source"]
@@ -104,19 +129,9 @@ def process_record(rec: dict, modality: str, prep: dict, volume: bool) -> tuple[
             images.append(img)
     else:
         size = prep["cfp"]["size"] if modality == "cfp" else prep["oct"]["size"]
-        # JPEGs decode at a reduced DCT scale that still leaves >= 2x the stored size
-        raw, orig = read_image(source, draft_size=2 * size if prep.get("jpeg_draft", True) else None)
-        _check_picture(source, raw, min_side, orig)
-        if modality == "cfp":
-            if raw.ndim == 2:
-                raise UnreadableInput(source, "wrong_mode", "grayscale image in a colour-fundus (cfp) dataset")
-            cfp = prep["cfp"]
-            img, info = preprocess_cfp(raw, size, cfp.get("crop_border", True), cfp.get("enhance", "none"),
-                                       scale=orig[0] / raw.shape[0])
-            if not info["field_found"]:
-                raise UnreadableInput(source, "no_fundus_field", "no illuminated circular field detected")
-        else:
-            img, info = preprocess_oct(raw, size)
+        cfp = prep["cfp"] if modality == "cfp" else {}
+        img, info, orig = preprocess_image(source, modality, size, min_side, crop_border=cfp.get("crop_border", True),
+                                           enhance=cfp.get("enhance", "none"), jpeg_draft=prep.get("jpeg_draft", True))
         rows.append({**rec, "frame": -1, "n_frames": 1, "laterality": "", **info})
         images.append(img)
     digest = source_digest(source)

@@ -1,9 +1,8 @@
 """Reading ViT checkpoints in every key layout we meet, and rebuilding the model they belong to.
 
-Every torch file is read with ``torch.load(weights_only=True)`` (``argparse.Namespace`` and numpy
-scalars are allow-listed: MAE / RETFound / timm training checkpoints store their ``args`` and
-metrics that way); ``.safetensors`` files with safetensors.  Nothing is ever unpickled freely and
-nothing is downloaded.
+Files are read by :func:`retflow.checkpoint_file.read_file`, the one reader of every stage
+(``torch.load(weights_only=True)``, memory-mapped; safetensors; export folders): nothing is ever
+unpickled freely (a refused pickle names the file and the global) and nothing is downloaded.
 
 Layouts (detected from the file's structure by :func:`detect_layout`; the name is reported):
 
@@ -37,7 +36,7 @@ Layouts (detected from the file's structure by :func:`detect_layout`; the name i
     'probe_head', ...}``; rebuilt exactly (classifier with its head).
 ``retflow_export``
     A folder written by :func:`retflow.models.export.export_model` (``config.json`` +
-    ``model.safetensors``), or that ``model.safetensors`` itself.
+    ``model.safetensors``), or that ``model.safetensors`` itself; rebuilt exactly as exported.
 
 Which timm architecture a foreign checkpoint is built as (:func:`infer_spec`): plain ViTs (MAE,
 RETFound-MAE, timm) -> ``vit_{tiny,small,base,large}_patch16_224`` / ``vit_huge_patch14_224``
@@ -52,9 +51,7 @@ be read from weights: it comes from the usual width -> heads table (192:3, 384:6
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -64,12 +61,16 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from retflow.checkpoint_file import EXPORT_CONFIG, CheckpointError, RefusedCheckpoint, read_file
+
+from .export import META_SECTION
 from .pos_embed import interpolate_pos_embed
 from .vit import ViTSpec, attach_probe_head, create_vit, load_encoder_weights, strip_prefixes
 
 __all__ = [
     "LAYOUTS",
     "CheckpointError",
+    "RefusedCheckpoint",
     "Checkpoint",
     "LoadReport",
     "LoadedModel",
@@ -94,8 +95,6 @@ LAYOUTS: dict[str, str] = {
     "retflow_export": "retflow export folder (config.json + model.safetensors)",
 }
 
-_EXPORT_WEIGHTS = "model.safetensors"
-_EXPORT_CONFIG = "config.json"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _CHUNK_RE = re.compile(r"^blocks\.\d+\.(\d+)\.")
@@ -108,10 +107,6 @@ _PLAIN_SIZES = {
 }
 _DINO_SIZES = {384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16), 1536: ("giant", 40, 24)}
 _GIANT_MLP_RATIO = 2.66667 * 2
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable checkpoint; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +152,8 @@ class Checkpoint:
 
     ``state_dict`` holds the tensors to load, ``dropped`` the keys removed during conversion;
     ``spec`` / ``classes`` / ``normalize`` / ``task`` / ``probe_head`` / ``global_pool`` come from
-    retflow metadata when the file has it (else ``None``).
+    retflow metadata when the file has it (else ``None``); ``meta`` holds everything else a
+    fine-tuned checkpoint or export records (``task_spec``, ``target_scale``, ``epoch`` ...).
     """
 
     path: str
@@ -171,7 +167,7 @@ class Checkpoint:
     task: str | None = None
     probe_head: bool = False
     global_pool: str | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def is_classifier(self) -> bool:
@@ -191,63 +187,13 @@ class LoadedModel:
     classes: list[str] | None = None
     normalize: dict | None = None
     task: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ reading files
-def _safe_globals() -> list:
-    allowed: list = [argparse.Namespace]
-    try:  # numpy scalars / dtypes in saved metrics (allow-listed the way torch documents it)
-        import numpy as np
-
-        try:
-            from numpy._core.multiarray import scalar
-        except ImportError:  # numpy < 2
-            from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-        allowed += [scalar, np.dtype]
-        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    except Exception:  # pragma: no cover - numpy missing or unusual
-        pass
-    return allowed
-
-
 def read_torch_file(path: str | Path) -> Any:
-    """``torch.load(path, weights_only=True, mmap=True)`` on CPU, or safetensors; clear errors naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint file (a folder without {_EXPORT_CONFIG})")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            try:  # memory-mapped: a large file's optimizer state is never read into memory
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:
-        text = str(exc)
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if m:
-            raise CheckpointError(
-                f"{path}: refused by torch.load(weights_only=True): it pickles {m.group(1)}, which is not "
-                "a tensor container. Re-save its state dict (torch.save(ckpt['model'], ...)) or convert "
-                "it to safetensors."
-            ) from None
-        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-        detail = (m.group(1) if m else text.strip().splitlines()[0] if text.strip() else "").strip()
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}{': ' + detail if detail else ''})"
-        ) from None
+    """The object stored in a checkpoint file or export folder: :func:`retflow.checkpoint_file.read_file`."""
+    return read_file(path)
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -273,6 +219,8 @@ def detect_layout(obj: Any) -> str:
     """Name of the key layout of a loaded checkpoint object (see module docstring)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"a {type(obj).__name__}, not a checkpoint dict")
+    if isinstance(obj.get("export_config"), Mapping) and _is_tensor_dict(obj.get("model")):
+        return "retflow_export"
     if isinstance(obj.get("teacher"), Mapping):
         return "dinov2_teacher"
     if isinstance(obj.get("model"), Mapping) and "spec" in obj and "classes" in obj:
@@ -349,18 +297,15 @@ def _tensors_only(sd: Mapping[str, Any], path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_export_dir(folder: Path) -> Checkpoint:
-    cfg_path = folder / _EXPORT_CONFIG
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{cfg_path}: unreadable export config ({exc})") from None
-    weights = folder / _EXPORT_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {weights} (export folder {folder})")
-    sd = read_torch_file(weights)
+def _from_export(path: Path, obj: Mapping[str, Any]) -> Checkpoint:
+    cfg = obj["export_config"]
+    folder = path if path.is_dir() else path.parent
+    cfg_path = folder / EXPORT_CONFIG
     meta = cfg.get("retflow") or {}
-    spec = ViTSpec.from_dict(meta["spec"]) if meta.get("spec") else None
+    try:
+        spec = ViTSpec.from_dict(meta["spec"]) if meta.get("spec") else None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path}: retflow.spec is not a ViT spec ({exc})") from None
     if spec is None:
         args = dict(cfg.get("model_args") or {})
         try:
@@ -373,28 +318,27 @@ def _read_export_dir(folder: Path) -> Checkpoint:
     n_cls = int(cfg.get("num_classes") or 0)
     if n_cls and not labels:
         labels = [str(i) for i in range(n_cls)]
-    return Checkpoint(
-        path=str(folder), layout="retflow_export", state_dict=_tensors_only(sd, str(weights)), spec=spec,
-        classes=[str(c) for c in labels] if n_cls else None,
-        normalize=meta.get("normalize"), task=meta.get("task"),
+    classes = [str(c) for c in labels] if n_cls else None
+    ck = Checkpoint(
+        path=str(folder), layout="retflow_export", state_dict=_tensors_only(obj["model"], str(folder)), spec=spec,
+        classes=classes, normalize=meta.get("normalize"), task=meta.get("task"),
         global_pool=cfg.get("global_pool") or (cfg.get("model_args") or {}).get("global_pool"),
     )
+    ck.meta = {**dict(meta.get(META_SECTION) or {}), "spec": spec.to_dict(), "classes": classes,
+               "normalize": ck.normalize, "task": ck.task}
+    return ck
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported checkpoint (file or export folder) and convert it to timm key names."""
     path = Path(path)
-    if path.is_dir():
-        if (path / _EXPORT_CONFIG).is_file():
-            return _read_export_dir(path)
-        raise CheckpointError(f"{path}: a folder without {_EXPORT_CONFIG}, not a checkpoint")
-    if path.name == _EXPORT_WEIGHTS and (path.parent / _EXPORT_CONFIG).is_file():
-        return _read_export_dir(path.parent)
-    obj = read_torch_file(path)
+    obj = read_file(path)
     try:
         layout = detect_layout(obj)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: not a ViT checkpoint - {exc}") from None
+    if layout == "retflow_export":
+        return _from_export(path, obj)
     ck = Checkpoint(path=str(path), layout=layout, state_dict={})
     dropped: list[str] = []
     if layout == "dinov2_teacher":
@@ -413,7 +357,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ck.task = obj.get("task")
         ck.probe_head = bool(obj.get("probe_head"))
         ck.global_pool = "avg"
-        ck.extra = {k: obj[k] for k in ("epoch", "val_score") if k in obj}
+        ck.meta = {k: v for k, v in obj.items() if k != "model"}
     else:
         inner: Mapping[str, Any] = obj
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
@@ -633,7 +577,7 @@ def load_model(
         if num_classes not in (None, n_cls):
             raise CheckpointError(f"{ck.path}: a fine-tuned classifier with {n_cls} classes, not {num_classes}")
         model = create_vit(use_spec, num_classes=n_cls, global_pool=pool)
-        if ck.probe_head or any(k.startswith("head.0.") for k in ck.state_dict):
+        if ck.probe_head:  # recorded by the checkpoint (an export holds the folded Linear head)
             attach_probe_head(model)
         report = _load_exact(model, ck)
         kind, classes = "classifier", ck.classes
@@ -647,5 +591,5 @@ def load_model(
         kind, classes = "encoder", None
     model.eval()
     return LoadedModel(model=model, spec=use_spec, report=report, kind=kind, global_pool=pool,
-                       classes=classes, normalize=ck.normalize, task=ck.task)
+                       classes=classes, normalize=ck.normalize, task=ck.task, meta=dict(ck.meta))
 

@@ -18,7 +18,9 @@ architecture's registered 1000 unless overlaid).
 and ``global_pool``), ``pretrained_cfg`` (``input_size``, ``mean``/``std`` of our
 normalisation, ``interpolation`` bilinear and ``crop_pct`` 1.0 as our eval transform, label
 names), and a ``retflow`` section (spec, classes, normalize, task, source file and layout,
-preprocessing note) that timm ignores.
+preprocessing note, and under ``checkpoint`` what a fine-tuned checkpoint records besides its
+weights: ``task_spec``, ``target_scale``, ``epoch``, ``val_score``) that timm ignores.  The folder
+is read back wherever a weights file is accepted (:func:`retflow.checkpoint_file.read_file`).
 
 A MAE linear-probe head (``BatchNorm1d(affine=False)`` + ``Linear``) is folded into one
 ``Linear`` (exact in eval mode), so the export is a stock timm ``VisionTransformer``.
@@ -34,14 +36,17 @@ import torch
 from torch import nn
 
 from retflow.atomic import atomic_path
+from retflow.checkpoint_file import EXPORT_CONFIG as CONFIG_NAME
+from retflow.checkpoint_file import EXPORT_WEIGHTS as WEIGHTS_NAME
 
 from .vit import ViTSpec
 
 __all__ = ["export_model", "export_checkpoint", "timm_create_kwargs", "load_export", "fold_probe_head",
-           "WEIGHTS_NAME", "CONFIG_NAME"]
+           "WEIGHTS_NAME", "CONFIG_NAME", "META_KEYS", "META_SECTION"]
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+#: checkpoint metadata kept in ``config.json["retflow"][META_SECTION]`` (JSON values only)
+META_KEYS = ("task_spec", "target_scale", "epoch", "val_score")
+META_SECTION = "checkpoint"
 
 
 def fold_probe_head(model: nn.Module) -> nn.Module:
@@ -94,13 +99,15 @@ def export_model(
     source: str | None = None,
     layout: str | None = None,
     verify: bool = True,
+    meta: Mapping | None = None,
 ) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``; returns ``out_dir``.
 
     ``model`` is a timm ``VisionTransformer`` built from ``spec`` (``num_classes`` is read from
     it; ``classes`` names its outputs).  The caller's model is not modified (a probe head is
-    folded on a copy).  With ``verify`` the folder is reloaded through
-    :func:`timm_create_kwargs` and must reproduce the model's output on a random input.
+    folded on a copy).  ``meta``: a checkpoint's metadata; its :data:`META_KEYS` are kept.  With
+    ``verify`` the folder is reloaded through :func:`timm_create_kwargs` and must reproduce the
+    model's output on a random input.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +162,9 @@ def export_model(
         "preprocess": "CFP: retflow.data.preprocess.preprocess_cfp (field crop, pad to square, resize); "
                       "OCT: preprocess_oct; then resize to input_size, /255, normalise with mean/std",
     }
+    kept = _json_meta(meta)
+    if kept:
+        config["retflow"][META_SECTION] = kept
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
@@ -165,6 +175,24 @@ def export_model(
     if verify:
         _verify(m, out_dir, spec)
     return out_dir
+
+
+def _json_meta(meta: Mapping | None) -> dict[str, Any]:
+    """The :data:`META_KEYS` of ``meta`` as JSON values (tensors / numpy scalars converted; others left out)."""
+    out: dict[str, Any] = {}
+    for key in META_KEYS:
+        if not meta or meta.get(key) is None:
+            continue
+        value = meta[key]
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        elif hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
+            value = value.item()
+        try:
+            out[key] = json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def timm_create_kwargs(out_dir: str | Path) -> dict[str, Any]:
@@ -216,5 +244,5 @@ def export_checkpoint(
 
     lm = load_model(checkpoint, num_heads=num_heads, global_pool=global_pool)
     export_model(lm.model, lm.spec, out_dir, classes=lm.classes, normalize=lm.normalize, task=lm.task,
-                 source=str(checkpoint), layout=lm.report.layout, verify=verify)
+                 source=str(checkpoint), layout=lm.report.layout, verify=verify, meta=lm.meta)
     return lm

@@ -1,7 +1,8 @@
 """Start MAE pretraining from an existing checkpoint file (ImageNet-MAE, RETFound, our own).
 
-Accepted layouts (all read with ``weights_only=True`` by
-:func:`~retflow.models.vit.load_checkpoint_file`):
+Accepted layouts (all read by :func:`~retflow.models.vit.load_checkpoint_file`, i.e. the one
+checkpoint reader :func:`retflow.checkpoint_file.read_file`: ``weights_only=True``, a refused
+pickle names the file and the global):
 
 - encoder only, timm ``vit_*_patch16_224`` / MAE ``mae_pretrain_vit_*.pth`` names
   (``patch_embed.*``, ``blocks.*``, ``norm.*``, ``cls_token``, ``pos_embed``): the decoder
@@ -10,7 +11,9 @@ Accepted layouts (all read with ``weights_only=True`` by
   ``decoder_embed``, ``mask_token``, ``decoder_pos_embed``, ``decoder_blocks.*``,
   ``decoder_norm``, ``decoder_pred``), e.g. ``mae_visualize_vit_large.pth`` or a RETFound
   checkpoint ``{'model': state}`` - domain-adaptive pretraining continues the decoder too;
-- retflow's own ``checkpoint.pth`` (encoder under ``encoder.``).
+- retflow's own ``checkpoint.pth`` (encoder under ``encoder.``);
+- a ``retflow export`` folder (``config.json`` + ``model.safetensors``) of an encoder: the
+  decoder starts fresh.
 
 Position embeddings are interpolated to this model's patch grid (encoder and decoder), the patch
 projection is adapted to ``in_chans`` (RGB checkpoint -> 1-channel OCT), and the decoder's pixel

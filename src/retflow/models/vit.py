@@ -112,31 +112,21 @@ def create_vit(
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.pth``/``.pt``/``.bin`` or ``.safetensors``.
+    """Read a state dict from ``.pth``/``.pt``/``.bin``, ``.safetensors`` or a ``retflow export`` folder.
 
-    Torch files are read with ``weights_only=True`` (``argparse.Namespace`` is
-    allow-listed because MAE/RETFound checkpoints store their ``args`` as one;
-    numpy scalars too).  A ``{'model': sd}`` or ``{'state_dict': sd}`` wrapper is
-    unwrapped.  DINOv2 layouts (``{'teacher': {'backbone.*': ...}}`` as in
-    RETFound-DINOv2, or a flat DINOv2 backbone) are converted to timm key names
-    (:func:`retflow.models.checkpoint_layouts.convert_dinov2`).  Other keys are
-    returned unchanged (``encoder.`` / decoder keys stay; see
-    :func:`load_encoder_weights`).
+    Read by :func:`retflow.checkpoint_file.read_file` (``weights_only=True``, memory-mapped; a
+    refused pickle names the file and the global).  A ``{'model': sd}`` or ``{'state_dict': sd}``
+    wrapper is unwrapped (an export folder reads as ``{'model': sd, ...}``).  DINOv2 layouts
+    (``{'teacher': {'backbone.*': ...}}`` as in RETFound-DINOv2, or a flat DINOv2 backbone) are
+    converted to timm key names (:func:`retflow.models.checkpoint_layouts.convert_dinov2`).  Other
+    keys are returned unchanged (``encoder.`` / decoder keys stay; see :func:`load_encoder_weights`).
     """
-    from .checkpoint_layouts import _is_dinov2_flat, _safe_globals, convert_dinov2
+    from retflow.checkpoint_file import CheckpointError, read_file
+
+    from .checkpoint_layouts import _is_dinov2_flat, convert_dinov2
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(path), device="cpu")
-    else:
-        import argparse
-
-        with torch.serialization.safe_globals([argparse.Namespace, *_safe_globals()]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj: Any = read_file(path)
     if isinstance(obj, Mapping) and isinstance(obj.get("teacher"), Mapping):
         teacher = obj["teacher"]
         backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
@@ -147,7 +137,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
                 obj = obj[wrapper]
                 break
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not contain a state dict of tensors")
+        raise CheckpointError(f"{path}: no state dict of tensors in it, not a model checkpoint")
     if _is_dinov2_flat(obj) and not any(k.startswith(("encoder.", "decoder_")) for k in obj):
         return convert_dinov2(obj)[0]
     return dict(obj)

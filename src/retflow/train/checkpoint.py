@@ -1,10 +1,11 @@
 """Atomic checkpoint writing and safe (``weights_only``) reading.
 
-Checkpoints are read with ``torch.load(weights_only=True)``, which refuses
-arbitrary pickled objects.  Checkpoint dicts must therefore hold only tensors,
-numbers, strings, ``None``, lists, tuples and dicts: model / optimizer /
-GradScaler ``state_dict()``s qualify; numpy arrays, ``argparse.Namespace``,
-``pathlib.Path`` etc. do not.  RNG states are stored as tensors via
+Checkpoints are read by :func:`retflow.checkpoint_file.read_file` (the one reader of
+every stage: ``torch.load(weights_only=True)``, memory-mapped), which refuses
+arbitrary pickled objects with a one-line message naming the file and the global.
+Checkpoint dicts must therefore hold only tensors, numbers, strings, ``None``,
+lists, tuples and dicts: model / optimizer / GradScaler ``state_dict()``s qualify;
+numpy arrays, ``pathlib.Path`` etc. do not.  RNG states are stored as tensors via
 :func:`capture_rng_state` / :func:`restore_rng_state`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from retflow.atomic import atomic_path
+from retflow.checkpoint_file import read_file
 
 __all__ = ["save_atomic", "load_state", "capture_rng_state", "restore_rng_state"]
 
@@ -47,8 +49,12 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 
 def load_state(path: str | os.PathLike) -> Any:
-    """Load a checkpoint on CPU with ``weights_only=True``."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A checkpoint's object on CPU (``weights_only=True``; see :func:`retflow.checkpoint_file.read_file`).
+
+    Raises ``FileNotFoundError`` or :class:`retflow.checkpoint_file.CheckpointError` (a
+    ``ValueError``), one line naming the file.
+    """
+    return read_file(Path(path))
 
 
 def capture_rng_state() -> dict[str, Any]:

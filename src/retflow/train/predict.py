@@ -10,22 +10,27 @@ from pathlib import Path
 
 import numpy as np
 
+from retflow.checkpoint_file import CheckpointError
 from retflow.data.dataset import StoreDataset, eval_transform, load_manifest
-from retflow.models.vit import ViTSpec, attach_probe_head, create_vit
-from retflow.train.checkpoint import load_state
+from retflow.models.checkpoint_layouts import load_model
+from retflow.settings.stages import TaskSettings
 from retflow.train.engine_finetune import predict_outputs
 from retflow.train.targets import TargetScale, encode_targets, write_predictions
 
 
 def load_finetuned(checkpoint: Path, device):
-    state = load_state(checkpoint)
-    spec = ViTSpec.from_dict(state["spec"])
-    model = create_vit(spec, num_classes=state["model"]["head.weight" if "head.weight" in state["model"]
-                                                     else "head.1.weight"].shape[0], global_pool="avg")
-    if state.get("probe_head"):
-        attach_probe_head(model)
-    model.load_state_dict(state["model"])
-    return model.to(device), state, spec
+    """``(model, state, spec)`` of a fine-tuned ``best.pth`` or its ``retflow export`` folder.
+
+    The classifier is rebuilt from what the checkpoint records (its ``spec``, ``classes`` and
+    ``probe_head``; :func:`retflow.models.checkpoint_layouts.load_model`); ``state`` is the
+    checkpoint's metadata (``classes``, ``normalize``, ``task_spec``, ``target_scale`` ...).
+    A file that is not a fine-tuned model raises :class:`CheckpointError` naming it.
+    """
+    lm = load_model(checkpoint)
+    if lm.kind != "classifier":
+        raise CheckpointError(f"{checkpoint}: a pretrained encoder (layout {lm.report.layout}), not a fine-tuned "
+                              "model; give the run's best.pth or its export")
+    return lm.model.to(device), lm.meta, lm.spec
 
 
 def checkpoint_task(state: dict, label: str | None = None) -> dict:
@@ -61,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     from retflow.train.distributed import pick_device
 
     device = pick_device(args.device)
-    model, state, spec = load_finetuned(Path(args.checkpoint), device)
-    task = checkpoint_task(state, args.label)
+    try:
+        model, state, spec = load_finetuned(Path(args.checkpoint), device)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise SystemExit(f"ERROR: {exc}") from None
+    task = TaskSettings.from_dict(checkpoint_task(state, args.label), f"{args.checkpoint}: task_spec")
     scale = TargetScale(*state.get("target_scale", (0.0, 1.0)))
-    eval_task = dict(task)
+    eval_task = task
     if args.label_map:
-        eval_task["classes"] = list(args.classes)
-        eval_task["type"] = "binary" if len(args.classes) == 2 else "multiclass"
+        eval_task = task.replace(classes=list(args.classes), type="binary" if len(args.classes) == 2 else "multiclass")
     manifest = load_manifest(args.store)
     targets, valid = encode_targets(manifest, eval_task)
     if args.split is not None:
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = np.flatnonzero(valid)
     excluded = int(len(manifest) - len(rows)) if args.split is None else 0
     if excluded:
-        print(f"{excluded} images without a usable '{task['label']}' label were not predicted", file=sys.stderr)
+        print(f"{excluded} images without a usable '{task.label}' label were not predicted", file=sys.stderr)
     tf = eval_transform(spec.img_size, state.get("normalize"), spec.in_chans)
     ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], targets[rows], tf, spec.in_chans)
     outputs = predict_outputs(model, ds, device, task, scale)
