@@ -28,7 +28,17 @@ PRE='{"vit": '$VIT', "decoder": {"embed_dim": 512, "depth": 8, "num_heads": 16},
 SECONDS=0
 torchrun --standalone --nnodes=1 --nproc_per_node=1 workflow_scripts/pretrain.py --settings "$PRE" --stores "$WORK/pool" --out-dir "$WORK/mae" 2>&1 | tee "$OUT/pretrain.log"
 echo "pretrain wall s: $SECONDS"
-FT='{"task": {"name": "toy", "label": "label", "type": "multiclass", "classes": ["0","1","2","3","4"]}, "vit": '$VIT', "protocol": "finetune", "fraction": 1.0, "seed": 0, "device": "cuda", "epochs": 2, "batch_size": 64, "blr": 5e-3, "layer_decay": 0.65, "weight_decay": 0.05, "drop_path": 0.2, "label_smoothing": 0.1, "warmup_epochs": 1, "min_lr": 1e-6, "crop_scale": [0.5, 1.0], "min_steps": 0, "select_by": "primary", "num_workers": 8}'
+FT=$(python3 - <<'PY'
+# the workflow's recipe for a demo task (retflow.settings.build), at ViT-B/224 on a 5-class toy label
+from retflow.settings import build, load_config
+s = build.finetune(load_config("config.yaml"), "finetune", "dr_grading", 1.0, 0)
+s = s.replace(task=s.task.replace(name="toy", label="label", type="multiclass"),
+              vit=s.vit.replace(arch="vit_base_patch16_224", img_size=224, patch_size=16, in_chans=3, model_kwargs={}),
+              device="cuda", epochs=2, batch_size=64, blr=5e-3, layer_decay=0.65, drop_path=0.2, warmup_epochs=1,
+              crop_scale=(0.5, 1.0), min_steps=0, class_weights="none", num_workers=8)
+print(s.to_json())
+PY
+)
 python3 workflow_scripts/finetune.py --settings "$FT" --store "$WORK/clinic" --init "$WORK/mae/checkpoint.pth" --out-dir "$WORK/ft" 2>&1 | tee "$OUT/finetune.log"
 python3 workflow_scripts/predict.py --checkpoint "$WORK/ft/best.pth" --store "$WORK/clinic" --label label --device cuda --out "$WORK/ft/ext.parquet"
 cp "$WORK/mae/recon.png" "$OUT/" || true

@@ -1,11 +1,13 @@
 """Segmentation tasks: phantom masks, masks through preparation, decoder, metrics, training, DAG."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import job_counts, make_workdir, snakemake, write_config
@@ -20,6 +22,8 @@ from retflow.evaluate.segmentation_metrics import (
 from retflow.models.seg_decoder import SegViT, decoder_levels, skip_blocks
 from retflow.models.vit import ViTSpec
 from retflow.phantoms.generate import generate_dataset
+from retflow.settings import build, validate
+from retflow.settings.stages import TaskSettings
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -243,15 +247,20 @@ def synthetic_store(root, n=48, size=32, seed=0):
     return root
 
 
-def seg_cfg(epochs=5, **kw):
-    return {"epochs": epochs, "batch_size": 8, "blr": 0.16, "layer_decay": 0.75, "weight_decay": 0.01,
-            "drop_path": 0.1, "warmup_epochs": 1, "min_lr": 1e-5, "crop_scale": [0.7, 1.0], "hflip": True,
-            "min_steps": 60, "feature_size": 16, "n_overlay": 2,
-            "task": {"name": "toy", "type": "segmentation", "classes": ["background", "disc", "square"]},
-            "vit": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "in_chans": 3,
-                    "model_kwargs": TINY},
-            "normalize": None, "protocol": "finetune", "model": "scratch", "fraction": 1.0, "seed": 0,
-            "device": "cpu", "evaluate": {"n_boot": 50, "seed": 0}, **kw}
+#: the demo config as the workflow sees it (schema defaults filled in)
+DEMO = validate(yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text()))
+
+
+def seg_settings(epochs=5, **kw):
+    """The demo's vessel_seg run built as the workflow builds it (:func:`retflow.settings.build.segment`),
+    made tiny and given the synthetic store's three classes; ``kw`` replaces further fields."""
+    s = build.segment(DEMO, "vessel_seg", "scratch", 1.0, 0)
+    s = s.replace(task=s.task.replace(name="toy", classes=("background", "disc", "square")),
+                  vit=s.vit.replace(img_size=32, patch_size=8, in_chans=3, model_kwargs=TINY), device="cpu",
+                  epochs=epochs, batch_size=8, blr=0.16, layer_decay=0.75, weight_decay=0.01, drop_path=0.1,
+                  warmup_epochs=1, min_lr=1e-5, crop_scale=(0.7, 1.0), hflip=True, min_steps=60, feature_size=16,
+                  n_overlay=2, evaluate=s.evaluate.replace(n_boot=50, seed=0))
+    return s.replace(**kw)
 
 
 @pytest.fixture
@@ -268,14 +277,14 @@ def test_training_learns_resumes_and_starts_from_our_mae_checkpoint(tmp_path, mo
     from retflow.train import segment
 
     store = synthetic_store(tmp_path / "store")
-    spec = ViTSpec.from_dict(seg_cfg()["vit"])
+    spec = seg_settings().vit.spec()
     weights = tmp_path / "checkpoint.pth"  # the layout retflow's MAE pretraining writes
-    mae = MaskedAutoencoderViT(spec, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    mae = MaskedAutoencoderViT(spec, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
     torch.save({"model": mae.state_dict(), "epoch": 1, "args": {"vit": spec.to_dict()}}, weights)
 
     full = tmp_path / "full"
     full.mkdir()
-    assert segment.run(seg_cfg(), str(store), str(weights), full) == 0
+    assert segment.run(seg_settings(), str(store), str(weights), full) == 0
     assert "loaded encoder from" in capsys.readouterr().out
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["task_type"] == "segmentation" and metrics["primary_metric"] == "dice"
@@ -289,6 +298,7 @@ def test_training_learns_resumes_and_starts_from_our_mae_checkpoint(tmp_path, mo
     assert len(log) == 5 and log["val_dice"].iloc[-1] > log["val_dice"].iloc[0]
     best = segment.load_state(full / "best.pth")
     assert best["kind"] == "segmentation" and best["classes"] == ["background", "disc", "square"]
+    assert json.loads((full / "settings.json").read_text()) == seg_settings().to_dict()
 
     # interrupted after epoch 1, then rerun: resumes and ends exactly where the full run did
     part = tmp_path / "part"
@@ -304,11 +314,11 @@ def test_training_learns_resumes_and_starts_from_our_mae_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(segment, "save_atomic", crash_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
-        segment.run(seg_cfg(), str(store), str(weights), part)
+        segment.run(seg_settings(), str(store), str(weights), part)
     monkeypatch.setattr(segment, "save_atomic", real_save)
     assert not (part / "metrics.json").exists()
     capsys.readouterr()
-    segment.run(seg_cfg(), str(store), str(weights), part)
+    segment.run(seg_settings(), str(store), str(weights), part)
     assert "Resuming from" in capsys.readouterr().out
     pd.testing.assert_frame_equal(pd.read_csv(part / "train_log.csv"), log, rtol=1e-4)
     resumed = json.loads((part / "metrics.json").read_text())
@@ -321,9 +331,9 @@ def test_label_fraction_and_bad_class_count(tmp_path, one_thread):
     store = synthetic_store(tmp_path / "store", n=32)
     out = tmp_path / "run"
     out.mkdir()
-    segment.run(seg_cfg(epochs=1, fraction=0.25), str(store), None, out)
+    segment.run(seg_settings(epochs=1, fraction=0.25), str(store), None, out)
     assert json.loads((out / "train_summary.json").read_text())["n_train"] == 4
-    two = seg_cfg(epochs=1, task={"name": "toy", "type": "segmentation", "classes": ["a", "b"]})
+    two = seg_settings(epochs=1, task=TaskSettings(name="toy", type="segmentation", label=None, classes=("a", "b")))
     with pytest.raises(SystemExit, match="label 2"):
         segment.run(two, str(store), None, out)
 
@@ -356,4 +366,4 @@ def test_config_errors_for_segmentation_tasks(tmp_path):
 
     bad = write_config(tmp_path / "nolabel.yaml", no_label)
     result = snakemake(work, "-n", "--cores", "1", "--configfile", str(bad))
-    assert result.returncode != 0 and "'label' is a required property" in result.stdout + result.stderr
+    assert result.returncode != 0 and "tasks.glaucoma.label: required key is missing" in result.stdout + result.stderr

@@ -1,13 +1,19 @@
 """Pretraining (incl. interrupted + resumed runs) and fine-tuning / probing, in-process, tiny."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from retflow.data.store import write_images
+from retflow.settings import build, validate
+from retflow.settings.load import merged
+from retflow.settings.stages import METHOD_SETTINGS, DecoderSettings
+from retflow.settings.stages import TaskSettings
 from retflow.train import finetune as ft
 from retflow.train import pretrain as pt
 from retflow.train.checkpoint import load_state
@@ -34,13 +40,20 @@ def make_store(path, n=48, labelled=True, channels=3):
     return path
 
 
-def pretrain_cfg(**kw):
-    cfg = {"vit": VIT, "decoder": {"embed_dim": 16, "depth": 1, "num_heads": 2}, "norm_pix_loss": True,
-           "mask_ratio": 0.75, "epochs": 3, "batch_size": 8, "accum_iter": 1, "blr": 1.5e-4, "min_lr": 0.0,
-           "warmup_epochs": 1, "weight_decay": 0.05, "crop_scale": [0.5, 1.0], "init": None, "seed": 0,
-           "device": "cpu", "num_workers": 0, "checkpoint_every_steps": 0}
-    cfg.update(kw)
-    return cfg
+def pretrain_settings(method="mae", vit=None, **kw):
+    """The demo's ``method`` run on CFP built as the workflow builds it
+    (:func:`retflow.settings.build.pretrain`), made tiny: the tiny ViT (``vit`` changes it further),
+    a 1-block decoder, 3 epochs of batch 8 on the CPU. A method section given in ``kw``
+    (``simclr={...}``) goes into the config and through the schema, as a user's would; the other
+    ``kw`` replace fields."""
+    sections = {m: kw.pop(m) for m in METHOD_SETTINGS if m in kw}
+    config = validate(merged(DEMO, {"pretrain": sections})) if sections else DEMO
+    s = build.pretrain(config, method, "cfp")
+    s = s.replace(vit=s.vit.replace(**{**VIT, **(vit or {})}),
+                  decoder=DecoderSettings(embed_dim=16, depth=1, num_heads=2), norm_pix_loss=True, mask_ratio=0.75,
+                  epochs=3, batch_size=8, accum_iter=1, blr=1.5e-4, min_lr=0.0, warmup_epochs=1, weight_decay=0.05,
+                  crop_scale=(0.5, 1.0), init=None, seed=0, device="cpu", num_workers=0, checkpoint_every_steps=0)
+    return s.replace(**kw)
 
 
 @pytest.fixture
@@ -50,8 +63,11 @@ def pool(tmp_path):
 
 def test_pretrain_writes_checkpoint_log_and_figure(pool, tmp_path):
     out = tmp_path / "mae"
-    assert pt.run(pretrain_cfg(), [pool], out) == 0
+    settings = pretrain_settings()
+    assert pt.run(settings, [pool], out) == 0
+    assert json.loads((out / "settings.json").read_text()) == settings.to_dict()  # the recipe, next to the outputs
     state = load_state(out / "checkpoint.pth")
+    assert state["args"] == settings.to_dict() and state["method"] == "mae" and state["epoch"] == 3
     assert any(k.startswith("encoder.blocks.0") for k in state["model"])
     log = pd.read_csv(out / "log.csv")
     assert log.epoch.tolist() == [0, 1, 2] and np.isfinite(log.loss).all()
@@ -72,14 +88,14 @@ class StopAfter:
 
 def test_interrupted_pretraining_resumes_to_identical_weights(pool, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
-    assert pt.run(pretrain_cfg(), [pool], ref) == 0
+    assert pt.run(pretrain_settings(), [pool], ref) == 0
     cut = tmp_path / "cut"
     monkeypatch.setattr(pt, "StopFlag", lambda: StopAfter(8))  # mid-epoch 1 (6 steps per epoch)
-    assert pt.run(pretrain_cfg(), [pool], cut) == 143
+    assert pt.run(pretrain_settings(), [pool], cut) == 143
     saved = load_state(cut / "resume" / "last.pth")
     assert (saved["epoch"], saved["batch"]) == (1, 3) and not (cut / "checkpoint.pth").exists()
     monkeypatch.setattr(pt, "StopFlag", lambda: StopAfter(10**9))
-    assert pt.run(pretrain_cfg(), [pool], cut) == 0
+    assert pt.run(pretrain_settings(), [pool], cut) == 0
     a, b = load_state(ref / "checkpoint.pth")["model"], load_state(cut / "checkpoint.pth")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=f"{key} differs after resume")
@@ -87,32 +103,42 @@ def test_interrupted_pretraining_resumes_to_identical_weights(pool, tmp_path, mo
 
 
 def test_nonfinite_loss_stops_with_message(pool, tmp_path, capsys):
-    assert pt.run(pretrain_cfg(blr=1e30, warmup_epochs=0), [pool], tmp_path / "nan") == 3
+    assert pt.run(pretrain_settings(blr=1e30, warmup_epochs=0), [pool], tmp_path / "nan") == 3
     assert "loss is" in capsys.readouterr().err
 
 
-def finetune_cfg(protocol="finetune", **kw):
-    cfg = {"task": {"name": "toy", "label": "label", "type": "binary", "classes": ["0", "1"]}, "vit": VIT,
-           "protocol": protocol, "fraction": 1.0, "seed": 0, "device": "cpu", "epochs": 3, "batch_size": 8,
-           "blr": 1e-3, "layer_decay": 0.75, "weight_decay": 0.05, "drop_path": 0.1, "label_smoothing": 0.1,
-           "warmup_epochs": 1, "min_lr": 1e-6, "crop_scale": [0.8, 1.0], "min_steps": 0, "select_by": "primary"}
-    cfg.update(kw)
-    return cfg
+#: the demo config as the workflow sees it (schema defaults filled in)
+DEMO = validate(yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text()))
+
+
+def finetune_settings(protocol="finetune", **kw):
+    """The demo's glaucoma run (binary, classes 0/1) built as the workflow builds it
+    (:func:`retflow.settings.build.finetune`), made tiny: the toy store's ``label`` column, the tiny
+    ViT, a few epochs on the CPU; ``kw`` replaces further fields."""
+    s = build.finetune(DEMO, protocol, "glaucoma", 1.0, 0)
+    s = s.replace(task=s.task.replace(label="label"), vit=s.vit.replace(**VIT), device="cpu", epochs=3,
+                  batch_size=8, blr=1e-3, layer_decay=0.75, weight_decay=0.05, drop_path=0.1, label_smoothing=0.1,
+                  warmup_epochs=1, min_lr=1e-6, crop_scale=(0.8, 1.0), min_steps=0, select_by="primary",
+                  class_weights="none")
+    return s.replace(**kw)
 
 
 @pytest.mark.parametrize("protocol", ["finetune", "probe_adamw", "probe_lars", "probe_logreg"])
 def test_finetune_and_probes_from_mae_write_predictions(pool, tmp_path, protocol):
     mae = tmp_path / "mae"
-    pt.run(pretrain_cfg(epochs=1), [pool], mae)
+    pt.run(pretrain_settings(epochs=1), [pool], mae)
     store = str(make_store(tmp_path / "labelled"))
     out = tmp_path / protocol
-    assert ft.run(finetune_cfg(protocol, fraction=0.5), store, str(mae / "checkpoint.pth"), out) == 0
+    settings = finetune_settings(protocol, fraction=0.5)
+    assert ft.run(settings, store, str(mae / "checkpoint.pth"), out) == 0
+    assert json.loads((out / "settings.json").read_text()) == settings.to_dict()
     preds = pd.read_parquet(out / "predictions.parquet")
     assert len(preds) == 12 and np.allclose(preds[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["n_train"] == 12  # half of 24 training images, stratified
     best = load_state(out / "best.pth")
     assert best["classes"] == ["0", "1"] and best["probe_head"] == (protocol in ("probe_adamw", "probe_lars"))
+    assert best["task_spec"] == settings.task.to_dict() and best["spec"] == settings.vit.to_dict()
     if protocol != "finetune":  # encoder frozen: block weights identical to the MAE encoder
         enc = load_state(mae / "checkpoint.pth")["model"]["encoder.blocks.0.attn.qkv.weight"]
         torch.testing.assert_close(best["model"]["blocks.0.attn.qkv.weight"], enc)
@@ -128,7 +154,8 @@ def test_logreg_probe_head_predicts_like_sklearn(tmp_path):
     model = create_vit(ViTSpec.from_dict(VIT), num_classes=3)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 32)) * 3 + 1, rng.integers(0, 3, 60)
-    info = fit_logreg(model, x, y, x[:20], y[:20], {"type": "multiclass"}, lambda yy, lo: float((lo.argmax(1).numpy() == yy).mean()), 0)
+    task = TaskSettings(name="toy", type="multiclass", label="label", classes=("0", "1", "2"))
+    info = fit_logreg(model, x, y, x[:20], y[:20], task, lambda yy, lo: float((lo.argmax(1).numpy() == yy).mean()), 0)
     mu, sd = x.mean(0), x.std(0) + 1e-6
     ref = LogisticRegression(C=info["best_C"], max_iter=2000, random_state=0).fit((x - mu) / sd, y)
     with torch.no_grad():
@@ -146,14 +173,15 @@ def relabel(store, column, values):
 def test_multilabel_and_regression_tasks_train_and_predict(tmp_path):
     store = make_store(tmp_path / "s")
     relabel(store, None, {"a": lambda m: m.label, "b": lambda m: (1 - m.label.astype(int)).astype(str),
-                          "score": lambda m: m.label.astype(float) * 2.5 + 1.0})
-    ml = {"name": "signs", "label": ["a", "b"], "type": "multilabel", "classes": ["a", "b"]}
-    assert ft.run(finetune_cfg(task=ml, epochs=2), str(store), None, tmp_path / "ml") == 0
+                          "cdr": lambda m: m.label.astype(float) * 2.5 + 1.0})
+    ml = TaskSettings(name="signs", type="multilabel", label=("a", "b"), classes=("a", "b"))
+    assert ft.run(finetune_settings(task=ml, epochs=2), str(store), None, tmp_path / "ml") == 0
     preds = pd.read_parquet(tmp_path / "ml" / "predictions.parquet")
     assert {"y_true_0", "y_true_1", "prob_0", "prob_1"} <= set(preds.columns)
     assert preds[["prob_0", "prob_1"]].stack().between(0, 1).all()
-    reg = {"name": "score", "label": "score", "type": "regression", "classes": ["score"]}
-    assert ft.run(finetune_cfg(task=reg, epochs=2), str(store), None, tmp_path / "reg") == 0
+    reg = build.task(DEMO, "cup_disc_ratio")  # the demo's regression task: column cdr
+    assert (reg.type, reg.label, reg.classes) == ("regression", "cdr", ("cdr",))
+    assert ft.run(finetune_settings(task=reg, epochs=2), str(store), None, tmp_path / "reg") == 0
     preds = pd.read_parquet(tmp_path / "reg" / "predictions.parquet")
     assert set(preds.y_true) <= {1.0, 3.5} and preds.y_pred.between(-5, 10).all()
     best = load_state(tmp_path / "reg" / "best.pth")
@@ -162,9 +190,9 @@ def test_multilabel_and_regression_tasks_train_and_predict(tmp_path):
 
 def test_retfound_recipe_mixup_and_class_weights_run(tmp_path):
     store = str(make_store(tmp_path / "s"))
-    cfg = finetune_cfg(augment="retfound", mixup=0.8, cutmix=1.0, class_weights="balanced", epochs=2,
-                       select_by="retfound_score")
-    assert ft.run(cfg, store, None, tmp_path / "o") == 0
+    settings = finetune_settings(augment="retfound", mixup=0.8, cutmix=1.0, class_weights="balanced", epochs=2,
+                                 select_by="retfound_score")
+    assert ft.run(settings, store, None, tmp_path / "o") == 0
     assert len(pd.read_csv(tmp_path / "o" / "train_log.csv")) == 2
 
 
@@ -172,7 +200,7 @@ def test_external_prediction_maps_classes(tmp_path):
     from retflow.train import predict
 
     store = make_store(tmp_path / "s")
-    assert ft.run(finetune_cfg(epochs=1), str(store), None, tmp_path / "o") == 0
+    assert ft.run(finetune_settings(epochs=1), str(store), None, tmp_path / "o") == 0
     relabel(store, None, {"coarse": lambda m: m.label.map({"0": "neg", "1": "pos"})})
     out = tmp_path / "ext.parquet"
     assert predict.main(["--checkpoint", str(tmp_path / "o" / "best.pth"), "--store", str(store), "--label",
@@ -188,4 +216,4 @@ def test_finetune_missing_split_is_a_clear_error(tmp_path):
     manifest.loc[manifest.split == "val", "label"] = "9"  # no valid val labels
     manifest.to_parquet(store / "manifest.parquet")
     with pytest.raises(SystemExit, match="no labelled images in split 'val'"):
-        ft.run(finetune_cfg(), str(store), None, tmp_path / "o")
+        ft.run(finetune_settings(), str(store), None, tmp_path / "o")

@@ -36,7 +36,7 @@ class SegDataset(StoreDataset):
     """Rows ``indices`` of a store as (image float (C, S, S), mask int64 (S, S)) pairs; the store
     reading and per-item augmentation seeding are :class:`StoreDataset`'s."""
 
-    def __init__(self, store: Path | str, indices, transform=None, in_chans: int = 3):
+    def __init__(self, store: Path | str, indices, transform, in_chans: int):
         super().__init__(store, indices, None, transform, in_chans)
         self.masks = ImageStore(store, MASK_SHARD_DIR)
 

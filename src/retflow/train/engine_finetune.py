@@ -7,22 +7,24 @@ import math
 import numpy as np
 import torch
 
+from retflow.settings.stages import Schedule, TaskSettings
 from retflow.train.recipe import apply_mixup
 from retflow.train.sampling import step_seed
 from retflow.train.schedule import apply_lr, lr_at
 from retflow.train.targets import to_outputs
 
 
-def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batches: int, cfg: dict,
-                    device, mixup=None) -> tuple[float, float]:
-    """Returns (mean training loss, last lr)."""
+def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batches: int, schedule: Schedule,
+                    seed: int, device, mixup=None) -> tuple[float, float]:
+    """One epoch of ``n_batches`` steps, the lr set per step from ``schedule`` (the run's
+    ``settings.schedule(batch)``), per-step RNG from ``seed``. Returns (mean training loss, last lr)."""
     model.train()
     total, count, lr = 0.0, 0, 0.0
     use_bf16 = device.type == "cuda"
     for b, (imgs, labels) in enumerate(data_loader):
-        lr = lr_at(epoch + b / n_batches, cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"])
+        lr = lr_at(epoch + b / n_batches, schedule.lr, schedule.min_lr, schedule.warmup_epochs, schedule.epochs)
         apply_lr(optimizer, lr)
-        step_seed(cfg["seed"], epoch, b, 0)
+        step_seed(seed, epoch, b, 0)
         imgs, labels = apply_mixup(mixup, imgs.to(device), labels.to(device))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = criterion(model(imgs), labels)
@@ -49,13 +51,13 @@ def _logits(model, dataset, device, batch_size: int = 128):
     return torch.cat(logits), torch.cat(labels)
 
 
-def predict_outputs(model, dataset, device, task: dict, scale) -> np.ndarray:
+def predict_outputs(model, dataset, device, task: TaskSettings, scale) -> np.ndarray:
     """Probabilities (or regression values) for every item of ``dataset``."""
     logits, _ = _logits(model, dataset, device)
     return to_outputs(task, logits, scale)
 
 
-def evaluate_outputs(model, dataset, device, task: dict, scale, criterion) -> tuple[np.ndarray, float]:
+def evaluate_outputs(model, dataset, device, task: TaskSettings, scale, criterion) -> tuple[np.ndarray, float]:
     """(outputs, loss) on a labelled dataset."""
     logits, labels = _logits(model, dataset, device)
     loss = float(criterion(logits, labels)) if len(labels) else float("nan")

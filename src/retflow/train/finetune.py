@@ -6,14 +6,14 @@ layer-wise lr decay, drop path, label smoothing, optional RandAugment + random e
 (``augment: retfound``), mixup/cutmix and class-weighted loss, AdamW with warmup + cosine,
 best checkpoint by a validation metric (``select_by``). Probes: the three protocols of
 :mod:`retflow.train.probe`. Task types: :mod:`retflow.train.targets`. Writes best.pth,
-train_log.csv and the internal test predictions. Resumable per epoch from
+train_log.csv, the internal test predictions and ``settings.json`` (the
+:class:`~retflow.settings.stages.FinetuneSettings` it ran with). Resumable per epoch from
 ``<out>/resume/last.pth``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -29,7 +29,8 @@ from retflow.evaluate.metrics import LOWER_IS_BETTER, PRIMARY_METRIC, compute_me
 from retflow.evaluate.retfound_metrics import retfound_current
 from retflow.models.checkpoint_layouts import load_encoder
 from retflow.models.lr_decay import param_groups_lrd
-from retflow.models.vit import ViTSpec, create_vit
+from retflow.models.vit import create_vit
+from retflow.settings.stages import FinetuneSettings, TaskSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
@@ -44,23 +45,30 @@ from retflow.train.targets import (
     make_loss,
     n_outputs,
     stratum,
-    task_classes,
     to_outputs,
     write_predictions,
 )
 
-def build_model(cfg: dict, spec: ViTSpec, n_out: int, init_path: str | None):
-    protocol = cfg["protocol"]
-    probe = protocol in PROBES
-    model = create_vit(spec, num_classes=n_out, drop_path_rate=0.0 if probe else cfg.get("drop_path", 0.0),
+
+def build_model(s: FinetuneSettings, n_out: int, init_path: str | None):
+    """The ViT (encoder loaded from ``init_path`` if given) and its optimizer parameter groups:
+    layer-wise lr decay and drop path for fine-tuning; a frozen encoder (drop path off) for probes."""
+    probe = s.protocol in PROBES
+    model = create_vit(s.vit.spec(), num_classes=n_out, drop_path_rate=0.0 if probe else s.drop_path,
                        global_pool="avg")
     if init_path:
         report = load_encoder(model, init_path)
         print(f"loaded encoder from {init_path}: {report.summary()}")
     if probe:
-        params = freeze_encoder(model, protocol)
-        return model, [{"params": params, "weight_decay": cfg.get("weight_decay", 0.0)}]
-    return model, param_groups_lrd(model, cfg["weight_decay"], model.no_weight_decay(), cfg["layer_decay"])
+        params = freeze_encoder(model, s.protocol)
+        return model, [{"params": params, "weight_decay": s.weight_decay}]
+    return model, param_groups_lrd(model, s.weight_decay, model.no_weight_decay(), s.layer_decay)
+
+
+def training_loss(s: FinetuneSettings, labels: np.ndarray, scale: TargetScale):
+    """The run's training loss: label smoothing (fine-tuning only) and class weights (``class_weights``)."""
+    smoothing = s.label_smoothing if s.protocol == "finetune" else 0.0
+    return make_loss(s.task, class_weights(s.task, labels, s.class_weights), smoothing, scale)
 
 
 def select_score(y: np.ndarray, outputs: np.ndarray, task_type: str, select_by: str) -> float:
@@ -75,54 +83,54 @@ def select_score(y: np.ndarray, outputs: np.ndarray, task_type: str, select_by: 
     return value if math.isfinite(value) else -math.inf
 
 
-def _split_rows(manifest, task, targets, valid):
+def _split_rows(manifest, task: TaskSettings, targets, valid):
     parts = {}
     for split in ("train", "val", "test"):
         in_split = (manifest["split"] == split).to_numpy()
         excluded = int((in_split & ~valid).sum())
         if excluded:
-            print(f"{split}: {excluded} images without a usable '{task['label']}' label excluded")
+            print(f"{split}: {excluded} images without a usable '{task.label}' label excluded")
         rows = np.flatnonzero(in_split & valid)
         if len(rows) == 0:
-            raise SystemExit(f"task '{task['name']}': no labelled images in split '{split}'")
+            raise SystemExit(f"task '{task.name}': no labelled images in split '{split}'")
         parts[split] = (rows, targets[rows])
     return parts
 
 
-def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
-    torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg.get("device", "auto"))
-    spec = ViTSpec.from_dict(cfg["vit"])
-    task = cfg["task"]
-    classes = task_classes(task)
+def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -> int:
+    """One fine-tuning / probe run with settings ``s`` (:func:`retflow.settings.build.finetune`);
+    writes ``settings.json`` first, then the run's outputs, into ``out_dir``."""
+    out_dir = Path(out_dir)
+    s.write(out_dir / "settings.json")
+    torch.manual_seed(s.seed)
+    device = pick_device(s.device)
+    spec, task = s.vit.spec(), s.task
     manifest = load_manifest(store)
     targets, valid = encode_targets(manifest, task)
     parts = _split_rows(manifest, task, targets, valid)
     tr_rows, tr_y = parts["train"]
-    keep = label_fraction_indices(stratum(task, tr_y), cfg["fraction"], cfg["seed"])
+    keep = label_fraction_indices(stratum(task, tr_y), s.fraction, s.seed)
     tr_rows, tr_y = tr_rows[keep], tr_y[keep]
     index = manifest["index"].to_numpy()
-    norm = cfg.get("normalize")
-    train_tf = finetune_transform(cfg, spec.img_size, norm, spec.in_chans)
+    norm = s.normalize.to_dict()
     eval_tf = eval_transform(spec.img_size, normalize=norm, in_chans=spec.in_chans)
-    if cfg["protocol"] == "probe_logreg":
-        train_tf = eval_tf  # embeddings of the un-augmented images
+    # probe_logreg: embeddings of the un-augmented images
+    train_tf = eval_tf if s.protocol == "probe_logreg" else finetune_transform(s)
     train_ds = StoreDataset(store, index[tr_rows], tr_y, train_tf, spec.in_chans)
     val_ds = StoreDataset(store, index[parts["val"][0]], parts["val"][1], eval_tf, spec.in_chans)
     test_ds = StoreDataset(store, index[parts["test"][0]], parts["test"][1], eval_tf, spec.in_chans)
     scale = TargetScale.fit(task, tr_y)
-    model, groups = build_model(cfg, spec, n_outputs(task), init_path)
+    model, groups = build_model(s, n_outputs(task), init_path)
     model.to(device)
-    meta = {"spec": cfg["vit"], "normalize": norm, "classes": classes, "task": task["name"],
-            "task_spec": task, "target_scale": [scale.mean, scale.std],
-            "probe_head": cfg["protocol"] in ("probe_adamw", "probe_lars")}
-    select = lambda y, out: select_score(y, out, task["type"], cfg.get("select_by", "primary"))  # noqa: E731
-    if cfg["protocol"] == "probe_logreg":
-        summary = _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir)
+    meta = {"spec": s.vit.to_dict(), "normalize": norm, "classes": list(task.classes), "task": task.name,
+            "task_spec": task.to_dict(), "target_scale": [scale.mean, scale.std],
+            "probe_head": s.protocol in ("probe_adamw", "probe_lars")}
+    select = lambda y, out: select_score(y, out, task.type, s.select_by)  # noqa: E731
+    if s.protocol == "probe_logreg":
+        summary = _run_logreg(s, model, train_ds, val_ds, scale, select, device, meta, out_dir)
     else:
-        fingerprint = run_fingerprint(cfg, [Path(store) / "manifest.parquet", init_path])
-        summary = _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir,
-                           fingerprint)
+        fingerprint = run_fingerprint(s, [Path(store) / "manifest.parquet", init_path])
+        summary = _run_sgd(s, model, groups, train_ds, val_ds, scale, select, device, meta, out_dir, fingerprint)
     best_state = load_state(out_dir / "best.pth")
     model.load_state_dict(best_state["model"])
     outputs = predict_outputs(model, test_ds, device, task, scale)
@@ -133,11 +141,12 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     return 0
 
 
-def _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta, out_dir) -> dict:
+def _run_logreg(s: FinetuneSettings, model, train_ds, val_ds, scale, select, device, meta, out_dir) -> dict:
+    task = s.task
     train_x, val_x = embeddings(model, train_ds, device), embeddings(model, val_ds, device)
     score_fn = lambda y, logits: select(y, to_outputs(task, logits, scale))  # noqa: E731
-    ty = (train_ds.labels - scale.mean) / scale.std if task["type"] == "regression" else train_ds.labels
-    info = fit_logreg(model, train_x, ty, val_x, val_ds.labels, task, score_fn, cfg["seed"])
+    ty = (train_ds.labels - scale.mean) / scale.std if task.type == "regression" else train_ds.labels
+    info = fit_logreg(model, train_x, ty, val_x, val_ds.labels, task, score_fn, s.seed)
     print(f"logistic regression on {train_x.shape} embeddings: {info}", flush=True)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(info["grid"]).to_csv(tmp, index=False)
@@ -146,22 +155,21 @@ def _run_logreg(cfg, model, train_ds, val_ds, task, scale, select, device, meta,
     return {"epochs": 0, "best_C": info["best_C"]}
 
 
-def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, meta, out_dir, fingerprint) -> dict:
-    batch = min(cfg["batch_size"], len(train_ds))
-    epochs = cfg["epochs"]
+def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select, device, meta, out_dir,
+             fingerprint) -> dict:
+    task = s.task
+    batch = min(s.batch_size, len(train_ds))
     # small label fractions: repeat the training set within an epoch to reach min_steps in total
-    n_batches = max(len(train_ds) // batch, math.ceil(cfg.get("min_steps", 0) / epochs))
-    cfg = {**cfg, "lr": cfg["blr"] * batch / 256}
-    if cfg["protocol"] in PROBES:
-        optimizer = probe_optimizer(cfg["protocol"], groups[0]["params"], cfg["lr"], cfg["weight_decay"])
+    n_batches = max(len(train_ds) // batch, math.ceil(s.min_steps / s.epochs))
+    schedule = s.schedule(batch)
+    if s.protocol in PROBES:
+        optimizer = probe_optimizer(s.protocol, groups[0]["params"], schedule.lr, s.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
-    smoothing = cfg.get("label_smoothing", 0.0) if cfg["protocol"] == "finetune" else 0.0
-    weights = class_weights(task, train_ds.labels, cfg.get("class_weights", "none"))
-    criterion = make_loss(task, weights, smoothing, scale)
-    mixup = make_mixup(cfg, task["type"], n_outputs(task)) if cfg["protocol"] == "finetune" else None
-    print(f"{cfg['protocol']} {task['name']}: {len(train_ds)} train (fraction {cfg['fraction']:g}), "
-          f"{len(val_ds)} val; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
+        optimizer = torch.optim.AdamW(groups, lr=schedule.lr)
+    criterion = training_loss(s, train_ds.labels, scale)
+    mixup = make_mixup(s) if s.protocol == "finetune" else None
+    print(f"{s.protocol} {task.name}: {len(train_ds)} train (fraction {s.fraction:g}), "
+          f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"  # copied to <out>/best.pth at the end
@@ -172,11 +180,12 @@ def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, 
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    for epoch in range(start, epochs):
-        train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
-        order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)
-        dl = loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))
-        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, cfg, device, mixup)
+    for epoch in range(start, s.epochs):
+        train_ds.set_aug_seed(s.seed * 100003 + epoch)
+        order = repeated_order(len(train_ds), n_batches * batch, s.seed, epoch)
+        dl = loader(train_ds, order, batch, 0, s.num_workers)
+        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, schedule, s.seed, device,
+                                         mixup)
         val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
         score = select(val_ds.labels, val_out)
         improved = score > best or not best_path.exists()  # the first epoch always counts
@@ -192,17 +201,22 @@ def _run_sgd(cfg, model, groups, train_ds, val_ds, task, scale, select, device, 
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
     save_atomic(load_state(best_path), out_dir / "best.pth")
-    return {"epochs": epochs, "best_val_score": best}
+    return {"epochs": s.epochs, "best_val_score": best}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Fine-tune or linear-probe a ViT on one task.")
-    ap.add_argument("--settings", required=True, help="run settings, JSON")
+    ap.add_argument("--settings", required=True,
+                    help="the run's FinetuneSettings as JSON (retflow.settings.build.finetune(...).to_json())")
     ap.add_argument("--store", required=True)
     ap.add_argument("--init", default="", help="pretrained checkpoint; empty for random init")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
-    return run(json.loads(args.settings), args.store, args.init or None, Path(args.out_dir))
+    try:
+        settings = FinetuneSettings.from_json(args.settings)
+    except ValueError as e:  # not JSON, or a missing / unknown key (ConfigError)
+        raise SystemExit(f"--settings: not a FinetuneSettings record: {'; '.join(str(e).splitlines())}") from None
+    return run(settings, args.store, args.init or None, Path(args.out_dir))
 
 
 if __name__ == "__main__":

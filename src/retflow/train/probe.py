@@ -20,6 +20,7 @@ import torch
 from timm.optim import Lars
 
 from retflow.models.vit import attach_probe_head
+from retflow.settings.stages import TaskSettings
 
 PROBES = ("probe_adamw", "probe_lars", "probe_logreg")
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -79,15 +80,15 @@ def _linear_parts(task_type: str, fitted, n_out: int) -> tuple[np.ndarray, np.nd
     return w, b
 
 
-def fit_logreg(model, train_x, train_y, val_x, val_y, task: dict, score_fn, seed: int) -> dict:
+def fit_logreg(model, train_x, train_y, val_x, val_y, task: TaskSettings, score_fn, seed: int) -> dict:
     """Choose C on validation, refit, fold (scaler, W, b) into ``model.head``; returns a log."""
     mu, sd = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
     tx, vx = (train_x - mu) / sd, (val_x - mu) / sd
     n_out = model.head.out_features
     log, best = [], (-np.inf, None, None)
     for c in C_GRID:
-        fitted = _fit(task["type"], tx, train_y, c, seed)
-        w, b = _linear_parts(task["type"], fitted, n_out)
+        fitted = _fit(task.type, tx, train_y, c, seed)
+        w, b = _linear_parts(task.type, fitted, n_out)
         logits = torch.from_numpy(vx @ w.T + b).float()
         score = score_fn(val_y, logits)
         log.append({"C": c, "val_score": score})

@@ -5,7 +5,9 @@ RandomResizedCrop, horizontal flip, colour jitter 0.4, RandAugment ``rand-m9-mst
 (9 magnitude, 0.5 magnitude noise, increasing-severity ops) and random erasing (p 0.25,
 pixel mode), then normalisation -- applied to the stored uint8 image (converted to PIL).
 ``augment: basic`` is RandomResizedCrop + flip only (cheap; the demo's default).
-Mixup/cutmix use :class:`timm.data.Mixup` (soft targets; classification tasks only).
+Mixup/cutmix use :class:`timm.data.Mixup` (soft targets; classification tasks only). Every
+value comes from the run's :class:`~retflow.settings.stages.FinetuneSettings` (RETFound's values
+are the schema's defaults).
 """
 
 from __future__ import annotations
@@ -15,29 +17,31 @@ from timm.data import Mixup, create_transform
 from torchvision.transforms import v2
 
 from retflow.data.dataset import norm_stats, train_transform
+from retflow.settings.stages import FinetuneSettings
 
 
-def finetune_transform(cfg: dict, img_size: int, normalize: dict | None, in_chans: int):
-    if cfg.get("augment", "basic") == "basic":
-        return train_transform(img_size, cfg["crop_scale"], normalize=normalize, in_chans=in_chans)
+def finetune_transform(s: FinetuneSettings):
+    """The training transform of a run's ``augment`` recipe, at its ViT's size and channels."""
+    normalize, size, in_chans = s.normalize.to_dict(), s.vit.img_size, s.vit.in_chans
+    if s.augment == "basic":
+        return train_transform(size, s.crop_scale, normalize=normalize, in_chans=in_chans)
     mean, std = norm_stats(normalize, in_chans)
     timm_tf = create_transform(
-        img_size, is_training=True, scale=tuple(cfg["crop_scale"]), color_jitter=cfg.get("color_jitter", 0.4),
-        auto_augment=cfg.get("auto_augment", "rand-m9-mstd0.5-inc1"), interpolation="bicubic",
-        re_prob=cfg.get("reprob", 0.25), re_mode="pixel", re_count=1, mean=mean, std=std,
+        size, is_training=True, scale=tuple(s.crop_scale), color_jitter=s.color_jitter,
+        auto_augment=s.auto_augment, interpolation="bicubic", re_prob=s.reprob, re_mode="pixel", re_count=1,
+        mean=mean, std=std,
     )
     return v2.Compose([v2.ToPILImage(), timm_tf])
 
 
-def make_mixup(cfg: dict, task_type: str, n_classes: int) -> Mixup | None:
+def make_mixup(s: FinetuneSettings) -> Mixup | None:
     """timm Mixup when ``mixup`` or ``cutmix`` > 0 (classification only), else None."""
-    if task_type not in ("binary", "multiclass", "ordinal"):
+    if s.task.type not in ("binary", "multiclass", "ordinal"):
         return None
-    if cfg.get("mixup", 0.0) <= 0 and cfg.get("cutmix", 0.0) <= 0:
+    if s.mixup <= 0 and s.cutmix <= 0:
         return None
-    return Mixup(mixup_alpha=cfg.get("mixup", 0.0), cutmix_alpha=cfg.get("cutmix", 0.0),
-                 prob=cfg.get("mixup_prob", 1.0), switch_prob=cfg.get("mixup_switch_prob", 0.5),
-                 label_smoothing=cfg.get("label_smoothing", 0.0), num_classes=n_classes)
+    return Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mixup_prob, switch_prob=s.mixup_switch_prob,
+                 label_smoothing=s.label_smoothing, num_classes=len(s.task.classes))
 
 
 def apply_mixup(mixup: Mixup | None, imgs: torch.Tensor, labels: torch.Tensor):

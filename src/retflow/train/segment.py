@@ -14,13 +14,14 @@ Writes into ``out_dir`` (the run folder of the fine-tuning layout, so the report
 ``kind: "segmentation"``), ``train_log.csv``, ``metrics.json`` (internal test set: Dice / IoU per
 class and foreground mean with seeded bootstrap CIs over images; see
 :mod:`retflow.evaluate.segmentation_metrics`), ``overlay.png`` (a few test images: image | truth |
-prediction) and ``train_summary.json``. Resumable per epoch from ``<out>/resume/last.pth``.
+prediction), ``train_summary.json`` and ``settings.json`` (the
+:class:`~retflow.settings.stages.SegmentSettings` it ran with). Resumable per epoch from
+``<out>/resume/last.pth``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -46,7 +47,7 @@ from retflow.evaluate.segmentation_metrics import (
 )
 from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.seg_decoder import SegViT
-from retflow.models.vit import ViTSpec
+from retflow.settings.stages import SegmentSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
@@ -59,17 +60,18 @@ __all__ = ["build_model", "predict_masks", "run", "main"]
 PALETTE = np.array([[0, 255, 0], [255, 0, 0], [0, 128, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255]], np.uint8)
 
 
-def build_model(cfg: dict, spec: ViTSpec, n_classes: int, init_path: str | None) -> tuple[SegViT, list[dict]]:
-    """The model (encoder weights loaded from ``init_path`` if given) and its optimizer groups."""
-    model = SegViT(spec, n_classes, feature_size=cfg.get("feature_size", 16), drop_path_rate=cfg.get("drop_path", 0.0))
+def build_model(s: SegmentSettings, n_classes: int, init_path: str | None) -> tuple[SegViT, list[dict]]:
+    """The model (encoder weights loaded from ``init_path`` if given) and its optimizer groups: the
+    encoder's with layer-wise lr decay (``layer_decay``), the decoder's at the full lr."""
+    model = SegViT(s.vit.spec(), n_classes, feature_size=s.feature_size, drop_path_rate=s.drop_path)
     if init_path:
         from retflow.models.checkpoint_layouts import load_encoder
 
         report = load_encoder(model.encoder, init_path)
         print(f"loaded encoder from {init_path} ({report.layout}): {report.loaded} tensors, "
               f"missing {list(report.missing_keys)}, ignored {report.unexpected + report.dropped} keys", flush=True)
-    wd = cfg.get("weight_decay", 0.05)
-    groups = param_groups_lrd(model.encoder, wd, layer_decay=cfg.get("layer_decay", 1.0))
+    wd = s.weight_decay
+    groups = param_groups_lrd(model.encoder, wd, layer_decay=s.layer_decay)
     decay, no_decay = [], []
     for name, p in model.decoder.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
@@ -134,50 +136,50 @@ def _split_rows(manifest: pd.DataFrame, name: str, store: str) -> dict[str, np.n
     return parts
 
 
-def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
+def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) -> int:
+    """One segmentation run with settings ``s`` (:func:`retflow.settings.build.segment`); writes
+    ``settings.json`` first, then the run's outputs, into ``out_dir``."""
     t0 = time.perf_counter()
-    torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg.get("device", "auto"))
-    spec = ViTSpec.from_dict(cfg["vit"])
-    task = cfg["task"]
-    classes = [str(c) for c in task["classes"]]
+    out_dir = Path(out_dir)
+    s.write(out_dir / "settings.json")
+    torch.manual_seed(s.seed)
+    device = pick_device(s.device)
+    spec, task = s.vit.spec(), s.task
+    classes = [str(c) for c in task.classes]
     k = len(classes)
     if not (Path(store) / MASK_SHARD_DIR).is_dir():
-        raise SystemExit(f"task '{task['name']}': {store} has no {MASK_SHARD_DIR}/ (declare the dataset's "
+        raise SystemExit(f"task '{task.name}': {store} has no {MASK_SHARD_DIR}/ (declare the dataset's "
                          f"mask_column, or phantom masks: true, and prepare it again)")
     top = max_mask_value(store)
     if top >= k:
-        raise SystemExit(f"task '{task['name']}': masks in {store} hold label {top}, but the task has {k} classes "
+        raise SystemExit(f"task '{task.name}': masks in {store} hold label {top}, but the task has {k} classes "
                          f"{classes} (mask value = class index)")
     manifest = load_manifest(store)
-    parts = _split_rows(manifest, task["name"], store)
-    keep = label_fraction_indices(np.zeros(len(parts["train"]), int), cfg["fraction"], cfg["seed"])
+    parts = _split_rows(manifest, task.name, store)
+    keep = label_fraction_indices(np.zeros(len(parts["train"]), int), s.fraction, s.seed)
     parts["train"] = parts["train"][keep]
     index = manifest["index"].to_numpy()
-    norm = cfg.get("normalize")
-    train_tf = seg_train_transform(spec.img_size, cfg.get("crop_scale", (0.5, 1.0)), cfg.get("hflip", True), norm,
-                                   spec.in_chans)
+    norm = s.normalize.to_dict()
+    train_tf = seg_train_transform(spec.img_size, s.crop_scale, s.hflip, norm, spec.in_chans)
     eval_tf = seg_eval_transform(spec.img_size, norm, spec.in_chans)
     train_ds = SegDataset(store, index[parts["train"]], train_tf, spec.in_chans)
     val_ds = SegDataset(store, index[parts["val"]], eval_tf, spec.in_chans)
     test_ds = SegDataset(store, index[parts["test"]], eval_tf, spec.in_chans)
 
-    batch = min(cfg["batch_size"], len(train_ds))
-    epochs = cfg["epochs"]
-    n_batches = max(len(train_ds) // batch, math.ceil(cfg.get("min_steps", 0) / epochs))
-    model, groups = build_model(cfg, spec, k, init_path)
+    batch = min(s.batch_size, len(train_ds))
+    epochs = s.epochs
+    n_batches = max(len(train_ds) // batch, math.ceil(s.min_steps / epochs))
+    model, groups = build_model(s, k, init_path)
     model.to(device)
-    # what engine_finetune.train_one_epoch reads: the scaled lr and the schedule (defaults filled in)
-    cfg = {**cfg, "lr": cfg["blr"] * batch / 256, "min_lr": cfg.get("min_lr", 0.0),
-           "warmup_epochs": cfg.get("warmup_epochs", 0)}
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"])
+    schedule = s.schedule(batch)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr)
     from monai.losses import DiceCELoss
 
     criterion = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-    print(f"segment {task['name']}: {len(train_ds)} train (fraction {cfg['fraction']:g}), {len(val_ds)} val, "
-          f"{len(test_ds)} test; {k} classes; {epochs} epochs x {n_batches} steps, lr {cfg['lr']:.3g}", flush=True)
+    print(f"segment {task.name}: {len(train_ds)} train (fraction {s.fraction:g}), {len(val_ds)} val, "
+          f"{len(test_ds)} test; {k} classes; {epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
-    fingerprint = run_fingerprint(cfg, [Path(store) / "manifest.parquet", init_path])
+    fingerprint = run_fingerprint(s, [Path(store) / "manifest.parquet", init_path])
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"
     start, best, log = 0, -math.inf, []
@@ -187,14 +189,14 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
         optimizer.load_state_dict(state["optimizer"])
         start, best, log = state["epoch"], state["best"], state["log"]
         print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    meta = {"kind": "segmentation", "spec": spec.to_dict(), "normalize": norm, "classes": classes,
-            "task": task["name"], "feature_size": cfg.get("feature_size", 16)}
+    meta = {"kind": "segmentation", "spec": s.vit.to_dict(), "normalize": norm, "classes": classes,
+            "task": task.name, "feature_size": s.feature_size}
     dice_ce = lambda logits, y: criterion(logits.float(), y[:, None])  # noqa: E731  (N,K,S,S) vs (N,S,S)
     for epoch in range(start, epochs):
-        train_ds.set_aug_seed(cfg["seed"] * 100003 + epoch)
-        order = repeated_order(len(train_ds), n_batches * batch, cfg["seed"], epoch)
-        dl = loader(train_ds, order, batch, 0, cfg.get("num_workers", 0))
-        train_loss, lr = train_one_epoch(model, dl, dice_ce, optimizer, epoch, n_batches, cfg, device)
+        train_ds.set_aug_seed(s.seed * 100003 + epoch)
+        order = repeated_order(len(train_ds), n_batches * batch, s.seed, epoch)
+        dl = loader(train_ds, order, batch, 0, s.num_workers)
+        train_loss, lr = train_one_epoch(model, dl, dice_ce, optimizer, epoch, n_batches, schedule, s.seed, device)
         pred, true, val_ce = predict_masks(model, val_ds, device)
         val = summarize(per_image_scores(pred, true, k))
         score = val[PRIMARY_SEG_METRIC] if math.isfinite(val[PRIMARY_SEG_METRIC]) else -math.inf
@@ -215,16 +217,15 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
     model.load_state_dict(best_state["model"])
     pred, true, _ = predict_masks(model, test_ds, device)
     scores = per_image_scores(pred, true, k)
-    ev = cfg.get("evaluate", {})
-    boot = bootstrap_segmentation(scores, n_boot=ev.get("n_boot", 1000), seed=ev.get("seed", 0))
-    n_overlay = write_overlay(test_ds, pred, out_dir / "overlay.png", cfg.get("n_overlay", 4))
+    boot = bootstrap_segmentation(scores, n_boot=s.evaluate.n_boot, seed=s.evaluate.seed)
+    n_overlay = write_overlay(test_ds, pred, out_dir / "overlay.png", s.n_overlay)
     images_with = np.isfinite(scores["dice"]).sum(axis=0).astype(int).tolist()
     fg_dice = foreground_mean(scores["dice"])
     result = {
-        "task": task["name"], "task_type": "segmentation", "protocol": cfg.get("protocol", "finetune"),
-        "model": cfg.get("model"), "fraction": cfg["fraction"], "seed": cfg["seed"], "eval_set": "internal",
+        "task": task.name, "task_type": "segmentation", "protocol": s.protocol,
+        "model": s.model, "fraction": s.fraction, "seed": s.seed, "eval_set": "internal",
         "n": int(len(pred)), "primary_metric": PRIMARY_SEG_METRIC, "lower_is_better": [],
-        "n_boot": int(ev.get("n_boot", 1000)), "metrics": boot["metrics"], "classes": classes,
+        "n_boot": s.evaluate.n_boot, "metrics": boot["metrics"], "classes": classes,
         "class_counts": images_with,
         "absent_classes": [classes[c] for c in range(1, k) if images_with[c] == 0],
         "per_class": {name: {"n_images": images_with[c], **{m: boot["per_class"][m][c] for m in SEG_METRICS}}
@@ -250,12 +251,17 @@ def run(cfg: dict, store: str, init_path: str | None, out_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Fine-tune a ViT encoder + UNETR decoder on one segmentation task.")
-    ap.add_argument("--settings", required=True, help="run settings, JSON")
+    ap.add_argument("--settings", required=True,
+                    help="the run's SegmentSettings as JSON (retflow.settings.build.segment(...).to_json())")
     ap.add_argument("--store", required=True)
     ap.add_argument("--init", default="", help="pretrained checkpoint / weights file; empty for random init")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
-    return run(json.loads(args.settings), args.store, args.init or None, Path(args.out_dir))
+    try:
+        settings = SegmentSettings.from_json(args.settings)
+    except ValueError as e:  # not JSON, or a missing / unknown key (ConfigError)
+        raise SystemExit(f"--settings: not a SegmentSettings record: {'; '.join(str(e).splitlines())}") from None
+    return run(settings, args.store, args.init or None, Path(args.out_dir))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ outputs -> probabilities, and the predictions-parquet format of :mod:`retflow.ev
   cross entropy per sign (positive-weighted when class weighting is on), sigmoid;
 - regression: one float column, 1 output trained on the z-scored target (mean/std of the
   training rows, stored with the model), mean-squared error.
+
+Every function takes the task as a :class:`~retflow.settings.stages.TaskSettings` (built by
+:func:`retflow.settings.build.task`; its ``classes`` are resolved: multilabel signs default to the
+columns, regression's one output is named after its column).
 """
 
 from __future__ import annotations
@@ -18,31 +22,31 @@ import pandas as pd
 import torch
 
 from retflow.atomic import atomic_path
-from retflow.config import task_classes
 from retflow.data.dataset import encode_labels
 from retflow.data.labels import normalise_label
+from retflow.settings.stages import TaskSettings
 
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
 
 
-def label_columns(task: dict) -> list[str]:
-    label = task["label"]
+def label_columns(task: TaskSettings) -> list[str]:
+    label = task.label
     return list(label) if isinstance(label, (list, tuple)) else [label]
 
 
-def n_outputs(task: dict) -> int:
-    return 1 if task["type"] == "regression" else len(task_classes(task))
+def n_outputs(task: TaskSettings) -> int:
+    return 1 if task.type == "regression" else len(task.classes)
 
 
-def encode_targets(manifest: pd.DataFrame, task: dict) -> tuple[np.ndarray, np.ndarray]:
+def encode_targets(manifest: pd.DataFrame, task: TaskSettings) -> tuple[np.ndarray, np.ndarray]:
     """``(targets, valid mask)`` for every manifest row; invalid rows have no usable label."""
     cols = label_columns(task)
     missing = [c for c in cols if c not in manifest.columns]
     if missing:
         raise SystemExit(f"label column(s) {missing} not in the manifest (columns: {list(manifest.columns)})")
-    kind = task["type"]
+    kind = task.type
     if kind in CLASSIFICATION:
-        return encode_labels(manifest[cols[0]], task_classes(task))
+        return encode_labels(manifest[cols[0]], task.classes)
     if kind == "multilabel":
         values = np.full((len(manifest), len(cols)), -1.0)
         for j, col in enumerate(cols):
@@ -55,21 +59,21 @@ def encode_targets(manifest: pd.DataFrame, task: dict) -> tuple[np.ndarray, np.n
     return np.where(valid, values, 0.0).astype(np.float32), valid
 
 
-def stratum(task: dict, targets: np.ndarray) -> np.ndarray:
+def stratum(task: TaskSettings, targets: np.ndarray) -> np.ndarray:
     """A discrete value per row for stratified label fractions."""
-    if task["type"] in CLASSIFICATION:
+    if task.type in CLASSIFICATION:
         return targets
-    if task["type"] == "multilabel":
+    if task.type == "multilabel":
         return (targets * (2 ** np.arange(targets.shape[1]))).sum(axis=1).astype(int)
     edges = np.quantile(targets, [0.25, 0.5, 0.75]) if len(targets) else []
     return np.digitize(targets, edges)
 
 
-def class_weights(task: dict, targets: np.ndarray, mode: str) -> torch.Tensor | None:
+def class_weights(task: TaskSettings, targets: np.ndarray, mode: str) -> torch.Tensor | None:
     """``balanced``: inverse class frequency (n / (K * n_c)); multilabel: negatives / positives."""
-    if mode == "none" or task["type"] == "regression":
+    if mode == "none" or task.type == "regression":
         return None
-    if task["type"] == "multilabel":
+    if task.type == "multilabel":
         pos = targets.sum(axis=0)
         return torch.tensor((len(targets) - pos) / np.maximum(pos, 1.0), dtype=torch.float32)
     k = n_outputs(task)
@@ -85,15 +89,15 @@ class TargetScale:
     std: float = 1.0
 
     @classmethod
-    def fit(cls, task: dict, targets: np.ndarray) -> "TargetScale":
-        if task["type"] != "regression" or len(targets) == 0:
+    def fit(cls, task: TaskSettings, targets: np.ndarray) -> "TargetScale":
+        if task.type != "regression" or len(targets) == 0:
             return cls()
         return cls(float(np.mean(targets)), float(np.std(targets)) or 1.0)
 
 
-def make_loss(task: dict, weights: torch.Tensor | None, smoothing: float, scale: TargetScale):
+def make_loss(task: TaskSettings, weights: torch.Tensor | None, smoothing: float, scale: TargetScale):
     """``loss(outputs, targets)``; targets may be soft (mixup) for classification."""
-    kind = task["type"]
+    kind = task.type
     F = torch.nn.functional
 
     def on(t, out):  # weights follow the outputs' device (training on GPU, validation on CPU)
@@ -113,19 +117,19 @@ def make_loss(task: dict, weights: torch.Tensor | None, smoothing: float, scale:
     return lambda out, y: F.mse_loss(out[:, 0], (y.float() - scale.mean) / scale.std)
 
 
-def to_outputs(task: dict, logits: torch.Tensor, scale: TargetScale) -> np.ndarray:
+def to_outputs(task: TaskSettings, logits: torch.Tensor, scale: TargetScale) -> np.ndarray:
     """Probabilities (classification: softmax, multilabel: sigmoid) or regression values."""
     logits = logits.float()
-    if task["type"] in CLASSIFICATION:
+    if task.type in CLASSIFICATION:
         return torch.softmax(logits, dim=1).cpu().numpy()
-    if task["type"] == "multilabel":
+    if task.type == "multilabel":
         return torch.sigmoid(logits).cpu().numpy()
     return (logits[:, 0] * scale.std + scale.mean).cpu().numpy()
 
 
-def write_predictions(path, task: dict, image_ids, y_true: np.ndarray, outputs: np.ndarray) -> None:
+def write_predictions(path, task: TaskSettings, image_ids, y_true: np.ndarray, outputs: np.ndarray) -> None:
     frame = pd.DataFrame({"image_id": list(image_ids)})
-    kind = task["type"]
+    kind = task.type
     if kind == "regression":
         frame["y_true"] = np.asarray(y_true, dtype=float)
         frame["y_pred"] = np.asarray(outputs, dtype=float)
