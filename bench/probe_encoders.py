@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from retflow import config as rfc  # noqa: E402
 from retflow.data.dataset import load_manifest  # noqa: E402
+from retflow.layout import Layout  # noqa: E402
+from retflow.settings import build, load_config  # noqa: E402
 from retflow.models.vit import ViTSpec, create_vit  # noqa: E402
 from retflow.models.features import FeatureExtractor  # noqa: E402
 from retflow.synth.quality import classifier_scores, label_indices, read_images  # noqa: E402
@@ -64,26 +64,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from snakemake.utils import validate
-
-    config = yaml.safe_load(Path(args.config).read_text())
-    validate(config, str(ROOT / "config/schema.yaml"), set_default=True)
+    config = load_config(args.config)
     results = Path(args.results or config["results"])
+    layout = Layout(str(results))
     modality = config["datasets"][args.dataset]["modality"]
-    store = results / "data" / args.dataset
+    store = Path(layout.store(args.dataset))
     manifest = load_manifest(store)
     classes = sorted({str(v) for v in manifest[args.label].dropna()})
     y = label_indices(manifest[args.label], classes)
     split = manifest["split"].to_numpy()
     idx = {s: np.flatnonzero((split == s) & (y >= 0)) for s in ("train", "test")}
     images = {s: read_images(store, i) for s, i in idx.items()}
-    vit, normalize = rfc.vit_settings(config, modality), rfc.normalize_settings(config, modality)
+    # the encoders as the workflow's runs build them (retflow.settings.build)
+    vit, normalize = build.vit(config, modality).to_dict(), build.normalize(config, modality).to_dict()
 
     random_ckpt = results / "probe_random_encoder.pth"
     torch.manual_seed(0)
     torch.save({"model": create_vit(ViTSpec.from_dict(vit), num_classes=0).state_dict()}, random_ckpt)
-    encoders = [("random", random_ckpt)] + [(r, results / "pretrain" / r / modality / "checkpoint.pth")
-                                            for r in args.runs]
+    encoders = [("random", random_ckpt)] + [(r, Path(layout.pretrain_checkpoint(r, modality))) for r in args.runs]
     print(f"{args.dataset}/{args.label}: {len(idx['train'])} train, {len(idx['test'])} test, classes {classes}")
     print(f"{'encoder':<28}{'AUROC':>8}{'bal.acc':>9}{'kNN bal.acc':>13}{'mean cos':>10}{'AUROC/random':>14}{'s':>6}")
     ref = None

@@ -4,6 +4,7 @@ the batch (GPU-side) augmentation."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, descendants
-from test_train import VIT, make_store, pretrain_cfg
+from conftest import ROOT, descendants, make_workdir, snakemake
+from test_train import VIT, make_store, pretrain_settings
 
 from retflow.models.mae import MaskedAutoencoderViT
 from retflow.models.mae_init import init_mae_from_checkpoint
 from retflow.models.vit import ViTSpec
+from retflow.settings import build, load_config
+from retflow.settings.stages import PretrainSettings
 from retflow.train import pretrain as pt
 from retflow.train.batch_augment import BatchAugment, sample_boxes
 from retflow.train.checkpoint import load_state
@@ -30,14 +33,14 @@ def pool(tmp_path_factory):
 
 
 # heavy enough that a poll every 20 ms catches the run between two checkpoints
-DDP_VIT = {**VIT, "img_size": 64, "model_kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 2}}
+DDP_VIT = {"img_size": 64, "model_kwargs": {"embed_dim": 96, "depth": 4, "num_heads": 2}}
 
 
-def torchrun(pool, out, **settings):
-    cfg = pretrain_cfg(vit=DDP_VIT, epochs=4, batch_size=8, checkpoint_every_steps=3, **settings)
+def torchrun(pool, out, **changes):
+    settings = pretrain_settings(vit=DDP_VIT, epochs=4, batch_size=8, checkpoint_every_steps=3, **changes)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "workflow_scripts" / "pretrain.py"), "--settings", json.dumps(cfg), "--stores", pool,
+           str(ROOT / "workflow_scripts" / "pretrain.py"), "--settings", settings.to_json(), "--stores", pool,
            "--out-dir", str(out)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -99,6 +102,41 @@ def test_two_process_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_weights(p
     np.testing.assert_allclose(log_cut.loss.iloc[-1], log_ref.loss.iloc[-1], rtol=1e-6)
 
 
+# ------------------------------------------------------------------ settings in, settings.json out
+def test_the_workflow_passes_the_settings_the_library_builds(tmp_path):
+    """``build.pretrain`` on the demo config is the recipe the rule hands the entry point."""
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "-n", "-p", "--cores", "1", "results/pretrain/simclr/cfp/checkpoint.pth")
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if "workflow_scripts/pretrain.py" in ln]
+    assert len(lines) == 1, result.stdout
+    argv = shlex.split(lines[0])
+    passed = PretrainSettings.from_json(argv[argv.index("--settings") + 1])
+    expected = build.pretrain(load_config(ROOT / "config.yaml"), "simclr", "cfp")
+    assert passed == expected and passed.to_dict() == expected.to_dict()
+    # the demo's simclr recipe and section reached the run; the other methods' sections did not
+    assert (passed.epochs, passed.blr, passed.simclr.proj_dim, passed.simclr.color_jitter) == (10, 1e-3, 64, 0)
+    assert passed.method_settings is passed.simclr and passed.dino is passed.mocov3 is passed.token_recon is None
+
+
+def test_entry_point_parses_settings_and_writes_settings_json(pool, tmp_path):
+    settings = pretrain_settings(epochs=1)
+    out = tmp_path / "out"
+    assert pt.main(["--settings", settings.to_json(), "--stores", pool, "--out-dir", str(out)]) == 0
+    assert PretrainSettings.from_json((out / "settings.json").read_text()) == settings
+    assert load_state(out / "checkpoint.pth")["args"] == settings.to_dict()
+
+
+def test_entry_point_refuses_settings_with_an_unknown_or_missing_key(tmp_path, capsys):
+    data = pretrain_settings().to_dict()
+    data["epoch"] = data.pop("epochs")
+    assert pt.main(["--settings", json.dumps(data), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ERROR: PretrainSettings: unknown keys ['epoch']; "
+                                                     "missing keys ['epochs']")
+    assert not (tmp_path / "o").exists()  # nothing written before the settings are read
+
+
 # ------------------------------------------------------------------ data schedules
 class Sized(torch.utils.data.Dataset):
     def __init__(self, n):
@@ -143,8 +181,8 @@ def test_synthetic_schedule_without_synthetic_images_is_a_clear_error():
 
 def test_synthetic_then_real_pretraining_runs_and_logs_its_sources(pool, tmp_path):
     syn = str(make_store(tmp_path / "syn", n=32, labelled=False))
-    cfg = pretrain_cfg(data="synthetic_then_real", synthetic_epochs=2, epochs=3)
-    assert pt.run(cfg, [pool], tmp_path / "out", [syn]) == 0
+    settings = pretrain_settings(data="synthetic_then_real", synthetic_epochs=2, epochs=3)
+    assert pt.run(settings, [pool], tmp_path / "out", [syn]) == 0
     import pandas as pd
 
     log = pd.read_csv(tmp_path / "out" / "log.csv")
@@ -159,7 +197,7 @@ def mae_layout_state(model: MaskedAutoencoderViT) -> dict:
 
 def small_mae(img_size=32, in_chans=3):
     spec = ViTSpec.from_dict({**VIT, "img_size": img_size, "in_chans": in_chans})
-    return MaskedAutoencoderViT(spec, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    return MaskedAutoencoderViT(spec, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, norm_pix_loss=True)
 
 
 def test_full_mae_checkpoint_initialises_encoder_and_decoder(tmp_path):
@@ -209,7 +247,8 @@ def test_crop_boxes_follow_the_scale_and_ratio_ranges():
 
 def test_batch_augment_identity_crop_is_exact_and_matches_normalisation():
     img = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    aug = BatchAugment(16, crop_scale=(1.0, 1.0), hflip=False, normalize={"mean": [0.5] * 3, "std": [0.25] * 3})
+    aug = BatchAugment(16, crop_scale=(1.0, 1.0), hflip=False, normalize={"mean": [0.5] * 3, "std": [0.25] * 3},
+                       in_chans=3)
     torch.manual_seed(0)
     out = aug(img)
     # scale 1 with ratio 3/4..4/3 on a square image: the only fitting crops are the whole image
@@ -219,7 +258,7 @@ def test_batch_augment_identity_crop_is_exact_and_matches_normalisation():
 
 
 def test_pretraining_with_batch_augment_runs(pool, tmp_path):
-    assert pt.run(pretrain_cfg(gpu_augment=True, epochs=1), [pool], tmp_path / "out") == 0
+    assert pt.run(pretrain_settings(gpu_augment=True, epochs=1), [pool], tmp_path / "out") == 0
 
 
 # ------------------------------------------------------------------ the SSL zoo through the same loop
@@ -235,14 +274,16 @@ def test_every_ssl_method_pretrains_and_exports_a_loadable_encoder(method, pool,
         teacher = tmp_path / "teacher.pth"
         torch.save({"model": small_mae().state_dict()}, teacher)
         small["teacher_checkpoint"] = str(teacher)
-    cfg = pretrain_cfg(method=method, epochs=1, **{method: small})
+    settings = pretrain_settings(method, epochs=1, **{method: small})  # the section through the schema
+    assert settings.method_settings.to_dict().items() >= small.items()
     out = tmp_path / method
-    assert pt.run(cfg, [pool], out) == 0
+    assert pt.run(settings, [pool], out) == 0
     import pandas as pd
 
     assert np.isfinite(pd.read_csv(out / "log.csv").loss).all()
     assert (out / "figure.png").stat().st_size > 1000
     state = load_state(out / "checkpoint.pth")
     assert state["method"] == method and all(k.startswith("encoder.") for k in state["model"])
+    assert state["args"] == settings.to_dict() == json.loads((out / "settings.json").read_text())
     vit = create_vit(ViTSpec.from_dict(VIT), num_classes=2)
     load_encoder_weights(vit, load_checkpoint_file(out / "checkpoint.pth"))  # strict: raises on missing keys

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset
 
+from retflow import config as rfc
 from retflow.data.dataset import model_channels
-from retflow.data.ssl_views import VIEW_DEFAULTS, blur_kernel_size, blur_sigma, ssl_view_transform
-from retflow.models.ssl import SSL_METHODS, build_ssl, load_teacher, resolve_cfg
+from retflow.data.ssl_views import blur_kernel_size, blur_sigma, ssl_view_transform
+from retflow.models.ssl import SSL_METHODS, build_ssl, load_teacher
+from retflow.settings import ConfigError, section_defaults, validate
+from retflow.settings.load import merged
+from retflow.settings.stages import METHOD_SETTINGS, VIEW_KEYS
 from retflow.models.ssl.dino import dino_loss
 from retflow.models.ssl.mocov3 import infonce
 from retflow.models.ssl.simclr import nt_xent
@@ -27,6 +33,22 @@ SMALL = {  # shrunk heads for speed
     "token_recon": dict(),
 }
 DINO_LOCAL = dict(SMALL["dino"], local_crops=2, local_size=16)
+CROP = (0.2, 1.0)
+
+
+def settings(method: str, given: dict | None = None):
+    """``method``'s settings record from its config section ``given`` as the schema fills it
+    (token_recon: a teacher file that tests passing a teacher module never read)."""
+    given = dict(given or {})
+    if method == "token_recon":
+        given.setdefault("teacher_checkpoint", "unread_teacher.pth")
+    return METHOD_SETTINGS[method].from_dict(section_defaults(f"pretrain.{method}", given), method)
+
+
+def views_of(method: str, given: dict | None = None, size: int = IMG, crop_scale=CROP, normalize=None,
+             in_chans: int = 3):
+    """``ssl_view_transform`` of ``method`` with its section ``given`` (schema defaults for the rest)."""
+    return ssl_view_transform(method, settings(method, given), size, crop_scale, normalize, in_chans)
 
 
 def spec(in_chans: int = 3, **kw) -> ViTSpec:
@@ -44,7 +66,7 @@ def make(method: str, cfg: dict | None = None, in_chans: int = 3, seed: int = 0)
     torch.manual_seed(seed)
     cfg = SMALL[method] if cfg is None else cfg
     teacher = tiny_teacher(3) if method == "token_recon" else None
-    return build_ssl(method, spec(in_chans), cfg, teacher=teacher)
+    return build_ssl(method, spec(in_chans), settings(method, cfg), teacher=teacher)
 
 
 def make_views(model, b: int = 4, in_chans: int = 3, seed: int = 0) -> list[torch.Tensor]:
@@ -257,7 +279,8 @@ def test_mocov3_random_patch_projection_and_sincos():
 def test_token_recon_teacher_of_other_shape(student_chans, teacher_kw):
     teacher = tiny_teacher(**teacher_kw)
     torch.manual_seed(0)
-    model = build_ssl("token_recon", spec(student_chans), {"predictor_hidden_dim": 16}, teacher=teacher)
+    model = build_ssl("token_recon", spec(student_chans), settings("token_recon", {"predictor_hidden_dim": 16}),
+                      teacher=teacher)
     x = torch.randn(2, student_chans, IMG, IMG)
     cls, patches = model.teacher_tokens(x)
     assert cls.shape == (2, teacher_kw["dim"]) and patches.shape == (2, 16, teacher_kw["dim"])
@@ -269,7 +292,8 @@ def test_token_recon_teacher_of_other_shape(student_chans, teacher_kw):
 
 
 def test_token_recon_corruption():
-    model = build_ssl("token_recon", spec(), {"noise_std": (0, 0), "mask_ratio": (0.5, 0.5)}, teacher=tiny_teacher())
+    model = build_ssl("token_recon", spec(), settings("token_recon", {"noise_std": [0, 0], "mask_ratio": [0.5, 0.5]}),
+                      teacher=tiny_teacher())
     x = torch.randn(3, 3, IMG, IMG) + 5.0
     out = model.corrupt(x)
     def patchify(img):
@@ -279,9 +303,11 @@ def test_token_recon_corruption():
     masked = (patches == 0).all(dim=-1)
     assert masked.sum(dim=1).tolist() == [8, 8, 8]
     assert torch.equal(patches[~masked], patchify(x)[~masked])
-    clean = build_ssl("token_recon", spec(), {"noise_std": 0, "mask_ratio": 0}, teacher=tiny_teacher())
+    clean = build_ssl("token_recon", spec(), settings("token_recon", {"noise_std": [0, 0], "mask_ratio": [0, 0]}),
+                      teacher=tiny_teacher())
     assert torch.equal(clean.corrupt(x), x)
-    noisy = build_ssl("token_recon", spec(), {"noise_std": (1, 1), "mask_ratio": 0}, teacher=tiny_teacher())
+    noisy = build_ssl("token_recon", spec(), settings("token_recon", {"noise_std": [1, 1], "mask_ratio": [0, 0]}),
+                      teacher=tiny_teacher())
     assert (noisy.corrupt(x) - x).std().item() == pytest.approx(1.0, abs=0.1)
 
 
@@ -295,35 +321,61 @@ def test_load_teacher_from_checkpoint_and_build(tmp_path):
     teacher = load_teacher(path, t_spec)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     torch.testing.assert_close(teacher.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    model = build_ssl("token_recon", spec(), {"teacher_checkpoint": str(path), "teacher_vit": t_spec.to_dict()})
+    section = {"teacher_checkpoint": str(path), "teacher_vit": t_spec.to_dict()}
+    model = build_ssl("token_recon", spec(), settings("token_recon", section))
     torch.testing.assert_close(model.teacher.norm.weight, src.norm.weight)
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_teacher(missing, t_spec)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        build_ssl("token_recon", spec(), {"teacher_checkpoint": str(missing), "teacher_vit": t_spec.to_dict()})
+        build_ssl("token_recon", spec(), settings("token_recon", {**section, "teacher_checkpoint": str(missing)}))
 
 
 # ------------------------------------------------------------------ builder
+DEMO = validate(yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text()))
+
+
 def test_build_ssl_rejects_bad_input():
     with pytest.raises(ValueError, match="byol"):
-        build_ssl("byol", spec(), {})
-    with pytest.raises(ValueError, match="temprature"):
-        build_ssl("simclr", spec(), {"temprature": 0.1})
-    with pytest.raises(ValueError, match="local_crops"):
-        build_ssl("mocov3", spec(), {"local_crops": 2})
-    with pytest.raises(ValueError, match="teacher"):
-        build_ssl("token_recon", spec(), {})
+        build_ssl("byol", spec(), settings("simclr"))
+    # a section's unknown key is the schema's to refuse, naming it (and the near miss)
+    near_miss = r"^config: pretrain.simclr.temprature: unknown key \(did you mean 'temperature'\?\)$"
+    with pytest.raises(ConfigError, match=near_miss):
+        validate(merged(DEMO, {"pretrain": {"simclr": {"temprature": 0.1}}}))
+    with pytest.raises(ConfigError, match=r"^pretrain.mocov3: local_crops: unknown key"):
+        settings("mocov3", {"local_crops": 2})
+    # token_recon without a teacher: refused when the config is read (before any job runs)
+    no_teacher = validate(merged(DEMO, {"pretrain": {"methods": ["mae", "token_recon"]}}))
+    assert "pretrain.token_recon.teacher_checkpoint: token reconstruction needs a teacher (a method in " \
+           "pretrain.methods, e.g. mae, or a local checkpoint file)" in rfc.semantic_errors(no_teacher)
     with pytest.raises(ValueError, match="token_recon"):
-        build_ssl("simclr", spec(), {}, teacher=tiny_teacher())
+        build_ssl("simclr", spec(), settings("simclr"), teacher=tiny_teacher())
+    with pytest.raises(ValueError, match=r"^dino is built from its DINOSettings .* got SimCLRSettings$"):
+        build_ssl("dino", spec(), settings("simclr"))
     with pytest.raises(ValueError, match="byol"):
-        ssl_view_transform("byol", IMG)
-    with pytest.raises(ValueError, match="solarize"):
-        ssl_view_transform("dino", IMG, cfg={"solarize": 0.3})
+        ssl_view_transform("byol", None, IMG, CROP, None, 3)
+    with pytest.raises(ValueError, match=r"^simclr views need its SimCLRSettings .* got NoneType$"):
+        ssl_view_transform("simclr", None, IMG, CROP, None, 3)
+    with pytest.raises(ConfigError, match=r"^pretrain.dino: solarize: unknown key \(did you mean 'solarize_p'\?\)$"):
+        views_of("dino", {"solarize": 0.3})
     with pytest.raises(ValueError, match="views"):
         make("simclr")([torch.randn(2, 3, IMG, IMG)])
-    assert resolve_cfg("dino", None)["out_dim"] == 65536
-    assert resolve_cfg("mocov3", {})["temperature"] == 0.2
+    assert settings("dino").out_dim == 65536  # the schema's defaults fill the record
+    assert settings("mocov3", {}).temperature == 0.2
+
+
+@pytest.mark.parametrize("method,given,message", [
+    ("dino", {"local_crop_scale": [0.4, 0.05]},
+     r"^pretrain.dino.local_crop_scale must be \[lo, hi\] with 0 < lo <= hi <= 1, got \[0.4, 0.05\]$"),
+    ("dino", {"local_crops": 2, "local_size": 12},
+     r"^pretrain.dino.local_size 12 is not a multiple of the ViT's patch_size 8; pick a multiple$"),
+    ("token_recon", {"noise_std": [1.0, 0.5]},
+     r"^pretrain.token_recon.noise_std must be \[lo, hi\] with lo <= hi, got \[1.0, 0.5\]$"),
+    ("token_recon", {"mask_ratio": [0.5, 1.0]}, r"^pretrain.token_recon.mask_ratio must stay below 1 "),
+])
+def test_settings_the_schema_cannot_check_are_refused_naming_the_key(method, given, message):
+    with pytest.raises(ValueError, match=message):
+        make(method, dict(SMALL[method], **given))
 
 
 # -------------------------------------------------------------------- views
@@ -346,8 +398,7 @@ class _FakeStore(Dataset):
 @pytest.mark.parametrize("stored,in_chans", [(1, 1), (3, 3), (1, 3)])
 def test_view_transform_and_collate(method, stored, in_chans):
     cfg = DINO_LOCAL if method == "dino" else {}
-    tf = ssl_view_transform(method, IMG, (0.3, 1.0), normalize={"mean": [0.5], "std": [0.25]}, in_chans=in_chans,
-                            cfg=cfg)
+    tf = views_of(method, cfg, crop_scale=(0.3, 1.0), normalize={"mean": [0.5], "std": [0.25]}, in_chans=in_chans)
     model = make("dino", DINO_LOCAL, in_chans=in_chans) if method == "dino" else None
     n = {"simclr": 2, "mocov3": 2, "dino": 4, "token_recon": 1}[method]
     assert tf.n_views == n and (model is None or model.n_views == n)
@@ -362,7 +413,7 @@ def test_view_transform_and_collate(method, stored, in_chans):
 
 
 def test_views_differ_and_blur_kernel():
-    tf = ssl_view_transform("simclr", IMG)
+    tf = views_of("simclr")
     img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     a, b = tf(img)
     assert not torch.equal(a, b)
@@ -382,36 +433,38 @@ def _steps(view) -> list[str]:
 def test_blur_sigma_scales_with_the_crop_size():
     assert blur_sigma(224) == pytest.approx((0.1, 2.0))
     assert blur_sigma(64) == pytest.approx((0.1 * 64 / 224, 2.0 * 64 / 224))
-    blur = [s for s in ssl_view_transform("simclr", 64).transforms[0].transforms if "GaussianBlur" in str(s)]
+    blur = [s for s in views_of("simclr", size=64).transforms[0].transforms if "GaussianBlur" in str(s)]
     assert blur and blur[0].transforms[0].sigma == pytest.approx(list(blur_sigma(64)))
 
 
 @pytest.mark.parametrize("method", ["simclr", "mocov3", "dino"])
 def test_colour_steps_follow_the_method_config(method):
-    full = ssl_view_transform(method, IMG, cfg={})
+    full = views_of(method, {})
     assert {"ColorJitter", "RandomGrayscale"} <= set(_steps(full.transforms[0]))
     assert "RandomSolarize" in _steps(full.transforms[1]) and "RandomSolarize" not in _steps(full.transforms[0])
-    off = ssl_view_transform(method, IMG, cfg={"color_jitter": 0, "grayscale_p": 0, "solarize_p": 0})
+    off = views_of(method, {"color_jitter": 0, "grayscale_p": 0, "solarize_p": 0})
     for view in off.transforms:
         assert _steps(view)[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
         assert not {"ColorJitter", "RandomGrayscale", "RandomSolarize"} & set(_steps(view))
-    half = ssl_view_transform(method, IMG, cfg={"color_jitter": 0.5}).transforms[0].transforms[2].transforms[0]
+    half = views_of(method, {"color_jitter": 0.5}).transforms[0].transforms[2].transforms[0]
     assert half.brightness == pytest.approx((0.8, 1.2)) and half.hue == pytest.approx((-0.05, 0.05))
-    gray = ssl_view_transform(method, IMG, in_chans=1, cfg={"color_jitter": 0.5})  # OCT: brightness/contrast only
+    gray = views_of(method, {"color_jitter": 0.5}, in_chans=1)  # OCT: brightness/contrast only
     jitter = gray.transforms[0].transforms[2].transforms[0]
     assert jitter.saturation is None and jitter.hue is None and "RandomGrayscale" not in _steps(gray.transforms[0])
-    assert isinstance(make(method, {k: 0 for k in VIEW_DEFAULTS}), torch.nn.Module)  # build_ssl takes the keys
+    assert isinstance(make(method, {k: 0 for k in VIEW_KEYS}), torch.nn.Module)  # build_ssl takes the record
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("color_jitter", -0.1, r"simclr.color_jitter must be a number in \[0, 5\]"),
-    ("color_jitter", "strong", r"simclr.color_jitter must be a number"),
-    ("grayscale_p", 1.5, r"simclr.grayscale_p must be a probability in \[0, 1\], got 1.5"),
-    ("solarize_p", True, r"simclr.solarize_p must be a probability"),
+    ("color_jitter", -0.1, r"pretrain.simclr.color_jitter: -0.1 is less than the minimum of 0$"),
+    ("color_jitter", 6, r"pretrain.simclr.color_jitter: 6 is greater than the maximum of 5$"),
+    ("color_jitter", "strong", r"pretrain.simclr.color_jitter: 'strong' is not a number$"),
+    ("grayscale_p", 1.5, r"pretrain.simclr.grayscale_p: 1.5 is greater than the maximum of 1$"),
+    ("solarize_p", True, r"pretrain.simclr.solarize_p: True is not a number$"),
 ])
 def test_bad_colour_settings_name_the_key(key, value, message):
-    with pytest.raises(ValueError, match=message):
-        ssl_view_transform("simclr", IMG, cfg={key: value})
+    """The colour steps' ranges are the schema's: a bad value stops the config, naming the key."""
+    with pytest.raises(ConfigError, match="^config: " + message):
+        validate(merged(DEMO, {"pretrain": {"simclr": {key: value}}}))
 
 
 # ------------------------------------------------------- 2-process (gloo)

@@ -15,11 +15,13 @@ into a list of ``(B, C, h, w)`` tensors, one per view -- what ``model(views)`` t
   and grayscale are meaningless there); three-channel copies of grayscale scans pass the colour
   steps unchanged.
 
-  The colour steps are the method's config keys (:data:`VIEW_DEFAULTS`): ``color_jitter`` scales
-  the four jitter strengths (1 = the values above, 0 = no jitter), ``grayscale_p`` and
-  ``solarize_p`` are the probabilities.  Colour carries the lesions in fundus photographs, and on
-  the demo's 64 px phantoms the full-strength colour steps leave SimCLR's NT-Xent at its chance
-  value (the less jitter, the better its encoder probes): the demo config turns them off.
+  The colour steps are the method's settings (:class:`~retflow.settings.stages.ColourViews`, the
+  :data:`~retflow.settings.stages.VIEW_KEYS` of its section; ranges checked by the schema):
+  ``color_jitter`` scales the four jitter strengths (1 = the values above, 0 = no jitter),
+  ``grayscale_p`` and ``solarize_p`` are the probabilities.  Colour carries the lesions in fundus
+  photographs, and on the demo's 64 px phantoms the full-strength colour steps leave SimCLR's
+  NT-Xent at its chance value (the less jitter, the better its encoder probes): the demo config
+  turns them off.
   (``bench/probe_encoders.py`` measures what each setting's encoder knows.)
 * ``dino`` with ``local_crops > 0``: after the 2 global views, ``local_crops`` views of
   ``local_size`` px cropped with ``local_crop_scale`` (jitter as above, blur p=0.5, no solarisation).
@@ -34,11 +36,10 @@ import torch
 from torchvision.transforms import v2
 
 from retflow.data.dataset import _to_float, train_transform
+from retflow.settings.frozen import Frozen
+from retflow.settings.stages import METHOD_SETTINGS, VIEW_KEYS, ColourViews
 
-__all__ = ["MultiView", "VIEW_DEFAULTS", "ssl_view_transform", "blur_kernel_size", "blur_sigma", "check_view_cfg"]
-
-#: colour-augmentation keys of the multi-view methods' config sections (simclr, mocov3, dino)
-VIEW_DEFAULTS = {"color_jitter": 1.0, "grayscale_p": 0.2, "solarize_p": 0.2}
+__all__ = ["MultiView", "ssl_view_transform", "colour_views", "blur_kernel_size", "blur_sigma"]
 
 
 class MultiView:
@@ -70,28 +71,22 @@ def blur_sigma(size: int) -> tuple[float, float]:
     return (0.1 * f, 2.0 * f)
 
 
-def check_view_cfg(method: str, cfg: dict) -> None:
-    """Colour-augmentation values in range, else ``ValueError`` naming ``<method>.<key>``."""
-    s = cfg["color_jitter"]
-    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s <= 5.0:
-        raise ValueError(f"{method}.color_jitter must be a number in [0, 5] (1 = BYOL's jitter strengths), got {s!r}")
-    for key in ("grayscale_p", "solarize_p"):
-        p = cfg[key]
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"{method}.{key} must be a probability in [0, 1], got {p!r}")
+def colour_views(settings: Frozen) -> ColourViews:
+    """The colour steps of a two-view method's settings record (its :data:`VIEW_KEYS`)."""
+    return ColourViews.from_dict({k: getattr(settings, k) for k in VIEW_KEYS}, f"{type(settings).__name__} colour")
 
 
-def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float, solarize_p: float, *,
-          color_jitter: float, grayscale_p: float) -> v2.Compose:
+def _view(size: int, scale, in_chans: int, normalize, blur_p: float, solarize_p: float,
+          colour: ColourViews) -> v2.Compose:
     steps: list = [v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True), v2.RandomHorizontalFlip()]
-    s = float(color_jitter)
+    s = float(colour.color_jitter)
     if s > 0 and in_chans == 3:
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s, saturation=0.2 * s,
                                                     hue=0.1 * s)], p=0.8))
     elif s > 0:
         steps.append(v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s)], p=0.8))
-    if grayscale_p > 0 and in_chans == 3:
-        steps.append(v2.RandomGrayscale(p=grayscale_p))
+    if colour.grayscale_p > 0 and in_chans == 3:
+        steps.append(v2.RandomGrayscale(p=colour.grayscale_p))
     if blur_p > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=blur_sigma(size))], p=blur_p))
     if solarize_p > 0:
@@ -99,27 +94,27 @@ def _view(size: int, scale, in_chans: int, normalize: dict | None, blur_p: float
     return v2.Compose(steps + _to_float(normalize, in_chans))
 
 
-def ssl_view_transform(method: str, size: int, crop_scale=(0.2, 1.0), normalize: dict | None = None,
-                       in_chans: int = 3, cfg: dict | None = None) -> MultiView:
-    """The view generator of ``method`` (see module docstring).
-
-    ``cfg`` is the method's config section (validated like :func:`retflow.models.ssl.build_ssl`;
-    only ``dino``'s ``local_crops`` / ``local_size`` / ``local_crop_scale`` are read here).
+def ssl_view_transform(method: str, settings: Frozen | None, size: int, crop_scale, normalize,
+                       in_chans: int) -> MultiView:
+    """The view generator of ``method`` (see module docstring) with its settings record
+    (:class:`~retflow.settings.stages.SimCLRSettings`, ``MoCoV3Settings``, ``DINOSettings``;
+    ``token_recon`` reads none). ``normalize``: what :func:`~retflow.data.dataset.norm_stats` takes.
     The result's ``n_views`` equals the model's.
     """
-    from retflow.models.ssl import resolve_cfg
-
-    cfg = resolve_cfg(method, cfg)
+    if method not in METHOD_SETTINGS:
+        raise ValueError(f"unknown SSL method {method!r}; choose one of {tuple(METHOD_SETTINGS)}")
     if method == "token_recon":
         return MultiView([train_transform(size, crop_scale, normalize=normalize, in_chans=in_chans)])
-    check_view_cfg(method, cfg)
-    colour = {"color_jitter": cfg["color_jitter"], "grayscale_p": cfg["grayscale_p"]}
+    if not isinstance(settings, METHOD_SETTINGS[method]):
+        raise ValueError(f"{method} views need its {METHOD_SETTINGS[method].__name__} "
+                         f"(retflow.settings.build.pretrain), got {type(settings).__name__}")
+    colour = colour_views(settings)
     views = [
-        _view(size, crop_scale, in_chans, normalize, blur_p=1.0, solarize_p=0.0, **colour),
-        _view(size, crop_scale, in_chans, normalize, blur_p=0.1, solarize_p=cfg["solarize_p"], **colour),
+        _view(size, crop_scale, in_chans, normalize, blur_p=1.0, solarize_p=0.0, colour=colour),
+        _view(size, crop_scale, in_chans, normalize, blur_p=0.1, solarize_p=colour.solarize_p, colour=colour),
     ]
-    if method == "dino" and int(cfg["local_crops"]) > 0:
-        local = _view(int(cfg["local_size"]), cfg["local_crop_scale"], in_chans, normalize, blur_p=0.5,
-                      solarize_p=0.0, **colour)
-        views += [local] * int(cfg["local_crops"])
+    if method == "dino" and settings.local_crops > 0:
+        local = _view(settings.local_size, settings.local_crop_scale, in_chans, normalize, blur_p=0.5,
+                      solarize_p=0.0, colour=colour)
+        views += [local] * settings.local_crops
     return MultiView(views)

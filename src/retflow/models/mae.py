@@ -35,15 +35,17 @@ class MaskedAutoencoderViT(nn.Module):
     ``forward(imgs, mask_ratio)`` returns ``(loss, pred, mask)``: ``pred`` is
     ``(B, L, patch_size**2 * in_chans)`` (normalised-pixel space when
     ``norm_pix_loss``), ``mask`` is ``(B, L)`` with 1 for masked patches.
+    The decoder's size and ``norm_pix_loss`` are settings (``pretrain.decoder``,
+    ``pretrain.norm_pix_loss``; the MAE paper's 512 wide, 8 deep, 16 heads are the schema's defaults).
     """
 
     def __init__(
         self,
         spec: ViTSpec,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
-        norm_pix_loss: bool = True,
+        decoder_embed_dim: int,
+        decoder_depth: int,
+        decoder_num_heads: int,
+        norm_pix_loss: bool,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -190,14 +192,14 @@ class MaskedAutoencoderViT(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+    def forward(self, imgs: torch.Tensor, mask_ratio: float):
         """Returns ``(loss, pred, mask)`` as in MAE."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     @torch.no_grad()
-    def reconstruct(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+    def reconstruct(self, imgs: torch.Tensor, mask_ratio: float):
         """For figures: ``(masked_input, reconstruction)`` images shaped like ``imgs``.
 
         ``masked_input`` has masked patches zeroed; ``reconstruction`` shows

@@ -21,7 +21,7 @@ from retflow.data.dataset import norm_stats
 _ATTEMPTS = 10
 
 
-def sample_boxes(n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+def sample_boxes(n: int, height: int, width: int, scale, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """``(n, 4)`` crop boxes ``x0, y0, x1, y1`` in pixels, drawn as torchvision's RandomResizedCrop does."""
     area = height * width
     target = area * torch.empty(n, _ATTEMPTS).uniform_(scale[0], scale[1])
@@ -51,8 +51,9 @@ def sample_boxes(n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4
 class BatchAugment:
     """uint8 ``(B, C, H, W)`` batch on any device -> normalised float ``(B, C, size, size)``."""
 
-    def __init__(self, size: int, crop_scale=(0.2, 1.0), hflip: bool = True, normalize: dict | None = None,
-                 in_chans: int = 3):
+    def __init__(self, size: int, crop_scale, normalize, in_chans: int, hflip: bool = True):
+        """``crop_scale``: the settings' ``crop_scale``; ``normalize``: what
+        :func:`~retflow.data.dataset.norm_stats` takes (the run's normalisation)."""
         self.size = size
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from retflow.settings.stages import PretrainSettings, Schedule
 from retflow.train.sampling import step_seed
 from retflow.train.schedule import apply_lr, lr_at
 
@@ -28,50 +29,54 @@ def to_device(batch, device, augment=None):
     return augment(batch) if augment is not None else batch
 
 
-def batch_loss(model, views, cfg: dict) -> torch.Tensor:
+def batch_loss(model, views, s: PretrainSettings) -> torch.Tensor:
     """The method's scalar loss for one batch (through the DDP wrapper, so gradients sync)."""
-    if cfg.get("method", "mae") == "mae":
-        return model(views, mask_ratio=cfg["mask_ratio"])[0]
+    if s.method == "mae":
+        return model(views, mask_ratio=s.mask_ratio)[0]
     return model(views if isinstance(views, list) else [views])
 
 
 def train_one_epoch(model, data_loader, optimizer, epoch: int, start_batch: int, n_batches: int,
-                    cfg: dict, device, rank: int, on_step=None, augment=None, after_update=None) -> dict:
+                    s: PretrainSettings, schedule: Schedule, device, rank: int, on_step=None, augment=None,
+                    after_update=None) -> dict:
     """Train one epoch from batch ``start_batch``; ``on_step(next_batch)`` may request a stop.
+
+    ``s``: the run's settings (method, mask ratio, accumulation, seed, clipping); ``schedule``: its
+    learning rate over the run (``s.schedule(effective batch)``).
 
     ``augment``: batch augmentation run on ``device`` (uint8 loader batches); ``after_update(progress)``
     runs after every optimizer step with the share of the whole run done (momentum teachers).
     Returns {'loss': mean loss over the steps run, 'lr': last lr, 'steps': n, 'stopped': bool, 'seconds'}.
     """
     model.train()
-    accum = cfg["accum_iter"]
+    accum = s.accum_iter
     total, count, lr, stopped = 0.0, 0, 0.0, False
     t0 = time.time()
     optimizer.zero_grad(set_to_none=True)
     use_bf16 = device.type == "cuda"
     for b, (batch, _) in enumerate(data_loader, start=start_batch):
         if b % accum == 0:
-            lr = lr_at(epoch + b / n_batches, cfg["lr"], cfg["min_lr"], cfg["warmup_epochs"], cfg["epochs"])
+            lr = lr_at(epoch + b / n_batches, schedule.lr, schedule.min_lr, schedule.warmup_epochs, schedule.epochs)
             apply_lr(optimizer, lr)
-        step_seed(cfg["seed"], epoch, b, rank)
+        step_seed(s.seed, epoch, b, rank)
         views = to_device(batch, device, augment)
         last_micro = (b + 1) % accum == 0 or b + 1 == n_batches
         # gradient accumulation under DDP: all-reduce only on the micro-batch that steps
         sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = batch_loss(model, views, cfg)
+                loss = batch_loss(model, views, s)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss is {value} at epoch {epoch} batch {b}; stopping (last good checkpoint kept)")
             (loss / accum).backward()
         if last_micro:
-            if cfg.get("clip_grad"):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"])
+            if s.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if after_update is not None:
-                after_update((epoch + (b + 1) / n_batches) / cfg["epochs"])
+                after_update((epoch + (b + 1) / n_batches) / schedule.epochs)
         total += value
         count += 1
         if on_step is not None and on_step(b + 1):

@@ -9,25 +9,27 @@ written atomically to ``<out>/resume/last.pth`` after every epoch, every
 it and reaches the same weights as an uninterrupted run (only a checkpoint written with the same
 settings, process count and input files: :mod:`retflow.train.resume`). The final ``checkpoint.pth`` holds
 ``{'model': ...}`` in RETFound's layout (encoder keys ``encoder.*`` = timm ViT names; MAE: the
-full encoder + decoder state).
+full encoder + decoder state) and ``'args'``: the settings it ran with, which are also written to
+``<out>/settings.json`` when the run starts (:class:`~retflow.settings.stages.PretrainSettings`,
+built by :func:`retflow.settings.build.pretrain`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from retflow.atomic import atomic_path
 from retflow.data.dataset import StoreDataset, load_manifest, train_transform
+from retflow.data.pools import pool_indices
 from retflow.data.store import ImageStore
 from retflow.models.lr_decay import param_groups_weight_decay
 from retflow.models.vit import ViTSpec
+from retflow.settings.stages import PretrainSettings
 from retflow.train import distributed as D
 from retflow.train.batch_augment import BatchAugment
 from retflow.train.checkpoint import save_atomic
@@ -39,32 +41,33 @@ from retflow.train.sampling import loader
 from retflow.train.stop_signal import StopFlag
 
 
-def use_batch_augment(cfg: dict, device: torch.device) -> bool:
+def use_batch_augment(s: PretrainSettings, device: torch.device) -> bool:
     """Crops/flips on the training device: MAE-style single-view methods; 'auto' = on CUDA."""
-    choice = cfg.get("gpu_augment", "auto")
-    single_view = cfg.get("method", "mae") in ("mae", "token_recon")
-    if choice is True and not single_view:
-        raise ValueError(f"gpu_augment: method {cfg['method']!r} uses multi-view CPU augmentations")
-    return single_view and (choice is True or (choice == "auto" and device.type == "cuda"))
+    single_view = s.method in ("mae", "token_recon")
+    if s.gpu_augment is True and not single_view:
+        raise ValueError(f"pretrain.gpu_augment: true, but method {s.method!r} uses multi-view CPU "
+                         f"augmentations; set gpu_augment: auto or false")
+    return single_view and (s.gpu_augment is True or (s.gpu_augment == "auto" and device.type == "cuda"))
 
 
-def sample_transform(cfg: dict, spec: ViTSpec, on_device: bool):
+def sample_transform(s: PretrainSettings, on_device: bool):
     """What the loader does per image: nothing (uint8, augmented on the device) or the CPU pipeline."""
     if on_device:
         return None
-    method = cfg.get("method", "mae")
-    if method in ("mae", "token_recon"):
-        return train_transform(spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"), in_chans=spec.in_chans)
+    size, chans, normalize = s.vit.img_size, s.vit.in_chans, s.normalize.to_dict()
+    if s.method in ("mae", "token_recon"):
+        return train_transform(size, s.crop_scale, normalize=normalize, in_chans=chans)
     from retflow.data.ssl_views import ssl_view_transform
 
-    return ssl_view_transform(method, spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"),
-                              in_chans=spec.in_chans, cfg=cfg.get(method) or {})
+    return ssl_view_transform(s.method, s.method_settings, size, s.crop_scale, normalize, chans)
 
 
-def build_pool(stores: list[str], spec: ViTSpec, transform) -> torch.utils.data.ConcatDataset | None:
+def build_pool(stores: list[str], spec: ViTSpec, transform, splits) -> torch.utils.data.ConcatDataset | None:
+    """The images a pool may use of ``stores``: a pretrain dataset's, a labelled one's ``splits``
+    (``pretrain.labelled_pool_splits``; :func:`retflow.data.pools.pool_indices`)."""
     if not stores:
         return None
-    parts = [StoreDataset(s, np.arange(len(load_manifest(s))), None, transform, spec.in_chans) for s in stores]
+    parts = [StoreDataset(s, pool_indices(load_manifest(s), splits), None, transform, spec.in_chans) for s in stores]
     return torch.utils.data.ConcatDataset(parts)
 
 
@@ -82,39 +85,42 @@ def leaves(dataset):
     return [dataset]
 
 
-def input_files(cfg: dict, stores: list[str], synthetic_stores: list[str] | None) -> list[str]:
+def input_files(s: PretrainSettings, stores: list[str], synthetic_stores: list[str] | None) -> list[str]:
     """Files whose change makes a resume checkpoint stale: the pools' manifests, the init and teacher checkpoints."""
-    files = [str(Path(s) / "manifest.parquet") for s in [*stores, *(synthetic_stores or [])]]
-    teacher = (cfg.get("token_recon") or {}).get("teacher_checkpoint") if cfg.get("method") == "token_recon" else None
-    return files + [f for f in (cfg.get("init"), teacher) if isinstance(f, str) and f]
+    files = [str(Path(store) / "manifest.parquet") for store in [*stores, *(synthetic_stores or [])]]
+    teacher = s.token_recon.teacher_checkpoint if s.method == "token_recon" else None
+    return files + [f for f in (s.init, teacher) if f]
 
 
-def make_optimizer(model, cfg: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model, weight_decay: float, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, betas (0.9, 0.95), no decay on norms/biases/tokens; the fused kernel on CUDA."""
-    groups = param_groups_weight_decay(model, cfg["weight_decay"])
+    groups = param_groups_weight_decay(model, weight_decay)
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.95), **extra)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **extra)
 
 
-def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str] | None = None) -> int:
-    info = D.init_distributed(cfg.get("device", "auto"))
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    spec = ViTSpec.from_dict(cfg["vit"])
-    on_device = use_batch_augment(cfg, info.device)
+def run(s: PretrainSettings, stores: list[str], out_dir: Path, synthetic_stores: list[str] | None = None) -> int:
+    info = D.init_distributed(s.device)
+    if info.is_main:
+        s.write(Path(out_dir) / "settings.json")  # what this run ran with, next to its outputs
+    torch.manual_seed(s.seed)  # identical initial weights on every rank
+    spec = s.vit.spec()
+    on_device = use_batch_augment(s, info.device)
     if on_device:
         check_same_image_size(list(stores) + list(synthetic_stores or []))
-    transform = sample_transform(cfg, spec, on_device)
-    data = PretrainData(build_pool(stores, spec, transform), build_pool(synthetic_stores or [], spec, transform),
-                        cfg.get("data", "real"), cfg["epochs"], cfg.get("synthetic_epochs"), cfg["seed"])
-    augment = BatchAugment(spec.img_size, cfg["crop_scale"], normalize=cfg.get("normalize"),
+    transform = sample_transform(s, on_device)
+    data = PretrainData(build_pool(stores, spec, transform, s.labelled_pool_splits),
+                        build_pool(synthetic_stores or [], spec, transform, s.labelled_pool_splits),
+                        s.data, s.epochs, s.synthetic_epochs, s.seed)
+    augment = BatchAugment(spec.img_size, s.crop_scale, normalize=s.normalize.to_dict(),
                            in_chans=spec.in_chans) if on_device else None
-    fingerprint = run_fingerprint(cfg, input_files(cfg, stores, synthetic_stores), world_size=info.world_size)
-    model = build_model(cfg, log=print if info.is_main else None).to(info.device)
-    if info.world_size > 1 and info.device.type == "cuda" and cfg.get("method", "mae") in ("simclr", "mocov3"):
+    fingerprint = run_fingerprint(s, input_files(s, stores, synthetic_stores), world_size=info.world_size)
+    model = build_model(s, log=print if info.is_main else None).to(info.device)
+    if info.world_size > 1 and info.device.type == "cuda" and s.method in ("simclr", "mocov3"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # projector BN over the global batch
-    eff_batch = cfg["batch_size"] * cfg["accum_iter"] * info.world_size
-    cfg = {**cfg, "lr": cfg["blr"] * eff_batch / 256}
-    optimizer = make_optimizer(model, cfg, info.device)
+    eff_batch = s.batch_size * s.accum_iter * info.world_size
+    schedule = s.schedule(eff_batch)
+    optimizer = make_optimizer(model, s.weight_decay, schedule.lr, info.device)
     resume_path = out_dir / "resume" / "last.pth"
     start_epoch, start_batch, log_rows = 0, 0, []
     state = load_resume(resume_path, fingerprint, report=info.is_main)
@@ -125,30 +131,30 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
         if info.is_main:
             print(f"Resuming from {resume_path}: epoch {start_epoch} batch {start_batch}", flush=True)
     ddp = DistributedDataParallel(model) if info.world_size > 1 else model
-    step_fn = torch.compile(ddp) if cfg.get("compile") else ddp
-    if data.n_batches(0, cfg["batch_size"], info.world_size) == 0:
+    step_fn = torch.compile(ddp) if s.compile else ddp
+    if data.n_batches(0, s.batch_size, info.world_size) == 0:
         raise SystemExit(f"pretraining pool of {len(data.dataset)} images is smaller than one batch of "
-                         f"{cfg['batch_size']} per process")
+                         f"{s.batch_size} per process")
     if info.is_main:
-        print(f"{cfg.get('method', 'mae')} pretraining on {cfg.get('data', 'real')} data: {data.n_real} real + "
+        print(f"{s.method} pretraining on {s.data} data: {data.n_real} real + "
               f"{data.n_syn} synthetic images, {info.world_size} process(es) on {info.device}, "
-              f"eff. batch {eff_batch}, lr {cfg['lr']:.3g}, {cfg['epochs']} epochs, "
+              f"eff. batch {eff_batch}, lr {schedule.lr:.3g}, {s.epochs} epochs, "
               f"augment on {'device' if on_device else 'loader'}", flush=True)
     stop = StopFlag()
-    every = cfg.get("checkpoint_every_steps", 0)
-    accum = cfg["accum_iter"]
+    every = s.checkpoint_every_steps
+    accum = s.accum_iter
 
     def save(epoch: int, batch: int) -> None:
         if info.is_main:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch, "batch": batch, "log": log_rows, "fingerprint": fingerprint}, resume_path)
 
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, s.epochs):
         order = data.order(epoch, info.rank, info.world_size)
-        n_batches = len(order) // cfg["batch_size"]
+        n_batches = len(order) // s.batch_size
         for part in leaves(data.dataset):
-            part.set_aug_seed(cfg["seed"] * 100003 + epoch)
-        dl = loader(data.dataset, order, cfg["batch_size"], start_batch, cfg.get("num_workers", 0))
+            part.set_aug_seed(s.seed * 100003 + epoch)
+        dl = loader(data.dataset, order, s.batch_size, start_batch, s.num_workers)
 
         def on_step(next_batch: int, epoch=epoch, n_batches=n_batches) -> bool:
             if next_batch % accum and next_batch < n_batches:
@@ -162,8 +168,8 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
 
         teacher = getattr(model, "update_teacher", None)
         try:
-            stats = train_one_epoch(step_fn, dl, optimizer, epoch, start_batch, n_batches, cfg, info.device,
-                                    info.rank, on_step, augment=augment, after_update=teacher)
+            stats = train_one_epoch(step_fn, dl, optimizer, epoch, start_batch, n_batches, s, schedule,
+                                    info.device, info.rank, on_step, augment=augment, after_update=teacher)
         except NonFiniteLoss as exc:
             print(f"ERROR: {exc}", file=sys.stderr, flush=True)
             return 3
@@ -180,35 +186,36 @@ def run(cfg: dict, stores: list[str], out_dir: Path, synthetic_stores: list[str]
         save(epoch + 1, 0)
         D.barrier()
     if info.is_main:
-        finish(model, cfg, (list(stores) or list(synthetic_stores))[0], log_rows, out_dir, info.device)
+        finish(model, s, (list(stores) or list(synthetic_stores))[0], log_rows, out_dir, info.device)
     D.barrier()
     D.cleanup()
     return 0
 
 
-def finish(model, cfg, figure_store: str, log_rows, out_dir: Path, device) -> None:
+def finish(model, s: PretrainSettings, figure_store: str, log_rows, out_dir: Path, device) -> None:
     import pandas as pd
 
     from retflow.train.recon_figure import save_pretrain_figure
 
     with atomic_path(out_dir / "log.csv") as tmp:
         pd.DataFrame(log_rows).to_csv(tmp, index=False)
-    spec = ViTSpec.from_dict(cfg["vit"])
-    figure_data = build_pool([figure_store], spec, sample_transform(cfg, spec, on_device=False))
-    save_pretrain_figure(model, figure_data, cfg, out_dir / "figure.png", device)
-    save_atomic({"model": export_state(model), "method": cfg.get("method", "mae"), "epoch": cfg["epochs"],
-                 "args": json.loads(json.dumps(cfg))}, out_dir / "checkpoint.pth")
+    spec = s.vit.spec()
+    figure_data = build_pool([figure_store], spec, sample_transform(s, on_device=False), s.labelled_pool_splits)
+    save_pretrain_figure(model, figure_data, s, out_dir / "figure.png", device)
+    save_atomic({"model": export_state(model), "method": s.method, "epoch": s.epochs, "args": s.to_dict()},
+                out_dir / "checkpoint.pth")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Self-supervised ViT pretraining (run under torchrun).")
-    ap.add_argument("--settings", required=True, help="pretraining settings, JSON")
+    ap.add_argument("--settings", required=True,
+                    help="pretraining settings, JSON (retflow.settings.build.pretrain(...).to_json())")
     ap.add_argument("--stores", nargs="*", default=[], help="prepared dataset folders of the real pool")
     ap.add_argument("--synthetic-stores", nargs="*", default=[], help="stores of generated images")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
     try:
-        return run(json.loads(args.settings), args.stores, Path(args.out_dir), args.synthetic_stores)
+        return run(PretrainSettings.from_json(args.settings), args.stores, Path(args.out_dir), args.synthetic_stores)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -1,6 +1,6 @@
 """The model a pretraining run trains, and what its final checkpoint keeps.
 
-``method: mae`` builds :class:`~retflow.models.mae.MaskedAutoencoderViT`; the other methods come
+``s.method == "mae"`` builds :class:`~retflow.models.mae.MaskedAutoencoderViT`; the other methods come
 from :mod:`retflow.models.ssl`. ``init`` (a local file) starts MAE from ImageNet-MAE / RETFound /
 our own weights (encoder, and decoder when the file has one; see :mod:`retflow.models.mae_init`)
 and the other methods' student encoder from any layout ``load_encoder_weights`` reads.
@@ -9,35 +9,32 @@ from __future__ import annotations
 
 from retflow.models.mae import MaskedAutoencoderViT
 from retflow.models.mae_init import init_mae_from_checkpoint
-from retflow.models.vit import ViTSpec, load_checkpoint_file, load_encoder_weights
+from retflow.models.vit import load_checkpoint_file, load_encoder_weights
+from retflow.settings.stages import PretrainSettings
 
 
-def build_model(cfg: dict, log=None):
-    method = cfg.get("method", "mae")
-    spec = ViTSpec.from_dict(cfg["vit"])
-    if method == "mae":
-        dec = cfg.get("decoder", {})
-        model = MaskedAutoencoderViT(
-            spec, decoder_embed_dim=dec.get("embed_dim", 512), decoder_depth=dec.get("depth", 8),
-            decoder_num_heads=dec.get("num_heads", 16), norm_pix_loss=cfg.get("norm_pix_loss", True),
-        )
-        if cfg.get("init"):
-            report = init_mae_from_checkpoint(model, cfg["init"])
+def build_model(s: PretrainSettings, log=None):
+    spec = s.vit.spec()
+    if s.method == "mae":
+        model = MaskedAutoencoderViT(spec, decoder_embed_dim=s.decoder.embed_dim, decoder_depth=s.decoder.depth,
+                                     decoder_num_heads=s.decoder.num_heads, norm_pix_loss=s.norm_pix_loss)
+        if s.init:
+            report = init_mae_from_checkpoint(model, s.init)
             if log:
-                log(f"initialised from {cfg['init']}: {report['encoder']} encoder + {report['decoder']} decoder "
+                log(f"initialised from {s.init}: {report['encoder']} encoder + {report['decoder']} decoder "
                     f"tensors; fresh: {', '.join(report['fresh']) or 'none'}")
         return model
     from retflow.models.ssl import build_ssl
 
-    # token_recon: pretrain.token_recon.teacher_checkpoint (a file; the workflow resolves a method name)
-    model = build_ssl(method, spec, cfg.get(method) or {})
-    if cfg.get("init"):
-        load_encoder_weights(model.encoder, load_checkpoint_file(cfg["init"]))
+    # token_recon: its teacher_checkpoint is a file (retflow.settings.build resolves a method name)
+    model = build_ssl(s.method, spec, s.method_settings)
+    if s.init:
+        load_encoder_weights(model.encoder, load_checkpoint_file(s.init))
         for name in ("teacher_encoder", "momentum_encoder"):  # EMA teachers start as the student
             if hasattr(model, name):
                 getattr(model, name).load_state_dict(model.encoder.state_dict())
         if log:
-            log(f"initialised the {method} encoder from {cfg['init']}")
+            log(f"initialised the {s.method} encoder from {s.init}")
     return model
 
 

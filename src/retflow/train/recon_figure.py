@@ -10,9 +10,10 @@ import torch
 
 from retflow.atomic import atomic_path
 from retflow.data.dataset import norm_stats
+from retflow.settings.stages import PretrainSettings
 
 
-def _to_rgb(t: torch.Tensor, normalize: dict | None) -> np.ndarray:
+def _to_rgb(t: torch.Tensor, normalize) -> np.ndarray:
     chans = t.shape[0]
     mean, std = (torch.tensor(v).view(chans, 1, 1) for v in norm_stats(normalize, chans))
     img = (t.float().cpu() * std + mean).clamp(0, 1)
@@ -20,8 +21,10 @@ def _to_rgb(t: torch.Tensor, normalize: dict | None) -> np.ndarray:
 
 
 @torch.no_grad()
-def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, device, seed: int = 0,
-                               n: int = 6, normalize: dict | None = None) -> None:
+def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, device, seed: int, normalize,
+                               n: int = 6) -> None:
+    """``n`` images, original / masked / reconstructed; ``normalize``: what
+    :func:`~retflow.data.dataset.norm_stats` takes (the run's normalisation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,24 +52,24 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
     plt.close(fig)
 
 
-def save_pretrain_figure(model, dataset, cfg: dict, path: Path, device) -> None:
+def save_pretrain_figure(model, dataset, s: PretrainSettings, path: Path, device) -> None:
     """``figure.png`` of a pretraining run (see the module docstring)."""
-    if cfg.get("method", "mae") == "mae":
-        save_reconstruction_figure(model, dataset, cfg["mask_ratio"], path, device, seed=cfg["seed"],
-                                   normalize=cfg.get("normalize"))
+    if s.method == "mae":
+        save_reconstruction_figure(model, dataset, s.mask_ratio, path, device, seed=s.seed,
+                                   normalize=s.normalize.to_dict())
     else:
-        save_views_figure(dataset, cfg, path)
+        save_views_figure(dataset, s, path)
 
 
-def save_views_figure(dataset, cfg: dict, path: Path, n: int = 6) -> None:
+def save_views_figure(dataset, s: PretrainSettings, path: Path, n: int = 6) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     count = min(n, len(dataset))
-    picks = np.random.default_rng(cfg["seed"]).choice(len(dataset), size=count, replace=False)
-    torch.manual_seed(cfg["seed"])
+    picks = np.random.default_rng(s.seed).choice(len(dataset), size=count, replace=False)
+    torch.manual_seed(s.seed)
     samples = [dataset[int(i)][0] for i in picks]
     samples = [s if isinstance(s, (list, tuple)) else [s] for s in samples]
     rows = len(samples[0])
@@ -74,12 +77,12 @@ def save_views_figure(dataset, cfg: dict, path: Path, n: int = 6) -> None:
     for col, views in enumerate(samples):
         for row, view in enumerate(views):
             ax = axes[row][col]
-            ax.imshow(_to_rgb(view, cfg.get("normalize")))
+            ax.imshow(_to_rgb(view, s.normalize.to_dict()))
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(f"view {row + 1}", fontsize=8)
-    fig.suptitle(f"{cfg['method']}: augmented views per image", fontsize=9)
+    fig.suptitle(f"{s.method}: augmented views per image", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

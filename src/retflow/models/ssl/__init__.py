@@ -21,10 +21,11 @@ from typing import Any, Mapping
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from retflow.data.ssl_views import VIEW_DEFAULTS
+from retflow.settings.frozen import Frozen, plain
+from retflow.settings.stages import METHOD_SETTINGS
 
 from ..vit import ViTSpec, create_vit, load_checkpoint_file, load_encoder_weights
-from .base import SSLModel, freeze, merge_cfg
+from .base import SSLModel, freeze
 from .dino import DINO
 from .mocov3 import MoCoV3
 from .simclr import SimCLR
@@ -39,8 +40,6 @@ __all__ = [
     "TokenReconstruction",
     "build_ssl",
     "load_teacher",
-    "resolve_cfg",
-    "ssl_defaults",
 ]
 
 SSL_METHODS = ("simclr", "dino", "mocov3", "token_recon")
@@ -51,29 +50,10 @@ _CLASSES: dict[str, type[SSLModel]] = {
     "mocov3": MoCoV3,
     "token_recon": TokenReconstruction,
 }
-#: config keys consumed by build_ssl itself, not passed to the model's constructor
-_BUILD_ONLY = {"token_recon": ("teacher_checkpoint", "teacher_vit")}
-
-
-def _check_method(method: str) -> None:
-    if method not in _CLASSES:
-        raise ValueError(f"unknown SSL method {method!r}; choose one of {SSL_METHODS}")
-
-
-def ssl_defaults(method: str) -> dict[str, Any]:
-    """A copy of ``method``'s default config (its keys are the allowed keys)."""
-    _check_method(method)
-    return dict(_CLASSES[method].DEFAULTS)
-
-
-def resolve_cfg(method: str, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults of ``method`` overridden by ``cfg``; unknown method or key -> ``ValueError`` naming it."""
-    _check_method(method)
-    return merge_cfg(method, _CLASSES[method].DEFAULTS, cfg)
 
 
 def _as_spec(spec: ViTSpec | Mapping[str, Any]) -> ViTSpec:
-    return spec if isinstance(spec, ViTSpec) else ViTSpec.from_dict(spec)
+    return spec if isinstance(spec, ViTSpec) else ViTSpec.from_dict(plain(spec))
 
 
 def load_teacher(path: str | Path, spec: ViTSpec | Mapping[str, Any]) -> VisionTransformer:
@@ -86,32 +66,30 @@ def load_teacher(path: str | Path, spec: ViTSpec | Mapping[str, Any]) -> VisionT
     ``ValueError``, a missing file ``FileNotFoundError`` naming the path.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file or a `retflow export` folder (load_checkpoint_file reads both)
         raise FileNotFoundError(f"token_recon teacher checkpoint not found: {path}")
     teacher = create_vit(_as_spec(spec), num_classes=0, global_pool="token")
     load_encoder_weights(teacher, load_checkpoint_file(path))
     return freeze(teacher).eval()
 
 
-def build_ssl(method: str, spec: ViTSpec, cfg: Mapping[str, Any] | None = None,
-              teacher: VisionTransformer | None = None) -> nn.Module:
-    """Build the SSL model ``method`` for the student ``spec`` with config overrides ``cfg``.
+def build_ssl(method: str, spec: ViTSpec, settings: Frozen, teacher: VisionTransformer | None = None) -> nn.Module:
+    """The SSL model ``method`` for the student ``spec`` with its settings record
+    (``PretrainSettings.method_settings``: :class:`~retflow.settings.stages.SimCLRSettings`, ...).
 
-    ``teacher`` is only for ``token_recon``; without it the config's ``teacher_checkpoint`` (and
-    optional ``teacher_vit`` spec dict, default the student's spec) is loaded with
-    :func:`load_teacher`.
+    ``teacher`` is only for ``token_recon``; without it the record's ``teacher_checkpoint`` is
+    loaded with :func:`load_teacher` (as the ``teacher_vit`` spec, or the student's when that is null).
     """
-    params = resolve_cfg(method, cfg)
-    for key in VIEW_DEFAULTS:  # the views' colour steps: ssl_view_transform's, not the model's
-        params.pop(key, None)
-    build_only = {k: params.pop(k) for k in _BUILD_ONLY.get(method, ())}
+    if method not in _CLASSES:
+        raise ValueError(f"unknown SSL method {method!r}; choose one of {SSL_METHODS}")
+    record = METHOD_SETTINGS[method]
+    if not isinstance(settings, record):
+        raise ValueError(f"{method} is built from its {record.__name__} (retflow.settings.build.pretrain), "
+                         f"got {type(settings).__name__}")
     if method != "token_recon":
         if teacher is not None:
             raise ValueError(f"{method} builds its own teacher; a teacher module is only used by token_recon")
-        return _CLASSES[method](spec, **params)
+        return _CLASSES[method](spec, settings)
     if teacher is None:
-        ckpt = build_only["teacher_checkpoint"]
-        if not ckpt:
-            raise ValueError("token_recon needs a teacher: pass teacher= or set token_recon.teacher_checkpoint")
-        teacher = load_teacher(ckpt, build_only["teacher_vit"] or spec)
-    return TokenReconstruction(spec, teacher, **params)
+        teacher = load_teacher(settings.teacher_checkpoint, settings.teacher_vit or spec)
+    return TokenReconstruction(spec, teacher, settings)

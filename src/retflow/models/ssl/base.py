@@ -1,4 +1,4 @@
-"""Shared plumbing of the SSL zoo: the base module, config merging, EMA teachers, distributed helpers.
+"""Shared plumbing of the SSL zoo: the base module, EMA teachers, distributed helpers.
 
 Every method is an :class:`SSLModel`: ``self.encoder`` is a timm ``VisionTransformer`` built by
 :func:`~retflow.models.vit.create_vit` with ``num_classes=0`` and token pooling (so
@@ -13,7 +13,7 @@ teacher).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,6 @@ from ..vit import ViTSpec, create_vit
 
 __all__ = [
     "SSLModel",
-    "merge_cfg",
     "build_encoder",
     "freeze",
     "cosine_momentum",
@@ -36,16 +35,7 @@ __all__ = [
 ]
 
 
-def merge_cfg(method: str, defaults: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``defaults`` overridden by ``cfg``; a key not in ``defaults`` raises ``ValueError`` naming it."""
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown {method} config key(s) {unknown}; allowed: {sorted(defaults)}")
-    return {**defaults, **cfg}
-
-
-def build_encoder(spec: ViTSpec, drop_path_rate: float = 0.0, dynamic_img_size: bool = False) -> VisionTransformer:
+def build_encoder(spec: ViTSpec, drop_path_rate: float, dynamic_img_size: bool = False) -> VisionTransformer:
     """The student backbone: ``create_vit(spec, num_classes=0, global_pool="token")``.
 
     ``dynamic_img_size=True`` (DINO local crops) only changes the forward (timm interpolates the
@@ -144,8 +134,6 @@ class SSLModel(nn.Module):
 
     #: method name as in :data:`retflow.models.ssl.SSL_METHODS`
     method: str = ""
-    #: default config (also the set of allowed keys)
-    DEFAULTS: dict[str, Any] = {}
     #: number of augmented views ``forward`` consumes
     n_views: int = 1
 

@@ -16,13 +16,14 @@ exponential moving average of the student's (momentum 0.996 -> 1 on a half cosin
 * Student drop-path 0.1 (paper's ViT-S recipe); the teacher is kept in eval mode (no drop-path),
   as DINO builds its teacher without stochastic depth.
 
-Multi-crop: ``local_crops`` extra small views (``local_size`` px, default 0 = only the 2 global
-views) are supported through timm's ``dynamic_img_size``: the encoder is built with it switched on,
+Multi-crop: ``local_crops`` extra small views (``local_size`` px; 0 = only the 2 global views)
+are supported through timm's ``dynamic_img_size``: the encoder is built with it switched on,
 which only makes timm interpolate the (unchanged) position table to the patch grid of each input
 -- parameter names and shapes stay those of ``spec``, so ``encoder.state_dict()`` loads into the
 fine-tuning ViT like any other.  Views must be ordered: the 2 global views first (``img_size``),
 then the local views (all ``local_size``).
 
+Settings: :class:`~retflow.settings.stages.DINOSettings` (``pretrain.dino``; defaults in the schema).
 The teacher's state (``teacher_encoder.*``, ``teacher_head.*``), the centre and the training
 progress (for the temperature schedule) are part of ``state_dict()``, so a resumed run continues
 exactly.  DINO evaluates the *teacher* backbone; :meth:`DINO.teacher_encoder_state_dict` gives it,
@@ -31,12 +32,12 @@ while :meth:`encoder_state_dict` gives the student like every other method.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from retflow.data.ssl_views import VIEW_DEFAULTS
+from retflow.settings.stages import DINOSettings
 
 from ..vit import ViTSpec
 from .base import SSLModel, all_reduce_sum, build_encoder, cosine_momentum, dist_rank_world, ema_update, fp32, freeze
@@ -72,60 +73,34 @@ class DINO(SSLModel):
     """DINO student/teacher self-distillation with centring and sharpening."""
 
     method = "dino"
-    DEFAULTS: dict[str, Any] = {
-        "out_dim": 65536,
-        "hidden_dim": 2048,
-        "bottleneck_dim": 256,
-        "head_layers": 3,
-        "student_temp": 0.1,
-        "teacher_temp": 0.07,
-        "warmup_teacher_temp": 0.04,
-        "warmup_teacher_temp_frac": 0.1,
-        "center_momentum": 0.9,
-        "momentum": 0.996,
-        "freeze_last_layer_frac": 0.01,
-        "drop_path_rate": 0.1,
-        "local_crops": 0,
-        "local_size": 96,
-        "local_crop_scale": (0.05, 0.4),  # read by ssl_view_transform only
-        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
-    }
 
-    def __init__(self, spec: ViTSpec, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 head_layers: int = 3, student_temp: float = 0.1, teacher_temp: float = 0.07,
-                 warmup_teacher_temp: float = 0.04, warmup_teacher_temp_frac: float = 0.1,
-                 center_momentum: float = 0.9, momentum: float = 0.996, freeze_last_layer_frac: float = 0.01,
-                 drop_path_rate: float = 0.1, local_crops: int = 0, local_size: int = 96,
-                 local_crop_scale=(0.05, 0.4)) -> None:
-        """``local_crop_scale`` is only validated here; the views are made by ``ssl_view_transform``."""
+    def __init__(self, spec: ViTSpec, s: DINOSettings) -> None:
+        """``s``: head, temperatures, momenta, schedules, drop-path and the multi-crop geometry
+        (``local_crop_scale`` and the colour steps are the views', checked here only)."""
         super().__init__()
-        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
-            raise ValueError("dino temperatures must be > 0")
-        if not 0.0 <= momentum <= 1.0 or not 0.0 <= center_momentum <= 1.0:
-            raise ValueError("dino momentum and center_momentum must be in [0, 1]")
-        if int(local_crops) < 0:
-            raise ValueError(f"dino local_crops must be >= 0, got {local_crops}")
-        lo, hi = (float(v) for v in local_crop_scale)
+        lo, hi = (float(v) for v in s.local_crop_scale)
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"dino local_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {local_crop_scale}")
-        if local_crops and int(local_size) % spec.patch_size:
-            raise ValueError(f"dino local_size {local_size} is not a multiple of patch_size {spec.patch_size}")
+            raise ValueError(f"pretrain.dino.local_crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, "
+                             f"got {list(s.local_crop_scale)}")
+        if s.local_crops and s.local_size % spec.patch_size:
+            raise ValueError(f"pretrain.dino.local_size {s.local_size} is not a multiple of the ViT's "
+                             f"patch_size {spec.patch_size}; pick a multiple")
         self.spec = spec
-        self.local_crops = int(local_crops)
-        self.local_size = int(local_size)
-        self.student_temp = float(student_temp)
-        self.teacher_temp = float(teacher_temp)
-        self.warmup_teacher_temp = float(warmup_teacher_temp)
-        self.warmup_teacher_temp_frac = float(warmup_teacher_temp_frac)
-        self.center_momentum = float(center_momentum)
-        self.base_momentum = float(momentum)
-        self.freeze_last_layer_frac = float(freeze_last_layer_frac)
+        self.local_crops = int(s.local_crops)
+        self.local_size = int(s.local_size)
+        self.student_temp = float(s.student_temp)
+        self.teacher_temp = float(s.teacher_temp)
+        self.warmup_teacher_temp = float(s.warmup_teacher_temp)
+        self.warmup_teacher_temp_frac = float(s.warmup_teacher_temp_frac)
+        self.center_momentum = float(s.center_momentum)
+        self.base_momentum = float(s.momentum)
+        self.freeze_last_layer_frac = float(s.freeze_last_layer_frac)
 
-        self.encoder = build_encoder(spec, drop_path_rate, dynamic_img_size=self.local_crops > 0)
-        self.head = DINOHead(self.encoder.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
+        self.encoder = build_encoder(spec, s.drop_path_rate, dynamic_img_size=self.local_crops > 0)
+        self.head = DINOHead(self.encoder.embed_dim, s.out_dim, s.hidden_dim, s.bottleneck_dim, s.head_layers)
         self.teacher_encoder = freeze(copy.deepcopy(self.encoder)).eval()
         self.teacher_head = freeze(copy.deepcopy(self.head)).eval()
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, s.out_dim))
         self.register_buffer("progress", torch.zeros(()))  # persistent: schedules survive a resume
         self._progress = 0.0  # host copy of ``progress`` (no device sync per step)
         self._sync_last_layer_gate()

@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 __all__ = ["projection_mlp", "NormalizedLinear", "DINOHead"]
 
 
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2,
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int,
                    last_bn: bool = False) -> nn.Sequential:
     """``n_layers`` MLP: ``(Linear[no bias] -> BatchNorm1d -> ReLU) x (n_layers-1) -> Linear``.
 
@@ -63,8 +63,7 @@ class NormalizedLinear(nn.Module):
 class DINOHead(nn.Module):
     """DINO projection head: MLP -> L2-normalise -> weight-normalised prototypes layer."""
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, n_layers: int) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"DINO head needs at least 1 layer, got {n_layers}")

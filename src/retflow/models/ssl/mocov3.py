@@ -11,26 +11,25 @@ Transformers") on a timm ViT.
   reference implementation (which makes the gradient scale insensitive to ``tau``); ``tau=0.2``.
   In a process group the keys of all ranks are gathered and positive labels offset by
   ``rank * N``.
-* ViT stability tricks from the paper: a *random, frozen patch projection* (``freeze_patch_embed``,
-  default True: the patch-embedding conv keeps its random Xavier init and gets
-  ``requires_grad=False``) and a fixed 2-D sin-cos position embedding (``sincos_pos_embed``, also
+* ViT stability tricks from the paper: a *random, frozen patch projection* (``freeze_patch_embed``:
+  the patch-embedding conv keeps its random Xavier init and gets ``requires_grad=False``) and a fixed 2-D sin-cos position embedding (``sincos_pos_embed``, also
   frozen).  Initialisation follows the reference ViT: Xavier-uniform linears (q, k, v treated as
   three separate matrices), Xavier patch projection, class token ``N(0, 1e-6)``.
 
-The momentum branch stays in train mode (its BatchNorms use batch statistics, as in the paper's
+Settings: :class:`~retflow.settings.stages.MoCoV3Settings` (``pretrain.mocov3``; defaults in the
+schema). The momentum branch stays in train mode (its BatchNorms use batch statistics, as in the paper's
 code).  Convert the BatchNorms to ``SyncBatchNorm`` for multi-GPU runs to match the paper.
 """
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retflow.data.ssl_views import VIEW_DEFAULTS
+from retflow.settings.stages import MoCoV3Settings
 
 from ..pos_embed import get_2d_sincos_pos_embed
 from ..vit import ViTSpec
@@ -88,36 +87,21 @@ class MoCoV3(SSLModel):
 
     method = "mocov3"
     n_views = 2
-    DEFAULTS: dict[str, Any] = {
-        "proj_hidden_dim": 4096,
-        "proj_dim": 256,
-        "pred_hidden_dim": 4096,
-        "temperature": 0.2,
-        "momentum": 0.99,  # base EMA momentum, cosine to 1
-        "freeze_patch_embed": True,  # random patch projection
-        "sincos_pos_embed": True,
-        "drop_path_rate": 0.0,
-        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
-    }
 
-    def __init__(self, spec: ViTSpec, proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
-                 temperature: float = 0.2, momentum: float = 0.99, freeze_patch_embed: bool = True,
-                 sincos_pos_embed: bool = True, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, spec: ViTSpec, s: MoCoV3Settings) -> None:
+        """``s``: heads, temperature, base momentum, the ViT tricks and the student's drop-path (its
+        colour steps are the views', :func:`~retflow.data.ssl_views.ssl_view_transform`)."""
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"mocov3 temperature must be > 0, got {temperature}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"mocov3 momentum must be in [0, 1], got {momentum}")
         self.spec = spec
-        self.temperature = float(temperature)
-        self.base_momentum = float(momentum)
-        self.encoder = build_encoder(spec, drop_path_rate)
-        _mocov3_init(self.encoder, bool(sincos_pos_embed))
-        if freeze_patch_embed:
+        self.temperature = float(s.temperature)
+        self.base_momentum = float(s.momentum)
+        self.encoder = build_encoder(spec, s.drop_path_rate)
+        _mocov3_init(self.encoder, bool(s.sincos_pos_embed))
+        if s.freeze_patch_embed:
             freeze(self.encoder.patch_embed)
         dim = self.encoder.embed_dim
-        self.projector = projection_mlp(dim, proj_hidden_dim, proj_dim, n_layers=3, last_bn=True)
-        self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim, n_layers=2, last_bn=True)
+        self.projector = projection_mlp(dim, s.proj_hidden_dim, s.proj_dim, n_layers=3, last_bn=True)
+        self.predictor = projection_mlp(s.proj_dim, s.pred_hidden_dim, s.proj_dim, n_layers=2, last_bn=True)
         self.momentum_encoder = freeze(copy.deepcopy(self.encoder))
         self.momentum_projector = freeze(copy.deepcopy(self.projector))
 

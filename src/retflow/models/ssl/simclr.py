@@ -7,7 +7,9 @@ head essential and evaluates the representation *before* it).  The loss is NT-Xe
 temperature-scaled cross entropy): with ``z`` L2-normalised and ``sim = z_i . z_j / tau``, each of
 the ``2N`` embeddings must pick its partner view among the other ``2N - 1`` embeddings of the
 batch; the loss is averaged over all ``2N`` anchors, i.e. both directions (the paper's
-``l(2k-1, 2k) + l(2k, 2k-1)``).  ``tau`` in 0.1-0.5 works (paper Table 5); default 0.2.
+``l(2k-1, 2k) + l(2k, 2k-1)``).  ``tau`` in 0.1-0.5 works (paper Table 5).
+
+Settings: :class:`~retflow.settings.stages.SimCLRSettings` (``pretrain.simclr``; defaults in the schema).
 
 Distributed: the embeddings of all ranks are gathered with a gradient-carrying ``all_gather`` so
 every local anchor is contrasted against the global batch (the paper's large-batch negatives);
@@ -16,12 +18,10 @@ per-process unless the caller converts them to ``SyncBatchNorm`` (the paper's "g
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from retflow.data.ssl_views import VIEW_DEFAULTS
+from retflow.settings.stages import SimCLRSettings
 
 from ..vit import ViTSpec
 from .base import SSLModel, build_encoder, dist_rank_world, fp32, gather_cat
@@ -58,24 +58,15 @@ class SimCLR(SSLModel):
 
     method = "simclr"
     n_views = 2
-    DEFAULTS: dict[str, Any] = {
-        "proj_hidden_dim": 2048,  # paper: hidden width = 2048
-        "proj_dim": 128,  # paper: 128-d projection output
-        "proj_layers": 2,  # SimCLR v1: 2 layers (v2 found 3 slightly better)
-        "temperature": 0.2,
-        "drop_path_rate": 0.0,
-        **VIEW_DEFAULTS,  # colour augmentation of the views, read by ssl_view_transform only
-    }
 
-    def __init__(self, spec: ViTSpec, proj_hidden_dim: int = 2048, proj_dim: int = 128, proj_layers: int = 2,
-                 temperature: float = 0.2, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, spec: ViTSpec, s: SimCLRSettings) -> None:
+        """``s``: the projector, the temperature and the student's drop-path (its colour steps
+        are the views', :func:`~retflow.data.ssl_views.ssl_view_transform`)."""
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"simclr temperature must be > 0, got {temperature}")
         self.spec = spec
-        self.temperature = float(temperature)
-        self.encoder = build_encoder(spec, drop_path_rate)
-        self.projector = projection_mlp(self.encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers)
+        self.temperature = float(s.temperature)
+        self.encoder = build_encoder(spec, s.drop_path_rate)
+        self.projector = projection_mlp(self.encoder.embed_dim, s.proj_hidden_dim, s.proj_dim, s.proj_layers)
 
     def forward(self, views) -> torch.Tensor:
         x1, x2 = self._check_views(views)

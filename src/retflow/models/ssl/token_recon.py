@@ -10,8 +10,8 @@ What this implementation does (the paper's exact corruption settings are not rep
 the knobs below are ours):
 
 * **Corruption** (per sample, in normalised pixel space): Gaussian noise ``x + sigma * eps`` with
-  ``sigma ~ U(noise_std)`` (default U(0, 1), i.e. a random strength up to the image's own scale),
-  then random patch masking: a share ``r ~ U(mask_ratio)`` (default U(0, 0.5)) of the student's
+  ``sigma ~ U(noise_std)`` (e.g. U(0, 1): a random strength up to the image's own scale),
+  then random patch masking: a share ``r ~ U(mask_ratio)`` (e.g. U(0, 0.5)) of the student's
   patches is set to 0 (the dataset mean after normalisation).  ``noise_std=(0, 0)`` or
   ``mask_ratio=(0, 0)`` switch a corruption off.  Masking is in pixel space, so the encoder
   forward is timm's own and no mask token is added to the encoder.
@@ -25,17 +25,20 @@ the knobs below are ours):
   output.
 * **Loss**: mean squared error against the teacher tokens after a parameter-free LayerNorm (per
   token zero-mean unit-variance, which makes the target scale-free as in MAE's normalised pixels /
-  data2vec), in float32; ``(patch_mse + cls_weight * cls_mse) / (1 + cls_weight)``, so with the
-  default ``cls_weight=1`` the class token weighs as much as all patch tokens together.
+  data2vec), in float32; ``(patch_mse + cls_weight * cls_mse) / (1 + cls_weight)``, so with
+  ``cls_weight=1`` the class token weighs as much as all patch tokens together.
+
+Settings: :class:`~retflow.settings.stages.TokenReconSettings` (``pretrain.token_recon``; defaults
+in the schema).
 """
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+
+from retflow.settings.stages import TokenReconSettings
 
 from ..vit import ViTSpec
 from .base import SSLModel, build_encoder, fp32, freeze
@@ -43,10 +46,10 @@ from .base import SSLModel, build_encoder, fp32, freeze
 __all__ = ["TokenReconstruction"]
 
 
-def _pair(value, name: str) -> tuple[float, float]:
-    lo, hi = (float(value), float(value)) if isinstance(value, (int, float)) else tuple(float(v) for v in value)
-    if not 0.0 <= lo <= hi:
-        raise ValueError(f"token_recon {name} must be (lo, hi) with 0 <= lo <= hi, got {value}")
+def _range(value, name: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in value)
+    if lo > hi:
+        raise ValueError(f"pretrain.token_recon.{name} must be [lo, hi] with lo <= hi, got {list(value)}")
     return lo, hi
 
 
@@ -55,32 +58,23 @@ class TokenReconstruction(SSLModel):
 
     method = "token_recon"
     n_views = 1
-    DEFAULTS: dict[str, Any] = {
-        "noise_std": (0.0, 1.0),
-        "mask_ratio": (0.0, 0.5),
-        "predictor_hidden_dim": 0,
-        "cls_weight": 1.0,
-        "drop_path_rate": 0.0,
-        "teacher_checkpoint": None,  # used by build_ssl when no teacher module is passed
-        "teacher_vit": None,  # the teacher's ViTSpec dict; default: the student's spec
-    }
 
-    def __init__(self, spec: ViTSpec, teacher: VisionTransformer, noise_std=(0.0, 1.0), mask_ratio=(0.0, 0.5),
-                 predictor_hidden_dim: int = 0, cls_weight: float = 1.0, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, spec: ViTSpec, teacher: VisionTransformer, s: TokenReconSettings) -> None:
+        """``teacher``: the frozen target ViT (:func:`retflow.models.ssl.load_teacher`); ``s``: the
+        corruption ranges, the predictor, the class-token weight and the student's drop-path."""
         super().__init__()
         if not isinstance(teacher, VisionTransformer):
             raise ValueError(f"token_recon needs a timm VisionTransformer teacher, got {type(teacher).__name__}")
         if teacher.cls_token is None:
             raise ValueError("token_recon teacher must have a class token")
         self.spec = spec
-        self.noise_std = _pair(noise_std, "noise_std")
-        self.mask_ratio = _pair(mask_ratio, "mask_ratio")
+        self.noise_std = _range(s.noise_std, "noise_std")
+        self.mask_ratio = _range(s.mask_ratio, "mask_ratio")
         if self.mask_ratio[1] >= 1.0:
-            raise ValueError(f"token_recon mask_ratio must stay below 1, got {mask_ratio}")
-        if cls_weight < 0:
-            raise ValueError(f"token_recon cls_weight must be >= 0, got {cls_weight}")
-        self.cls_weight = float(cls_weight)
-        self.encoder = build_encoder(spec, drop_path_rate)
+            raise ValueError(f"pretrain.token_recon.mask_ratio must stay below 1 (a student that sees no patch "
+                             f"learns nothing), got {list(s.mask_ratio)}")
+        self.cls_weight = float(s.cls_weight)
+        self.encoder = build_encoder(spec, s.drop_path_rate)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
 
         t_chans = teacher.patch_embed.proj.in_channels
@@ -88,9 +82,9 @@ class TokenReconstruction(SSLModel):
             raise ValueError(f"cannot feed {spec.in_chans}-channel images to a {t_chans}-channel teacher")
         self.teacher = freeze(teacher).eval()
         s_dim, t_dim = self.encoder.embed_dim, teacher.embed_dim
-        if predictor_hidden_dim and predictor_hidden_dim > 0:
+        if s.predictor_hidden_dim > 0:
             self.predictor = nn.Sequential(
-                nn.Linear(s_dim, predictor_hidden_dim), nn.GELU(), nn.Linear(predictor_hidden_dim, t_dim)
+                nn.Linear(s_dim, s.predictor_hidden_dim), nn.GELU(), nn.Linear(s.predictor_hidden_dim, t_dim)
             )
         else:
             self.predictor = nn.Linear(s_dim, t_dim)
