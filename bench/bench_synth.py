@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from retflow.inference import pick_device
+from retflow.settings import load_config
 from retflow.synth import autoencoder as aek
 from retflow.synth import ldm
 from retflow.synth.sample import Generator
+from retflow.synth.settings import modalities, modality_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,26 +49,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def random_generator(config_path: str, device: torch.device, store_size: int | None) -> Generator:
     """A Generator with random weights and the config's architecture (no training, nothing read)."""
-    from snakemake.utils import validate
-
-    cfg = yaml.safe_load(Path(config_path).read_text())
-    validate(cfg, str(ROOT / "config/schema.yaml"))
-    from retflow.synth.settings import modalities, modality_settings
-
+    cfg = load_config(config_path)  # validated, schema defaults filled
     m = modalities(cfg)[0]
     s = modality_settings(cfg, m)
     side = store_size or cfg["preprocess"][m]["size"]
     channels = 3 if m == "cfp" else 1
-    classes = (s["condition"] or {}).get("classes") or []
+    classes = list(s.condition.classes) if s.condition else []
     gen = Generator.__new__(Generator)
-    gen.settings, gen.device, gen.classes = s, device, list(classes)
-    gen.ae = aek.build_autoencoder(s["autoencoder"], channels).to(device).eval()
-    gen.unet = ldm.build_unet(s["unet"], int(s["autoencoder"]["latent_channels"]), len(classes)).to(device).eval()
-    lat = int(s["image_size"]) // aek.downsampling(s["autoencoder"])
-    gen.latent_shape = (int(s["autoencoder"]["latent_channels"]), lat, lat)
+    gen.settings, gen.device, gen.classes = s, device, classes
+    gen.ae = aek.build_autoencoder(s.autoencoder, channels).to(device).eval()
+    gen.unet = ldm.build_unet(s.unet, int(s.autoencoder.latent_channels), len(classes)).to(device).eval()
+    lat = int(s.image_size) // aek.downsampling(s.autoencoder)
+    gen.latent_shape = (int(s.autoencoder.latent_channels), lat, lat)
     gen.null_class = len(classes) if classes else None
-    gen.bundle = {"latent_scale": 1.0, "store_shape": [side, side, channels], "settings": s,
-                  "classes": list(classes)}
+    gen.bundle = {"latent_scale": 1.0, "store_shape": [side, side, channels], "settings": s.to_dict(),
+                  "classes": classes}
     return gen
 
 
@@ -93,10 +89,10 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     gen = Generator(args.model, device) if args.model else random_generator(args.config, device, args.store_size)
     s = gen.settings
-    guidance = s["guidance_scale"] if args.guidance is None else args.guidance
+    guidance = s.guidance_scale if args.guidance is None else args.guidance
     n_params = sum(p.numel() for p in gen.unet.parameters()) / 1e6
     passes = "2 UNet passes/step" if gen.classes and guidance != 1 else "1 UNet pass/step"
-    print(f"device {device} ({torch.get_num_threads()} threads); image {s['image_size']} px -> store "
+    print(f"device {device} ({torch.get_num_threads()} threads); image {s.image_size} px -> store "
           f"{gen.bundle['store_shape']}; latent {gen.latent_shape}; UNet {n_params:.2f} M params; "
           f"classes {len(gen.classes)}; guidance {guidance} ({passes})")
     rows = []

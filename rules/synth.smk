@@ -1,7 +1,9 @@
 # Synthetic images (DERETFound-style): a latent diffusion generator per modality, trained on the
 # real pools -> sampling fanned out in shards -> one store in the prepared-dataset format
 # (manifest column `synthetic`) -> quality checks for the report. Included by the Snakefile only
-# when synth.enabled; helpers in synth_common.smk, all logic in retflow.synth.
+# when synth.enabled; helpers in synth_common.smk, paths from LAYOUT (retflow.layout), settings
+# from retflow.synth.settings (each job writes them next to its outputs as settings.json), all
+# logic in retflow.synth.
 
 
 include: "synth_common.smk"
@@ -14,12 +16,12 @@ wildcard_constraints:
 rule synth_train:
     """Train the latent diffusion generator of one modality (resumes from resume/last.pth)."""
     input:
-        lambda w: [store_manifest(d) for d in synth_cfg.pools(config, w.modality)],
-        leakage=leakage_report(),
+        synth_pool_manifests,
+        preflight=preflight_report(),
     output:
-        model=f"{SYNTH_DIR}/ldm/model.pth",
-        log=f"{SYNTH_DIR}/ldm/log.csv",
-        recon=f"{SYNTH_DIR}/ldm/recon.png",
+        model=LAYOUT.synth_model("{modality}"),
+        log=LAYOUT.synth_train_log("{modality}"),
+        recon=LAYOUT.synth_recon("{modality}"),
     log:
         "logs/synth/train_{modality}.log",
     benchmark:
@@ -32,7 +34,7 @@ rule synth_train:
     resources:
         **launch.slurm_resources(synth_resources("train")),
     params:
-        settings=lambda w: as_json(synth_cfg.modality_settings(config, w.modality)),
+        settings=synth_settings,
         stores=synth_pool_stores,
         out=lambda w, output: str(Path(output.model).parent),
     shell:
@@ -44,10 +46,10 @@ rule synth_train:
 rule synth_sample:
     """Sample one shard of synthetic images into a store part (a small store of its own)."""
     input:
-        model=f"{SYNTH_DIR}/ldm/model.pth",
+        model=LAYOUT.synth_model("{modality}"),
     output:
-        shards=directory(f"{SYNTH_DIR}/parts/{{shard}}/shards"),
-        manifest=f"{SYNTH_DIR}/parts/{{shard}}/manifest.parquet",
+        shards=directory(LAYOUT.synth_part_shards("{modality}", "{shard}")),
+        manifest=LAYOUT.synth_part_manifest("{modality}", "{shard}"),
     log:
         "logs/synth/sample_{modality}_{shard}.log",
     benchmark:
@@ -60,7 +62,7 @@ rule synth_sample:
     resources:
         **launch.slurm_resources(synth_resources("sample"), checkpoint_signal=False),
     params:
-        settings=lambda w: as_json(synth_cfg.modality_settings(config, w.modality)),
+        settings=synth_settings,
         out=lambda w, output: str(Path(output.manifest).parent),
     shell:
         "python workflow_scripts/synth_sample.py --model {input.model} --settings {params.settings:q}"
@@ -70,14 +72,11 @@ rule synth_sample:
 rule synth_store:
     """Merge the sampled parts into the synthetic store (shards first, manifest last)."""
     input:
-        lambda w: [
-            f"{RESULTS}/synth/{w.modality}/parts/{k}/manifest.parquet"
-            for k in SYNTH_SHARDS
-        ],
+        lambda w: [LAYOUT.synth_part_manifest(w.modality, k) for k in SYNTH_SHARDS],
     output:
-        shards=directory(f"{SYNTH_DIR}/store/shards"),
-        manifest=f"{SYNTH_DIR}/store/manifest.parquet",
-        qc=f"{SYNTH_DIR}/store/qc.json",
+        shards=directory(LAYOUT.synth_store_shards("{modality}")),
+        manifest=LAYOUT.synth_store_manifest("{modality}"),
+        qc=LAYOUT.synth_store_qc("{modality}"),
     log:
         "logs/synth/store_{modality}.log",
     benchmark:
@@ -99,14 +98,14 @@ rule synth_quality:
     """Frechet distance (our encoder), memorisation check and train-on-synthetic score, with figures."""
     input:
         unpack(synth_tstr_inputs),
-        synth=f"{SYNTH_DIR}/store/manifest.parquet",
+        synth=LAYOUT.synth_store_manifest("{modality}"),
         encoder=synth_encoder,
-        pools=lambda w: [store_manifest(d) for d in synth_cfg.pools(config, w.modality)],
+        pools=synth_pool_manifests,
     output:
-        json=f"{SYNTH_DIR}/quality/quality.json",
-        samples=f"{SYNTH_DIR}/quality/samples.png",
-        memorisation=f"{SYNTH_DIR}/quality/memorisation.png",
-        nearest=f"{SYNTH_DIR}/quality/nearest.png",
+        json=LAYOUT.synth_quality_json("{modality}"),
+        samples=LAYOUT.synth_quality_png("{modality}", "samples"),
+        memorisation=LAYOUT.synth_quality_png("{modality}", "memorisation"),
+        nearest=LAYOUT.synth_quality_png("{modality}", "nearest"),
     log:
         "logs/synth/quality_{modality}.log",
     benchmark:
@@ -118,7 +117,7 @@ rule synth_quality:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
     params:
-        settings=lambda w: as_json(synth_cfg.quality_settings(config, w.modality)),
+        settings=synth_quality_settings,
         synth=lambda w, input: str(Path(input.synth).parent),
         pools=synth_pool_stores,
         tstr=synth_tstr_option,

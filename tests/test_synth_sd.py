@@ -26,6 +26,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 from conftest import ROOT, job_counts, make_workdir, snakemake  # noqa: E402
 from retflow.data.dataset import load_manifest  # noqa: E402
 from retflow.data.store import ImageStore, write_images  # noqa: E402
+from retflow.settings import read_yaml, validate  # noqa: E402
+from retflow.settings.synth import SynthSettings  # noqa: E402
 from retflow.synth import sample, settings, train_ldm  # noqa: E402
 from retflow.synth.stable_diffusion import SDTrainer  # noqa: E402
 from retflow.synth.train_ldm import train  # noqa: E402
@@ -34,9 +36,10 @@ from test_synth import TINY, tiny_store  # noqa: E402
 
 torch.set_num_threads(1)
 
-PROMPTS = ["No Diabetic Retinopathy", "Mild Diabetic Retinopathy", "Proliferative Diabetic Retinopathy"]
-#: TINY with a Stable-Diffusion fine-tune instead of the MONAI networks (2 epochs of 3 batches)
-SD = {**TINY, "unet": {**TINY["unet"], "lr": 1e-3}, "prompts": PROMPTS}
+PROMPTS = ("No Diabetic Retinopathy", "Mild Diabetic Retinopathy", "Proliferative Diabetic Retinopathy")
+#: TINY with a Stable-Diffusion fine-tune instead of the MONAI networks (2 epochs of 3 batches); the
+#: folder (sd_checkpoint) is set by the fixture
+SD = TINY.replace(unet=TINY.unet.replace(lr=1e-3), prompts=PROMPTS)
 
 
 def write_tokenizer_files(folder):
@@ -83,7 +86,7 @@ def tiny_sd(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
     folder = make_tiny_pipeline(tmp / "sd-tiny")
     store = tiny_store(tmp / "pool")
-    s = {**SD, "sd_checkpoint": str(folder)}
+    s = SD.replace(sd_checkpoint=str(folder))
     assert train(s, [store], tmp / "ldm")
     return tmp, folder, store, s
 
@@ -99,7 +102,9 @@ def test_fine_tune_changes_the_unet_and_writes_the_outputs(tiny_sd):
     assert {"model_index.json", "unet/config.json", "tokenizer/tokenizer_config.json"} <= layout
     bundle = load_state(tmp / "ldm/model.pth")  # weights_only
     assert bundle["kind"] == "stable_diffusion" and bundle["sd_checkpoint"] == str(folder)
-    assert bundle["prompts"] == PROMPTS and bundle["classes"] == ["0", "1", "2"]
+    assert bundle["prompts"] == list(PROMPTS) and bundle["classes"] == ["0", "1", "2"]
+    assert SynthSettings.from_dict(bundle["settings"]) == s  # plain types (weights_only), the record again
+    assert SynthSettings.from_json((tmp / "ldm/settings.json").read_text()) == s  # what it ran with
     assert bundle["store_shape"] == [20, 20, 3] and bundle["latent_scale"] == pytest.approx(0.18215)
     base = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
                                                 low_cpu_mem_usage=False).state_dict()
@@ -126,8 +131,8 @@ def test_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tiny_sd, tmp_
     assert pd.read_csv(tmp_path / "cut/log.csv")["steps"].tolist() == [3, 6]
     # other prompts are other training: that checkpoint is not resumed (sampling settings do not matter)
     cpu = torch.device("cpu")
-    assert SDTrainer({**s, "steps": 9, "guidance_scale": 5.0}, [store], tmp_path / "cut", cpu).load()
-    assert not SDTrainer({**s, "prompts": ["a", "b", "c"]}, [store], tmp_path / "cut", cpu).load()
+    assert SDTrainer(s.replace(steps=9, guidance_scale=5.0), [store], tmp_path / "cut", cpu).load()
+    assert not SDTrainer(s.replace(prompts=("a", "b", "c")), [store], tmp_path / "cut", cpu).load()
 
 
 # ----------------------------------------------------------------------------- sampling into stores
@@ -139,6 +144,7 @@ def test_sample_shards_write_the_store_format_and_merge(tiny_sd, tmp_path):
         parts.append(tmp_path / f"parts/{k:05d}")
         m = sample.sample_shard(model, s, k, parts[-1])
         assert len(m) == (2 if k == 2 else 4) and m["synthetic"].all() and (m["split"] == "pool").all()
+        assert SynthSettings.from_json((parts[-1] / "settings.json").read_text()) == s
     again = sample.sample_shard(model, s, 1, tmp_path / "again")
     assert np.array_equal(ImageStore(tmp_path / "again")[0], ImageStore(parts[1])[0])  # seeded per shard
     m = load_manifest(parts[0])
@@ -152,7 +158,7 @@ def test_sample_shards_write_the_store_format_and_merge(tiny_sd, tmp_path):
     assert manifest["image_id"].is_unique and set(manifest["dr_grade"]) <= {"0", "1", "2"}
     img = ImageStore(tmp_path / "store")[7]
     assert img.shape == (20, 20, 3) and img.dtype == np.uint8
-    ddpm = sample.sample_shard(model, {**s, "scheduler": "ddpm", "guidance_scale": 0.0}, 2, tmp_path / "ddpm")
+    ddpm = sample.sample_shard(model, s.replace(scheduler="ddpm", guidance_scale=0.0), 2, tmp_path / "ddpm")
     assert (ddpm["sampler"] == "ddpm").all() and len(ImageStore(tmp_path / "ddpm")) == 2
 
 
@@ -161,10 +167,15 @@ def test_unconditional_grayscale_fine_tune_uses_one_prompt(tiny_sd, tmp_path):
     rng = np.random.default_rng(5)
     write_images(tmp_path / "pool", [rng.integers(0, 255, (20, 20, 1), dtype=np.uint8) for _ in range(8)])
     pd.DataFrame({"index": np.arange(8), "split": "pool"}).to_parquet(tmp_path / "pool/manifest.parquet")
-    s = {**SD, "sd_checkpoint": str(folder), "modality": "oct", "condition": None, "prompts": None,
-         "unet": {**SD["unet"], "epochs": 1}, "n_images": 3, "shard_size": 3}
+    # the default prompt of an unconditional modality, as the settings builder resolves it
+    (prompt,) = settings.default_prompts("oct", None)
+    assert prompt == "an OCT B-scan"
+    s = SD.replace(sd_checkpoint=str(folder), modality="oct", condition=None, prompts=(prompt,),
+                   unet=SD.unet.replace(epochs=1), n_images=3, shard_size=3)
     assert train(s, [tmp_path / "pool"], tmp_path / "ldm")
-    assert load_state(tmp_path / "ldm/model.pth")["prompts"] == ["an OCT B-scan"]  # the default prompt
+    assert load_state(tmp_path / "ldm/model.pth")["prompts"] == ["an OCT B-scan"]
+    with pytest.raises(ValueError, match=r"synth.prompts.oct: a Stable-Diffusion fine-tune needs its prompts"):
+        train(s.replace(prompts=None), [tmp_path / "pool"], tmp_path / "ldm2")
     m = sample.sample_shard(tmp_path / "ldm/model.pth", s, 0, tmp_path / "part")
     assert "class_index" not in m and (m["guidance_scale"] == 2.0).all()  # the fixed prompt is guided
     assert ImageStore(tmp_path / "part")[2].shape == (20, 20, 1)
@@ -174,27 +185,25 @@ def test_unconditional_grayscale_fine_tune_uses_one_prompt(tiny_sd, tmp_path):
 def test_missing_folder_or_component_is_a_clear_error_naming_the_path(tiny_sd, tmp_path):
     _, folder, store, _ = tiny_sd
     with pytest.raises(ValueError, match=re.escape(f"no Stable-Diffusion pipeline folder at '{tmp_path / 'nope'}'")):
-        train({**SD, "sd_checkpoint": str(tmp_path / "nope")}, [store], tmp_path / "out")
+        train(SD.replace(sd_checkpoint=str(tmp_path / "nope")), [store], tmp_path / "out")
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "model_index.json").write_text((folder / "model_index.json").read_text())
     (partial / "unet").symlink_to(folder / "unet")
     with pytest.raises(ValueError, match=r"partial' lacks vae/config.json, text_encoder/config.json, tokenizer"):
-        train({**SD, "sd_checkpoint": str(partial)}, [store], tmp_path / "out")
+        train(SD.replace(sd_checkpoint=str(partial)), [store], tmp_path / "out")
     assert not (tmp_path / "out/model.pth").exists()
     with pytest.raises(ValueError, match="synth.prompts.cfp: 2 prompts for 3 classes"):
-        train({**SD, "sd_checkpoint": str(folder), "prompts": PROMPTS[:2]}, [store], tmp_path / "out")
-    settings_json = json.dumps({**SD, "sd_checkpoint": str(tmp_path / "nope")})
+        train(SD.replace(sd_checkpoint=str(folder), prompts=PROMPTS[:2]), [store], tmp_path / "out")
+    settings_json = SD.replace(sd_checkpoint=str(tmp_path / "nope")).to_json()
     assert train_ldm.main(["--settings", settings_json, "--stores", str(store), "--out-dir", str(tmp_path / "o")]) == 1
 
 
 def sd_config(folder) -> dict:
-    from snakemake.utils import validate
-
-    cfg = yaml.safe_load((ROOT / "config/demo_synth.yaml").read_text())
+    """config/demo_synth.yaml fine-tuning the pipeline ``folder``, validated (schema defaults filled in)."""
+    cfg = read_yaml(ROOT / "config/demo_synth.yaml")
     cfg["synth"]["sd_checkpoint"] = str(folder)
-    validate(cfg, str(ROOT / "config/schema.yaml"))
-    return cfg
+    return validate(cfg)
 
 
 def test_config_checks_and_default_prompts(tiny_sd, tmp_path):
@@ -202,9 +211,14 @@ def test_config_checks_and_default_prompts(tiny_sd, tmp_path):
     cfg = sd_config(folder)
     assert settings.errors(cfg) == []
     s = settings.modality_settings(cfg, "cfp")
-    assert s["sd_checkpoint"] == str(folder) and s["prompts"][3] == "a colour fundus photograph, dr_grade 3"
+    assert s.sd_checkpoint == str(folder) and s.prompts[3] == "a colour fundus photograph, dr_grade 3"
+    assert len(s.prompts) == len(s.condition.classes) == 5
     cfg["synth"]["prompts"] = {"cfp": {"4": "Proliferative Diabetic Retinopathy"}}
     assert settings.sd_prompts(cfg, "cfp")[4] == "Proliferative Diabetic Retinopathy"
+    assert settings.modality_settings(cfg, "cfp").prompts[4] == "Proliferative Diabetic Retinopathy"
+    unconditional = copy.deepcopy(cfg)
+    unconditional["synth"].update(condition={}, prompts={})
+    assert settings.modality_settings(unconditional, "cfp").prompts == ("a colour fundus photograph",)
 
     def errs(edit):
         c = copy.deepcopy(cfg)

@@ -2,8 +2,9 @@
 
 One idea per module:
 
-* :mod:`~retflow.synth.settings` -- the ``synth:`` config section: defaults, checks naming the key,
-  per-modality settings handed to the entry points;
+* :mod:`~retflow.synth.settings` -- the ``synth:`` config section (validated, defaults from the schema):
+  checks naming the key, and the builders of each job's typed settings
+  (:mod:`retflow.settings.synth`), handed to the entry points as JSON and written as ``settings.json``;
 * :mod:`~retflow.synth.autoencoder` -- the KL autoencoder (MONAI ``AutoencoderKL``) and its loss;
 * :mod:`~retflow.synth.ldm` -- the latent diffusion UNet (MONAI ``DiffusionModelUNet``, class
   embedding + a null class for classifier-free guidance), noise schedulers, training loss, sampling;

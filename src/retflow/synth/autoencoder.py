@@ -13,27 +13,29 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import AutoencoderKL
 
+from retflow.settings.synth import AutoencoderSettings
 
-def build_autoencoder(cfg: dict, in_channels: int) -> AutoencoderKL:
-    """``cfg``: the ``synth.autoencoder`` section (channels, latent_channels, num_res_blocks, norm_num_groups)."""
-    channels = tuple(int(c) for c in cfg["channels"])
+
+def build_autoencoder(cfg: AutoencoderSettings, in_channels: int) -> AutoencoderKL:
+    """``cfg``: the ``synth.autoencoder`` settings (channels, latent_channels, num_res_blocks, norm_num_groups)."""
+    channels = tuple(int(c) for c in cfg.channels)
     return AutoencoderKL(
         spatial_dims=2,
         in_channels=in_channels,
         out_channels=in_channels,
         channels=channels,
-        num_res_blocks=int(cfg["num_res_blocks"]),
+        num_res_blocks=int(cfg.num_res_blocks),
         attention_levels=(False,) * len(channels),
-        latent_channels=int(cfg["latent_channels"]),
-        norm_num_groups=int(cfg["norm_num_groups"]),
+        latent_channels=int(cfg.latent_channels),
+        norm_num_groups=int(cfg.norm_num_groups),
         with_encoder_nonlocal_attn=False,
         with_decoder_nonlocal_attn=False,
     )
 
 
-def downsampling(cfg: dict) -> int:
+def downsampling(cfg: AutoencoderSettings) -> int:
     """Side of an image / side of its latent grid."""
-    return 2 ** (len(cfg["channels"]) - 1)
+    return 2 ** (len(cfg.channels) - 1)
 
 
 def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -49,14 +51,14 @@ def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
-def autoencoder_loss(ae: AutoencoderKL, x: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, dict]:
+def autoencoder_loss(ae: AutoencoderKL, x: torch.Tensor, cfg: AutoencoderSettings) -> tuple[torch.Tensor, dict]:
     """Loss of one batch ``x`` in [-1, 1]; returns (loss, {"l1", "edge", "kl"} as floats)."""
     mu, sigma = ae.encode(x)
     rec = ae.decode(mu)
     l1 = (rec - x).abs().mean()
     edge = edge_l1(rec, x)
     kl = kl_divergence(mu, sigma)
-    loss = l1 + float(cfg["edge_weight"]) * edge + float(cfg["kl_weight"]) * kl
+    loss = l1 + float(cfg.edge_weight) * edge + float(cfg.kl_weight) * kl
     return loss, {"l1": float(l1.detach()), "edge": float(edge.detach()), "kl": float(kl.detach())}
 
 

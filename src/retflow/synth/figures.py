@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retflow.atomic import atomic_path  # noqa: E402
+from retflow.settings.synth import ConditionSettings  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -27,12 +28,12 @@ def _row(images: np.ndarray, n: int, shape: tuple) -> np.ndarray:
     return np.concatenate([x for t in tiles for x in (t, gap)][:-1], 1)
 
 
-def sample_grid(synth: np.ndarray, synth_y: np.ndarray, real: np.ndarray, real_y: np.ndarray, cond: dict | None,
-                n: int, path: Path) -> None:
+def sample_grid(synth: np.ndarray, synth_y: np.ndarray, real: np.ndarray, real_y: np.ndarray,
+                cond: ConditionSettings | None, n: int, path: Path) -> None:
     """Per class one row of real and one of synthetic images (unconditional: two rows each)."""
     shape = synth.shape[1:]
     rows, names = [], []
-    groups = [(c, i) for i, c in enumerate(cond["classes"])] if cond else [("", None)]
+    groups = [(c, i) for i, c in enumerate(cond.classes)] if cond else [("", None)]
     for name, i in groups:
         r = real if i is None else real[real_y == i]
         s = synth if i is None else synth[synth_y == i]
@@ -51,7 +52,7 @@ def sample_grid(synth: np.ndarray, synth_y: np.ndarray, real: np.ndarray, real_y
               interpolation="nearest")
     ax.set_yticks([k * h + shape[0] / 2 for k in range(len(rows))], names, fontsize=8)
     ax.set_xticks([])
-    title = f"per class of '{cond['label']}'" if cond else "unconditional"
+    title = f"per class of '{cond.label}'" if cond else "unconditional"
     ax.set_title(f"Real vs synthetic images ({title})", fontsize=10)
     _save(fig, path)
 

@@ -18,20 +18,22 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from retflow.settings.synth import UNetSettings
+
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 
-def build_unet(cfg: dict, latent_channels: int, n_classes: int) -> DiffusionModelUNet:
-    """``cfg``: the ``synth.unet`` section; ``n_classes`` 0 = unconditional."""
+def build_unet(cfg: UNetSettings, latent_channels: int, n_classes: int) -> DiffusionModelUNet:
+    """``cfg``: the ``synth.unet`` settings; ``n_classes`` 0 = unconditional."""
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        channels=tuple(int(c) for c in cfg["channels"]),
-        attention_levels=tuple(bool(a) for a in cfg["attention_levels"]),
-        num_res_blocks=int(cfg["num_res_blocks"]),
-        num_head_channels=int(cfg["num_head_channels"]),
-        norm_num_groups=int(cfg["norm_num_groups"]),
+        channels=tuple(int(c) for c in cfg.channels),
+        attention_levels=tuple(bool(a) for a in cfg.attention_levels),
+        num_res_blocks=int(cfg.num_res_blocks),
+        num_head_channels=int(cfg.num_head_channels),
+        norm_num_groups=int(cfg.norm_num_groups),
         num_class_embeds=n_classes + 1 if n_classes else None,
     )
 

@@ -16,41 +16,44 @@ from torch.utils.data import Dataset
 
 from retflow.data.dataset import load_manifest
 from retflow.data.labels import normalise_label
+from retflow.data.pools import pool_mask
 from retflow.data.store import ImageStore
 
 
 class PoolImages(Dataset):
-    """Every image of the given stores as ``(uint8 tensor C x H x W, class index)``."""
+    """The images a pool may use of the given stores (:func:`retflow.data.pools.pool_mask`: a
+    pretrain dataset's images, a labelled one's ``splits``) as ``(uint8 tensor C x H x W, class index)``."""
 
-    def __init__(self, stores: list[str | Path], condition: dict | None = None, modality: str = ""):
+    def __init__(self, stores: list[str | Path], condition: dict | None, modality: str, splits: list[str]):
         if not stores:
             raise ValueError(f"synth.pools.{modality}: no store to learn from")
         self.images = [ImageStore(s) for s in stores]
-        self.items = np.concatenate([np.stack([np.full(len(im), k), np.arange(len(im))], 1)
-                                     for k, im in enumerate(self.images)])
         shapes = {tuple(im[0].shape) for im in self.images}
         if len(shapes) != 1:
             raise ValueError(f"synth.pools.{modality}: the stores hold images of different shapes {sorted(shapes)}; "
                              f"prepare them with the same preprocess size")
         self.shape = shapes.pop()  # (H, W, C) of the real store: the synthetic store matches it
+        manifests = [load_manifest(s) for s in stores]
+        for store, manifest, im in zip(stores, manifests, self.images):
+            if len(manifest) != len(im):
+                raise ValueError(f"store {store}: manifest has {len(manifest)} rows, shards {len(im)} images")
+        self.rows = [np.flatnonzero(pool_mask(m, splits)) for m in manifests]  # manifest rows it may use
+        self.items = np.concatenate([np.stack([np.full(len(r), k), m["index"].to_numpy()[r]], 1)
+                                     for k, (m, r) in enumerate(zip(manifests, self.rows))])
         self.classes = list(condition["classes"]) if condition else []
         self.null_class = len(self.classes) if condition else None
-        self.labels = self._labels(stores, condition, modality) if condition else None
+        self.labels = self._labels(stores, manifests, condition, modality) if condition else None
 
-    def _labels(self, stores, condition: dict, modality: str) -> np.ndarray:
+    def _labels(self, stores, manifests, condition: dict, modality: str) -> np.ndarray:
         col = condition["label"]
         lookup = {str(c): i for i, c in enumerate(self.classes)}
         out, found = [], False
-        for store, im in zip(stores, self.images):
-            manifest = load_manifest(store)
-            if len(manifest) != len(im):
-                raise ValueError(f"store {store}: manifest has {len(manifest)} rows, shards {len(im)} images")
+        for manifest, rows in zip(manifests, self.rows):
             if col in manifest.columns:
                 found = True
-                values = manifest.sort_values("index")[col] if "index" in manifest else manifest[col]
-                out.append(np.array([lookup.get(normalise_label(v), self.null_class) for v in values]))
+                out.append(np.array([lookup.get(normalise_label(v), self.null_class) for v in manifest[col].iloc[rows]]))
             else:
-                out.append(np.full(len(im), self.null_class))
+                out.append(np.full(len(rows), self.null_class))
         if not found:
             raise ValueError(f"synth.condition.{modality}.label: column '{col}' is in none of the pool manifests "
                              f"({', '.join(str(s) for s in stores)}); use a labelled pool or drop the condition")

@@ -37,6 +37,7 @@ from retflow.data.labels import normalise_label
 from retflow.data.store import ImageStore
 from retflow.inference import pick_device
 from retflow.models.features import FeatureExtractor
+from retflow.settings.synth import ConditionSettings, SynthQualitySettings
 
 
 # ----------------------------------------------------------------------------- Frechet distance
@@ -170,12 +171,13 @@ def classifier_scores(train_x, train_y, test_x, test_y, n_classes: int, seed: in
             "train_classes": sorted(int(c) for c in np.unique(train_y))}
 
 
-def tstr(encoder: FeatureExtractor, synth_feats: np.ndarray, synth_y: np.ndarray, tstr_store: str | Path, cond: dict,
-         seed: int, max_real: int) -> dict:
+def tstr(encoder: FeatureExtractor, synth_feats: np.ndarray, synth_y: np.ndarray, tstr_store: str | Path,
+         cond: ConditionSettings, seed: int, max_real: int) -> dict:
     manifest = load_manifest(tstr_store)
-    if cond["label"] not in manifest.columns:
-        return {"skipped": f"the TSTR dataset has no '{cond['label']}' column"}
-    y = label_indices(manifest[cond["label"]], cond["classes"])
+    if cond.label not in manifest.columns:
+        return {"skipped": f"the TSTR dataset has no '{cond.label}' column"}
+    classes = list(cond.classes)
+    y = label_indices(manifest[cond.label], classes)
     split = manifest["split"].astype(str).to_numpy()
     test = np.flatnonzero((split == "test") & (y >= 0))
     train = np.flatnonzero((split == "train") & (y >= 0))
@@ -185,21 +187,21 @@ def tstr(encoder: FeatureExtractor, synth_feats: np.ndarray, synth_y: np.ndarray
     train = np.sort(rng.permutation(train)[:max_real])
     index = manifest["index"].to_numpy()
     test_x = encoder(read_images(tstr_store, index[test]))
-    out = {"dataset": Path(tstr_store).name, "label": cond["label"], "classes": cond["classes"],
-           "train_on_synthetic": classifier_scores(synth_feats, synth_y, test_x, y[test], len(cond["classes"]), seed)}
+    out = {"dataset": Path(tstr_store).name, "label": cond.label, "classes": classes,
+           "train_on_synthetic": classifier_scores(synth_feats, synth_y, test_x, y[test], len(classes), seed)}
     if len(np.unique(y[train])) >= 2:
         train_x = encoder(read_images(tstr_store, index[train]))
-        out["train_on_real"] = classifier_scores(train_x, y[train], test_x, y[test], len(cond["classes"]), seed)
+        out["train_on_real"] = classifier_scores(train_x, y[train], test_x, y[test], len(classes), seed)
     return out
 
 
 # ----------------------------------------------------------------------------- the whole check
-def _real_pool(stores: list[str], cond: dict | None, n_max: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _real_pool(stores: list[str], cond: ConditionSettings | None, n_max: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """A random subset of at most ``n_max`` pool images and their class indices (-1 unknown)."""
     rows = []
     for k, store in enumerate(stores):
         m = load_manifest(store).sort_values("index")
-        lab = label_indices(m[cond["label"]], cond["classes"]) if cond and cond["label"] in m else \
+        lab = label_indices(m[cond.label], list(cond.classes)) if cond and cond.label in m else \
             np.full(len(m), -1)
         rows.append(pd.DataFrame({"store": k, "index": m["index"].to_numpy(), "label": lab}))
     table = pd.concat(rows, ignore_index=True)
@@ -210,38 +212,40 @@ def _real_pool(stores: list[str], cond: dict | None, n_max: int, rng) -> tuple[n
     return images, labels
 
 
-def evaluate(synth_store: str | Path, real_stores: list[str], encoder_ckpt: str | Path, settings: dict,
-             out_dir: str | Path, tstr_store: str | Path | None = None) -> dict:
-    """Run every check; writes ``quality.json``, ``samples.png``, ``memorisation.png``, ``nearest.png``."""
+def evaluate(synth_store: str | Path, real_stores: list[str], encoder_ckpt: str | Path,
+             settings: SynthQualitySettings, out_dir: str | Path, tstr_store: str | Path | None = None) -> dict:
+    """Run every check; writes ``settings.json`` (first), ``quality.json``, ``samples.png``,
+    ``memorisation.png``, ``nearest.png``."""
     from retflow.synth import figures
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng([int(settings["seed"]), 2])
-    cond = settings.get("condition")
-    device = pick_device(settings.get("device", "auto"))
-    encoder = FeatureExtractor(encoder_ckpt, settings["vit"], settings.get("normalize"), device)
+    settings.write(out_dir / "settings.json")
+    rng = np.random.default_rng([int(settings.seed), 2])
+    cond = settings.condition
+    device = pick_device(settings.device)
+    encoder = FeatureExtractor(encoder_ckpt, settings.vit.to_dict(), settings.normalize.to_dict(), device)
 
     sm = load_manifest(synth_store).sort_values("index")
-    pick = np.sort(rng.permutation(len(sm))[: int(settings["max_synthetic"])])
+    pick = np.sort(rng.permutation(len(sm))[: int(settings.max_synthetic)])
     sm = sm.iloc[pick]
     synth_img = read_images(synth_store, sm["index"].to_numpy())
-    synth_y = label_indices(sm[cond["label"]], cond["classes"]) if cond else np.full(len(sm), -1)
-    real_img, real_y = _real_pool(real_stores, cond, int(settings["max_real"]), rng)
+    synth_y = label_indices(sm[cond.label], list(cond.classes)) if cond else np.full(len(sm), -1)
+    real_img, real_y = _real_pool(real_stores, cond, int(settings.max_real), rng)
     if synth_img.shape[1:] != real_img.shape[1:]:
         raise ValueError(f"synthetic images {synth_img.shape[1:]} and real images {real_img.shape[1:]} differ in shape")
     synth_f, real_f = encoder(synth_img), encoder(real_img)
 
-    report = {"modality": settings["modality"], "encoder_checkpoint": str(encoder_ckpt),
+    report = {"modality": settings.modality, "encoder_checkpoint": str(encoder_ckpt),
               "feature_dim": int(synth_f.shape[1]), "n_synthetic": int(len(synth_img)), "n_real": int(len(real_img)),
               "frechet": {"all": fd_with_baseline(real_f, synth_f, rng)}}
     if cond:
-        report["classes"] = cond["classes"]
-        report["label"] = cond["label"]
+        report["classes"] = list(cond.classes)
+        report["label"] = cond.label
         report["frechet"]["per_class"] = {
-            c: fd_with_baseline(real_f[real_y == i], synth_f[synth_y == i], rng) for i, c in enumerate(cond["classes"])}
-    size = int(settings["nn_size"])
+            c: fd_with_baseline(real_f[real_y == i], synth_f[synth_y == i], rng) for i, c in enumerate(cond.classes)}
+    size = int(settings.nn_size)
     mem_pix = memorisation(pixels(synth_img, size), pixels(real_img, size))
     mu, sd = real_f.mean(0), real_f.std(0) + 1e-6  # standardised: every feature counts alike
     mem_feat = memorisation((synth_f - mu) / sd, (real_f - mu) / sd)
@@ -249,14 +253,13 @@ def evaluate(synth_store: str | Path, real_stores: list[str], encoder_ckpt: str 
         "pixel": {k: v for k, v in mem_pix.items() if not isinstance(v, np.ndarray)} | {"size": size},
         "feature": {k: v for k, v in mem_feat.items() if not isinstance(v, np.ndarray)}}
     if cond and tstr_store:
-        report["tstr"] = tstr(encoder, synth_f, synth_y, tstr_store, cond, int(settings["seed"]),
-                              int(settings["max_real"]))
+        report["tstr"] = tstr(encoder, synth_f, synth_y, tstr_store, cond, int(settings.seed), int(settings.max_real))
     elif cond:
         report["tstr"] = {"skipped": "no labelled real dataset for this label (set synth.quality.tstr_dataset)"}
     else:
         report["tstr"] = {"skipped": "unconditional generator: synthetic images carry no class"}
 
-    figures.sample_grid(synth_img, synth_y, real_img, real_y, cond, int(settings["grid_per_class"]),
+    figures.sample_grid(synth_img, synth_y, real_img, real_y, cond, int(settings.grid_per_class),
                         out_dir / "samples.png")
     figures.memorisation_histogram(mem_pix, mem_feat, out_dir / "memorisation.png")
     figures.nearest_pairs(synth_img, real_img, mem_pix, out_dir / "nearest.png")
@@ -271,15 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-stores", nargs="+", required=True)
     ap.add_argument("--encoder", required=True, help="pretraining checkpoint of the modality (the feature space)")
     ap.add_argument("--tstr-store", default=None, help="labelled real store whose test split scores TSTR")
-    ap.add_argument("--settings", required=True, help="retflow.synth.settings.quality_settings, JSON")
+    ap.add_argument("--settings", required=True, help="SynthQualitySettings as JSON "
+                    "(retflow.synth.settings.quality_settings(config, modality).to_json())")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        report = evaluate(args.synth_store, args.real_stores, args.encoder, json.loads(args.settings), args.out_dir,
-                          args.tstr_store)
+        report = evaluate(args.synth_store, args.real_stores, args.encoder,
+                          SynthQualitySettings.from_json(args.settings), args.out_dir, args.tstr_store)
     except (ValueError, FileNotFoundError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1

@@ -17,6 +17,10 @@ read them) and the sampler settings.
 
 A ``model.pth`` of a Stable-Diffusion fine-tune (``synth.sd_checkpoint``) samples through the diffusers
 pipeline instead (:func:`load_generator`, :mod:`retflow.synth.stable_diffusion`), into the same format.
+
+The architecture comes from the ``model.pth`` (the :class:`~retflow.settings.synth.SynthSettings` it
+was trained with); the sampling job's own settings give the sampler, counts and seed, and are
+written next to its part as ``settings.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from retflow.atomic import atomic_path, write_json
 from retflow.data.leakage import phash
 from retflow.data.store import SHARD_DIR, ShardWriter
 from retflow.inference import pick_device
+from retflow.settings.synth import SynthSettings
 from retflow.synth import autoencoder as aek
 from retflow.synth import ldm
 from retflow.synth.pool import to_store
@@ -83,18 +88,18 @@ class Generator:
         if self.bundle.get("kind") == "stable_diffusion":
             raise ValueError("this model.pth is a Stable-Diffusion fine-tune: load it with "
                              "retflow.synth.sample.load_generator")
-        s = self.bundle["settings"]
+        s = trained_settings(self.bundle, "model.pth" if isinstance(model_path, dict) else model_path)
         self.settings = s
         self.device = device
         channels = int(self.bundle["store_shape"][2])
-        self.ae = aek.build_autoencoder(s["autoencoder"], channels).to(device).eval()
+        self.ae = aek.build_autoencoder(s.autoencoder, channels).to(device).eval()
         self.ae.load_state_dict(self.bundle["autoencoder"])
         self.classes = list(self.bundle["classes"])
-        self.unet = ldm.build_unet(s["unet"], int(s["autoencoder"]["latent_channels"]), len(self.classes))
+        self.unet = ldm.build_unet(s.unet, int(s.autoencoder.latent_channels), len(self.classes))
         self.unet.load_state_dict(self.bundle["unet"])
         self.unet = self.unet.to(device).eval()
-        side = int(s["image_size"]) // aek.downsampling(s["autoencoder"])
-        self.latent_shape = (int(s["autoencoder"]["latent_channels"]), side, side)
+        side = int(s.image_size) // aek.downsampling(s.autoencoder)
+        self.latent_shape = (int(s.autoencoder.latent_channels), side, side)
         self.null_class = len(self.classes) if self.classes else None
 
     @torch.no_grad()
@@ -102,7 +107,7 @@ class Generator:
                generator: torch.Generator, batch: int = 64) -> np.ndarray:
         """``n`` uint8 images (n, H, W, C) at the real store's shape; ``labels`` class indices or None."""
         s = self.settings
-        sched = ldm.make_scheduler(scheduler, s["train_timesteps"], s["beta_schedule"], s["prediction"])
+        sched = ldm.make_scheduler(scheduler, s.train_timesteps, s.beta_schedule, s.prediction)
         out = []
         for start in range(0, n, batch):
             m = min(batch, n - start)
@@ -112,6 +117,12 @@ class Generator:
             x = aek.decode(self.ae, z / float(self.bundle["latent_scale"]))
             out.append(to_store(x, tuple(self.bundle["store_shape"])))
         return np.concatenate(out) if out else np.zeros((0, *self.bundle["store_shape"]), np.uint8)
+
+
+def trained_settings(bundle: dict, where: str | Path = "model.pth") -> SynthSettings:
+    """The :class:`SynthSettings` a ``model.pth`` bundle was trained with; other ones (a ``model.pth`` of
+    an older retflow: rerun rule synth_train) are an error naming ``where``."""
+    return SynthSettings.from_dict(bundle["settings"], f"{where}: settings")
 
 
 def load_generator(model_path: str | Path, device: torch.device):
@@ -124,32 +135,34 @@ def load_generator(model_path: str | Path, device: torch.device):
     return Generator(bundle, device)
 
 
-def sample_shard(model_path: str | Path, settings: dict, shard: int, out_dir: str | Path) -> pd.DataFrame:
-    """Sampling job ``shard``: write its images as a store (``shards/`` + ``manifest.parquet``) in ``out_dir``."""
+def sample_shard(model_path: str | Path, settings: SynthSettings, shard: int, out_dir: str | Path) -> pd.DataFrame:
+    """Sampling job ``shard``: write ``settings.json`` and its images as a store (``shards/`` +
+    ``manifest.parquet``, last) in ``out_dir``."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    device = pick_device(settings.get("device", "auto"))
-    gen = load_generator(model_path, device)
-    n_images, shard_size, seed = int(settings["n_images"]), int(settings["shard_size"]), int(settings["seed"])
+    n_images, shard_size, seed = int(settings.n_images), int(settings.shard_size), int(settings.seed)
     start, stop = shard_range(shard, n_images, shard_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings.write(out_dir / "settings.json")
+    device = pick_device(settings.device)
+    gen = load_generator(model_path, device)
     labels = None
     if gen.classes:
-        labels = class_plan(gen.bundle["class_counts"], n_images, settings["class_balance"], seed)[start:stop]
+        labels = class_plan(gen.bundle["class_counts"], n_images, settings.class_balance, seed)[start:stop]
     noise = torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, shard]).generate_state(1)[0]))
-    images = gen.sample(labels, stop - start, settings["scheduler"], int(settings["steps"]),
-                        float(settings["guidance_scale"]), noise, int(settings["sample_batch"]))
+    images = gen.sample(labels, stop - start, settings.scheduler, int(settings.steps),
+                        float(settings.guidance_scale), noise, int(settings.sample_batch))
     seconds = time.perf_counter() - t0
-    out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, shard_size=max(1, len(images)))
     rows = []
     try:
         for i, img in enumerate(images):
             g = start + i
-            row = {"index": writer.add(img), "sample_index": g, "image_id": f"synth_{settings['modality']}_{g:07d}"}
+            row = {"index": writer.add(img), "sample_index": g, "image_id": f"synth_{settings.modality}_{g:07d}"}
             row["patient_id"] = row["image_id"]
             if labels is not None:
                 row["class_index"] = int(labels[i])
-                row[settings["condition"]["label"]] = str(gen.classes[int(labels[i])])
+                row[gen.settings.condition.label] = str(gen.classes[int(labels[i])])
             row.update(sha256=hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest(), phash=phash(img))
             rows.append(row)
     except BaseException:
@@ -160,12 +173,12 @@ def sample_shard(model_path: str | Path, settings: dict, shard: int, out_dir: st
     manifest["eye"] = ""
     manifest["synthetic"] = True
     manifest["split"] = "pool"
-    manifest["dataset"] = f"synth_{settings['modality']}"
+    manifest["dataset"] = f"synth_{settings.modality}"
     manifest["shard"] = int(shard)
-    manifest["sampler"] = settings["scheduler"]
-    manifest["sampler_steps"] = int(settings["steps"])
+    manifest["sampler"] = settings.scheduler
+    manifest["sampler_steps"] = int(settings.steps)
     guided = labels is not None or gen.guides_unconditional
-    manifest["guidance_scale"] = float(settings["guidance_scale"]) if guided else float("nan")
+    manifest["guidance_scale"] = float(settings.guidance_scale) if guided else float("nan")
     manifest["seed"] = seed
     manifest["sample_seconds"] = seconds / max(1, len(images))  # per image, this job's wall time
     with atomic_path(out_dir / "manifest.parquet") as tmp:
@@ -241,7 +254,8 @@ _FIXED_COLUMNS = {"index", "sample_index", "image_id", "patient_id", "class_inde
 def main_sample(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sample one shard of synthetic images into a store part.")
     ap.add_argument("--model", required=True, help="model.pth of retflow.synth.train_ldm")
-    ap.add_argument("--settings", required=True, help="retflow.synth.settings.modality_settings, JSON")
+    ap.add_argument("--settings", required=True,
+                    help="SynthSettings as JSON (retflow.synth.settings.modality_settings(config, modality).to_json())")
     ap.add_argument("--shard", type=int, required=True)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--threads", type=int, default=0)
@@ -250,7 +264,7 @@ def main_sample(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        manifest = sample_shard(args.model, json.loads(args.settings), args.shard, args.out_dir)
+        manifest = sample_shard(args.model, SynthSettings.from_json(args.settings), args.shard, args.out_dir)
     except ValueError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1

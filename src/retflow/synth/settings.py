@@ -1,16 +1,20 @@
 """The ``synth:`` config section: which modalities are synthesised, from which pools, how.
 
-The schema (``config/schema.yaml``) fills the defaults and checks types; :func:`errors` checks
-what the schema cannot (cross-references, network shapes) and names the key of each problem;
-:func:`modality_settings` / :func:`quality_settings` build the JSON handed to the entry points.
+The schema (``config/schema.yaml``) fills the defaults and checks types; every function here takes
+the validated config. :func:`errors` checks what the schema cannot (cross-references, network
+shapes) and names the key of each problem; :func:`modality_settings` / :func:`quality_settings`
+build the typed, frozen settings of the jobs (:mod:`retflow.settings.synth`), which the rules hand
+to the entry points as JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-from retflow.synth import paths  # noqa: F401 - re-exported for the rules
+from retflow.layout import Layout
+from retflow.settings.synth import SynthQualitySettings, SynthSettings
 
 #: label columns of the phantom generator's fundus / B-scan datasets (retflow.phantoms.generate)
 PHANTOM_LABELS = {"cfp": {"dr_grade", "glaucoma", "cdr"}, "oct": {"diagnosis", "drusen", "irf", "srf", "ped"},
@@ -24,28 +28,32 @@ SD_COMPONENTS = ("model_index.json", "unet/config.json", "vae/config.json", "tex
 
 
 def enabled(config: dict) -> bool:
-    return bool((config.get("synth") or {}).get("enabled"))
+    return bool(config["synth"]["enabled"])
+
+
+def _pretrain_pools(config: dict) -> dict:
+    """``pretrain.pools`` (an optional key: a config may pretrain nothing)."""
+    return config["pretrain"].get("pools") or {}
 
 
 def modalities(config: dict) -> list[str]:
     """Synthesised modalities: ``synth.modalities``, default every modality with a pretraining pool."""
-    synth = config.get("synth") or {}
-    if synth.get("modalities"):
-        return list(synth["modalities"])
-    return [m for m, names in (config["pretrain"].get("pools") or {}).items() if names]
+    if config["synth"]["modalities"]:
+        return list(config["synth"]["modalities"])
+    return [m for m, names in _pretrain_pools(config).items() if names]
 
 
 def pools(config: dict, modality: str) -> list[str]:
     """Real datasets the generator of ``modality`` learns from (default: the pretraining pools)."""
-    own = (config.get("synth") or {}).get("pools") or {}
+    own = config["synth"]["pools"]
     if modality in own:
         return list(own[modality])
-    return list((config["pretrain"].get("pools") or {}).get(modality) or [])
+    return list(_pretrain_pools(config).get(modality) or [])
 
 
 def condition(config: dict, modality: str) -> dict | None:
     """``{"label": column, "classes": [...]}`` for a class-conditional generator, else None."""
-    cond = ((config.get("synth") or {}).get("condition") or {}).get(modality)
+    cond = config["synth"]["condition"].get(modality)  # a modality not named there is unconditional
     if not cond:
         return None
     return {"label": cond["label"], "classes": [str(c) for c in cond["classes"]]}
@@ -56,7 +64,7 @@ def sd_prompts(config: dict, modality: str) -> list[str]:
     class order), or the one fixed prompt of an unconditional generator. ``synth.prompts.<modality>``
     gives them (``{class: prompt}``, or a string when unconditional); a class without an entry gets
     ``"<modality text>, <label> <class>"``, e.g. ``"a colour fundus photograph, dr_grade 3"``."""
-    given = ((config.get("synth") or {}).get("prompts") or {}).get(modality)
+    given = config["synth"]["prompts"].get(modality)  # optional per modality
     cond = condition(config, modality)
     default = default_prompts(modality, cond)
     if cond is None:
@@ -100,13 +108,13 @@ def _sd_errors(out: list[str], config: dict, mods: list[str]) -> None:
     folder = synth["sd_checkpoint"]
     problems = sd_folder_errors(folder)
     absent = problems and not Path(str(folder)).exists()
-    if problems and not (absent and config.get("missing_data") == "warn"):
+    if problems and not (absent and config["missing_data"] == "warn"):
         out.extend(problems)
     g = float(synth["guidance_scale"])
     if 0.0 < g < 1.0:
         out.append(f"synth.guidance_scale: {g} is between 0 and 1, which the Stable-Diffusion pipeline does not "
                    f"guide with (it guides above 1); use 0 (unconditional), 1 (prompt only) or more")
-    for m, given in (synth.get("prompts") or {}).items():
+    for m, given in synth["prompts"].items():
         if m not in mods:
             out.append(f"synth.prompts.{m}: modality '{m}' is not synthesised (synth.modalities {mods})")
             continue
@@ -142,7 +150,8 @@ def n_shards(config: dict) -> int:
 
 
 def shard_ids(config: dict) -> list[str]:
-    return [paths.shard_name(k) for k in range(n_shards(config))]
+    """The ``{shard}`` wildcard values of the sampling jobs (:meth:`retflow.layout.Layout.synth_shard`)."""
+    return [Layout.synth_shard(k) for k in range(n_shards(config))]
 
 
 def tstr_dataset(config: dict, modality: str) -> str | None:
@@ -152,13 +161,13 @@ def tstr_dataset(config: dict, modality: str) -> str | None:
     cond = condition(config, modality)
     if cond is None:
         return None
-    given = ((config.get("synth") or {}).get("quality") or {}).get("tstr_dataset")
+    given = config["synth"]["quality"]["tstr_dataset"]
     if given:
         return given
-    for task in config.get("tasks", {}).values():
-        ds = config["datasets"].get(task["dataset"], {})
-        if (ds.get("modality") == modality and task["type"] in CLASSIFICATION
-                and task.get("label") == cond["label"]):
+    for task in config["tasks"].values():
+        ds = config["datasets"].get(task["dataset"])  # an unknown name is reported by retflow.config
+        if (ds is not None and ds["modality"] == modality and task["type"] in CLASSIFICATION
+                and task["label"] == cond["label"]):
             return task["dataset"]
     return None
 
@@ -202,22 +211,22 @@ def _monai_errors(out: list[str], synth: dict) -> None:
 
 def errors(config: dict) -> list[str]:
     """Every problem of the ``synth`` section of a schema-valid config, each naming its key."""
-    synth = config.get("synth") or {}
-    if not synth.get("enabled"):
+    synth = config["synth"]
+    if not synth["enabled"]:
         return []
     out: list[str] = []
     datasets = config["datasets"]
     mods = modalities(config)
-    sd = bool(synth.get("sd_checkpoint"))
+    sd = bool(synth["sd_checkpoint"])
     if sd:
         _sd_errors(out, config, mods)
-    elif synth.get("prompts"):
+    elif synth["prompts"]:
         out.append("synth.prompts: text prompts are only used when fine-tuning a Stable-Diffusion pipeline "
                    "(synth.sd_checkpoint); remove them or set synth.sd_checkpoint")
     if not mods:
         out.append("synth.modalities: nothing to synthesise (no pretrain.pools and no synth.modalities)")
     for key in ("pools", "condition"):
-        for m in synth.get(key) or {}:
+        for m in synth[key]:
             if m not in mods:
                 out.append(f"synth.{key}.{m}: modality '{m}' is not synthesised (synth.modalities {mods})")
     for m in mods:
@@ -238,7 +247,7 @@ def errors(config: dict) -> list[str]:
     if method not in config["pretrain"]["methods"]:
         out.append(f"synth.quality.encoder_method: '{method}' is not in pretrain.methods "
                    f"{list(config['pretrain']['methods'])} (its checkpoint is the feature space)")
-    tstr = synth["quality"].get("tstr_dataset")
+    tstr = synth["quality"]["tstr_dataset"]
     if tstr is not None and tstr not in datasets:
         out.append(f"synth.quality.tstr_dataset: unknown dataset '{tstr}'")
     return out
@@ -250,40 +259,45 @@ def _check_condition(out: list[str], config: dict, m: str, cond: dict, names: li
         out.append(f"{key}.classes: duplicate class names {cond['classes']}")
     for name in names:  # phantoms: the label columns are known before the data exist
         ds = config["datasets"][name]
-        if ds["source"] != "phantom":
+        ph = ds.get("phantom")  # only phantom datasets have the section (its absence: retflow.config's check)
+        if ds["source"] != "phantom" or ph is None:
             continue
-        ph = ds.get("phantom") or {}
-        if not ph.get("labelled", True):
+        if not ph["labelled"]:
             out.append(f"{key}.label: pool '{name}' is an unlabelled phantom (phantom.labelled: false), so it has "
                        f"no '{cond['label']}' column; set it labelled or drop the condition (unconditional)")
-        elif cond["label"] not in PHANTOM_LABELS.get(ph.get("kind"), set()):
-            out.append(f"{key}.label: phantom pool '{name}' ({ph.get('kind')}) has no column '{cond['label']}' "
-                       f"(it has {sorted(PHANTOM_LABELS.get(ph.get('kind'), set()))})")
+        elif cond["label"] not in PHANTOM_LABELS[ph["kind"]]:
+            out.append(f"{key}.label: phantom pool '{name}' ({ph['kind']}) has no column '{cond['label']}' "
+                       f"(it has {sorted(PHANTOM_LABELS[ph['kind']])})")
     tstr = tstr_dataset(config, m)
     if tstr is not None and tstr in config["datasets"] and config["datasets"][tstr]["modality"] != m:
         out.append(f"synth.quality.tstr_dataset: dataset '{tstr}' has modality "
                    f"'{config['datasets'][tstr]['modality']}', not '{m}'")
 
 
-def modality_settings(config: dict, modality: str) -> dict:
-    """Everything the training and sampling entry points of one modality need (JSON-able)."""
+def _section(record: type, section: dict, **fixed) -> dict:
+    """The record's fields from a config section plus ``fixed`` values (which win)."""
+    out = {f.name: section[f.name] for f in dataclasses.fields(record) if f.name in section}
+    out.update(fixed)
+    return out
+
+
+def modality_settings(config: dict, modality: str) -> SynthSettings:
+    """The generator of ``modality``: what its training and sampling jobs run with (rules/synth.smk)."""
     synth = config["synth"]
-    keys = ("image_size", "autoencoder", "unet", "ema_decay", "train_timesteps", "beta_schedule", "prediction",
-            "guidance_scale", "scheduler", "steps", "n_images", "shard_size", "sample_batch", "seed",
-            "class_balance", "checkpoint_every_steps", "hflip")
-    out = {k: synth[k] for k in keys}
-    out.update(modality=modality, condition=condition(config, modality), device=config.get("device", "auto"))
-    if synth.get("sd_checkpoint"):  # only then, so the MONAI path's settings (the rules' params) stay as they were
-        out.update(sd_checkpoint=str(synth["sd_checkpoint"]), prompts=sd_prompts(config, modality))
-    return out
+    sd = synth["sd_checkpoint"]
+    data = _section(SynthSettings, synth, modality=modality, condition=condition(config, modality),
+                    sd_checkpoint=str(sd) if sd else None, prompts=sd_prompts(config, modality) if sd else None,
+                    labelled_pool_splits=config["pretrain"]["labelled_pool_splits"],
+                    device=config["device"])
+    return SynthSettings.from_dict(data, f"synth ({modality})")
 
 
-def quality_settings(config: dict, modality: str) -> dict:
-    """Settings of the quality checks of one modality (encoder architecture, TSTR set, sizes)."""
-    from retflow import config as rfc
+def quality_settings(config: dict, modality: str) -> SynthQualitySettings:
+    """The quality checks of ``modality``'s synthetic store: ``synth.quality``, the TSTR set, the encoder's ViT."""
+    from retflow.settings import build
 
-    out = dict(config["synth"]["quality"])
-    out.update(modality=modality, condition=condition(config, modality), vit=rfc.vit_settings(config, modality),
-               normalize=rfc.normalize_settings(config, modality), tstr_dataset=tstr_dataset(config, modality),
-               seed=config["synth"]["seed"], device=config.get("device", "auto"))
-    return out
+    data = _section(SynthQualitySettings, config["synth"]["quality"], modality=modality,
+                    condition=condition(config, modality), tstr_dataset=tstr_dataset(config, modality),
+                    vit=build.vit(config, modality), normalize=build.normalize(config, modality),
+                    seed=config["synth"]["seed"], device=config["device"])
+    return SynthQualitySettings.from_dict(data, f"synth.quality ({modality})")

@@ -22,20 +22,22 @@ images at the real store's shape, like :class:`retflow.synth.sample.Generator`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retflow.settings.synth import SynthSettings
 from retflow.synth.ema import EMA
 from retflow.synth.pool import to_store
-from retflow.synth.settings import default_prompts, sd_folder_errors
+from retflow.synth.sample import trained_settings
+from retflow.synth.settings import sd_folder_errors
 from retflow.synth.train_ldm import Trainer, fingerprint
 
 #: training settings a Stable-Diffusion fine-tune depends on (a resume checkpoint of other ones is ignored)
-TRAIN_KEYS = ("sd_checkpoint", "image_size", "hflip", "ema_decay", "seed", "condition", "modality")
+TRAIN_KEYS = ("sd_checkpoint", "image_size", "hflip", "ema_decay", "seed", "condition", "modality",
+              "labelled_pool_splits")
 UNET_KEYS = ("epochs", "batch_size", "lr", "cond_drop")
 
 
@@ -107,23 +109,25 @@ class SDTrainer(Trainer):
 
     stages = ("unet",)
 
-    def __init__(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device):
-        _check_folder(settings["sd_checkpoint"])  # before reading the pool: fail fast
+    def __init__(self, settings: SynthSettings, stores: list[str], out_dir: Path, device: torch.device):
+        _check_folder(settings.sd_checkpoint)  # before reading the pool: fail fast
+        if settings.prompts is None:
+            raise ValueError(f"synth.prompts.{settings.modality}: a Stable-Diffusion fine-tune needs its prompts in "
+                             f"the settings (built by retflow.synth.settings.modality_settings)")
         self.setup(settings, stores, out_dir, device)
-        given = settings.get("prompts") or default_prompts(settings["modality"], settings["condition"])
-        self.prompts = [str(p) for p in given]
+        self.prompts = [str(p) for p in settings.prompts]
         if len(self.prompts) != max(1, self.n_classes):
-            raise ValueError(f"synth.prompts.{settings['modality']}: {len(self.prompts)} prompts for "
+            raise ValueError(f"synth.prompts.{settings.modality}: {len(self.prompts)} prompts for "
                              + (f"{self.n_classes} classes" if self.n_classes else "an unconditional generator (1)"))
-        parts = load_components(settings["sd_checkpoint"])
+        parts = load_components(settings.sd_checkpoint)
         self.vae = parts["vae"].to(device).eval().requires_grad_(False)
         self.unet = parts["unet"].to(device).train()
-        self.unet_ema = EMA(self.unet, settings["ema_decay"])
-        self.opt = {"unet": torch.optim.AdamW(self.unet.parameters(), lr=settings["unet"]["lr"], weight_decay=0.01)}
+        self.unet_ema = EMA(self.unet, settings.ema_decay)
+        self.opt = {"unet": torch.optim.AdamW(self.unet.parameters(), lr=settings.unet.lr, weight_decay=0.01)}
         self.scheduler = parts["scheduler"]
         if self.scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"synth.sd_checkpoint: prediction_type '{self.scheduler.config.prediction_type}' of "
-                             f"{settings['sd_checkpoint']}/scheduler is not supported (epsilon | v_prediction)")
+                             f"{settings.sd_checkpoint}/scheduler is not supported (epsilon | v_prediction)")
         text_encoder = parts["text_encoder"].to(device).eval()
         # the class prompts, then "" (no label / dropped label): the frozen text encoder runs once
         self.text = encode_prompts(parts["tokenizer"], text_encoder, self.prompts + [""], device)
@@ -133,8 +137,9 @@ class SDTrainer(Trainer):
         return {"unet": self.unet, "unet_ema": self.unet_ema}
 
     def fingerprint(self) -> str:
-        train = {k: self.s.get(k) for k in TRAIN_KEYS}
-        train.update(unet={k: self.s["unet"][k] for k in UNET_KEYS}, prompts=self.prompts)
+        s = self.s.to_dict()
+        train = {k: s[k] for k in TRAIN_KEYS}
+        train.update(unet={k: s["unet"][k] for k in UNET_KEYS}, prompts=self.prompts)
         return fingerprint(train, len(self.pool))
 
     def encode_pool(self) -> None:
@@ -162,7 +167,7 @@ class SDTrainer(Trainer):
         z = (post.mean.float() + post.std.float() * eps) * self.latent_scale
         noise = torch.randn(z.shape, generator=self.gen).to(self.device)
         t = torch.randint(0, int(self.scheduler.config.num_train_timesteps), (n,), generator=self.gen).to(self.device)
-        drop = torch.rand(n, generator=self.gen) < float(self.s["unet"]["cond_drop"])
+        drop = torch.rand(n, generator=self.gen) < float(self.s.unet.cond_drop)
         rows = torch.where(drop, len(self.text) - 1, self._prompt_index(idx)).to(self.device)
         noisy = self.scheduler.add_noise(z, noise, t)
         epsilon = self.scheduler.config.prediction_type == "epsilon"
@@ -190,11 +195,11 @@ class SDTrainer(Trainer):
         """The sampling bundle: EMA UNet weights + prompts + the base folder + what the store and report need."""
         return {
             "kind": "stable_diffusion",
-            "sd_checkpoint": str(self.s["sd_checkpoint"]),
+            "sd_checkpoint": str(self.s.sd_checkpoint),
             "unet": self.unet_ema.shadow.state_dict(),
             "prompts": list(self.prompts),
             "latent_scale": self.latent_scale,
-            "settings": json.loads(json.dumps(self.s)),
+            "settings": self.s.to_dict(),  # plain types: model.pth is read with weights_only=True
             "classes": list(self.pool.classes),
             "class_counts": self.pool.class_counts(),
             "store_shape": [int(v) for v in self.pool.shape],
@@ -211,7 +216,7 @@ class SDGenerator:
 
     def __init__(self, bundle: dict, device: torch.device):
         self.bundle = bundle
-        self.settings = bundle["settings"]
+        self.settings = trained_settings(bundle)
         self.device = device
         self.classes = list(bundle["classes"])
         self.prompts = list(bundle["prompts"])
@@ -244,7 +249,7 @@ class SDGenerator:
                              f"{sorted(self._schedulers)}")
         self.pipe.scheduler = self._schedulers[scheduler].from_config(self.noise_config)
         shape = tuple(int(v) for v in self.bundle["store_shape"])
-        size = int(self.settings["image_size"])
+        size = int(self.settings.image_size)
         out = []
         for start in range(0, n, batch):
             m = min(batch, n - start)

@@ -15,7 +15,8 @@ states, the position (stage, epoch, batch) and the state of the one CPU random g
 draws flips, timesteps, noise and label drops; epoch orders are a function of (seed, stage,
 epoch). So an interrupted run continues where it stopped and ends with the same weights as an
 uninterrupted one. Outputs: ``model.pth`` (EMA weights + everything sampling needs),
-``log.csv`` (per epoch: stage, loss, lr, seconds) and ``recon.png`` (real vs autoencoded).
+``log.csv`` (per epoch: stage, loss, lr, seconds), ``recon.png`` (real vs autoencoded) and
+``settings.json`` (the :class:`~retflow.settings.synth.SynthSettings` it ran with, written first).
 
 With ``synth.sd_checkpoint`` the same loop fine-tunes the UNet of a local Stable-Diffusion pipeline
 instead (one stage, ``unet``; :mod:`retflow.synth.stable_diffusion`), with the same outputs.
@@ -35,6 +36,7 @@ import torch
 
 from retflow.atomic import atomic_path
 from retflow.inference import pick_device
+from retflow.settings.synth import STAGES, SynthSettings
 from retflow.synth import autoencoder as aek
 from retflow.synth import ldm
 from retflow.synth.ema import EMA
@@ -44,14 +46,14 @@ from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.schedule import lr_at as scheduled_lr
 from retflow.train.stop_signal import StopFlag
 
-STAGES = ("autoencoder", "unet")
 #: settings that only affect sampling: changing them keeps a resume checkpoint valid
 SAMPLING_KEYS = frozenset({"guidance_scale", "scheduler", "steps", "n_images", "shard_size", "sample_batch",
                            "class_balance", "device", "checkpoint_every_steps"})
 
 
 def fingerprint(settings: dict, n_images: int) -> str:
-    """What a resume checkpoint was trained with: the training settings and the pool size."""
+    """What a resume checkpoint was trained with: the training settings (plain, e.g.
+    ``SynthSettings.to_dict()``) and the pool size."""
     return run_fingerprint({k: v for k, v in settings.items() if k not in SAMPLING_KEYS}, n_images=n_images)
 
 
@@ -74,31 +76,31 @@ class Trainer:
     #: the stages :meth:`run` goes through, in order (a subclass may train fewer)
     stages = STAGES
 
-    def __init__(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device):
+    def __init__(self, settings: SynthSettings, stores: list[str], out_dir: Path, device: torch.device):
         self.setup(settings, stores, out_dir, device)
         channels = self.pool.shape[2]
-        self.ae = aek.build_autoencoder(settings["autoencoder"], channels).to(device)
-        self.ae_ema = EMA(self.ae, settings["ema_decay"])
-        self.unet = ldm.build_unet(settings["unet"], int(settings["autoencoder"]["latent_channels"]),
-                                   self.n_classes).to(device)
-        self.unet_ema = EMA(self.unet, settings["ema_decay"])
-        self.opt = {"autoencoder": torch.optim.AdamW(self.ae.parameters(), lr=settings["autoencoder"]["lr"],
-                                                     weight_decay=0.0),
-                    "unet": torch.optim.AdamW(self.unet.parameters(), lr=settings["unet"]["lr"], weight_decay=0.0)}
-        self.scheduler = ldm.make_scheduler("ddpm", settings["train_timesteps"], settings["beta_schedule"],
-                                            settings["prediction"])
+        ae, unet = settings.autoencoder, settings.unet
+        self.ae = aek.build_autoencoder(ae, channels).to(device)
+        self.ae_ema = EMA(self.ae, settings.ema_decay)
+        self.unet = ldm.build_unet(unet, int(ae.latent_channels), self.n_classes).to(device)
+        self.unet_ema = EMA(self.unet, settings.ema_decay)
+        self.opt = {"autoencoder": torch.optim.AdamW(self.ae.parameters(), lr=ae.lr, weight_decay=0.0),
+                    "unet": torch.optim.AdamW(self.unet.parameters(), lr=unet.lr, weight_decay=0.0)}
+        self.scheduler = ldm.make_scheduler("ddpm", settings.train_timesteps, settings.beta_schedule,
+                                            settings.prediction)
         self.latents: torch.Tensor | None = None
 
-    def setup(self, settings: dict, stores: list[str], out_dir: Path, device: torch.device) -> None:
+    def setup(self, settings: SynthSettings, stores: list[str], out_dir: Path, device: torch.device) -> None:
         """What every generator trainer has: settings, seeded RNGs, the pool, the position in training."""
         self.s = settings
         self.out_dir = out_dir
         self.device = device
         self.resume_path = out_dir / "resume" / "last.pth"
-        torch.manual_seed(int(settings["seed"]))
-        self.pool = PoolImages(stores, settings["condition"], settings["modality"])
+        torch.manual_seed(int(settings.seed))
+        cond = settings.condition.to_dict() if settings.condition is not None else None
+        self.pool = PoolImages(stores, cond, settings.modality, settings.labelled_pool_splits)
         self.n_classes = len(self.pool.classes)
-        self.gen = torch.Generator().manual_seed(int(settings["seed"]))
+        self.gen = torch.Generator().manual_seed(int(settings.seed))
         self.pos = {"stage": self.stages[0], "epoch": 0, "batch": 0, "step": 0}
         self.log: list[dict] = []
         self.latent_scale: float | None = None
@@ -109,7 +111,7 @@ class Trainer:
         return {"ae": self.ae, "ae_ema": self.ae_ema, "unet": self.unet, "unet_ema": self.unet_ema}
 
     def fingerprint(self) -> str:
-        return fingerprint(self.s, len(self.pool))
+        return fingerprint(self.s.to_dict(), len(self.pool))
 
     def save(self) -> None:
         save_atomic({**{k: v.state_dict() for k, v in self.networks().items()},
@@ -134,13 +136,13 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _flip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flip = torch.rand(x.shape[0], generator=self.gen) < 0.5
-        if not self.s.get("hflip", True):
+        if not self.s.hflip:
             flip[:] = False
         return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x), flip
 
     def _images(self, idx: np.ndarray) -> torch.Tensor:
         batch = torch.stack([self.pool[int(i)][0] for i in idx]).to(self.device)
-        return to_model(batch, int(self.s["image_size"]))
+        return to_model(batch, int(self.s.image_size))
 
     def _labels(self, idx: np.ndarray) -> torch.Tensor | None:
         if self.pool.labels is None:
@@ -168,16 +170,16 @@ class Trainer:
         if stage == "autoencoder":
             self.ae.train()
             x, _ = self._flip(self._images(idx))
-            loss, parts = aek.autoencoder_loss(self.ae, x, self.s["autoencoder"])
+            loss, parts = aek.autoencoder_loss(self.ae, x, self.s.autoencoder)
         else:
             self.unet.train()
             flip = torch.rand(len(idx), generator=self.gen) < 0.5
-            if not self.s.get("hflip", True):
+            if not self.s.hflip:
                 flip[:] = False
             rows = torch.from_numpy(idx).long() + flip.long() * len(self.pool)
             z = self.latents[rows].to(self.device)
             loss = ldm.diffusion_loss(self.unet, self.scheduler, z, self._labels(idx), self.pool.null_class,
-                                      float(self.s["unet"]["cond_drop"]), self.gen)
+                                      float(self.s.unet.cond_drop), self.gen)
             parts = {}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{stage}: loss is {float(loss)} at step {self.pos['step']} "
@@ -192,22 +194,22 @@ class Trainer:
     def run(self, stop: StopFlag | None = None, stop_after_steps: int | None = None) -> bool:
         """Train to the end (True) or until a stop request, after checkpointing (False)."""
         self.load()
-        every = int(self.s.get("checkpoint_every_steps") or 0)
+        every = int(self.s.checkpoint_every_steps)
         done_here = 0
         n = len(self.pool)
         for stage in self.stages[self.stages.index(self.pos["stage"]):]:
-            cfg = self.s[stage]
-            epochs = int(cfg["epochs"])
-            per_epoch = len(epoch_batches(n, int(cfg["batch_size"]), 0, stage, 0))
+            cfg = self.s.stage(stage)
+            epochs = int(cfg.epochs)
+            per_epoch = len(epoch_batches(n, int(cfg.batch_size), 0, stage, 0))
             total = epochs * per_epoch
             if stage == "unet":
                 self.encode_pool()
             for epoch in range(self.pos["epoch"], epochs):
-                batches = epoch_batches(n, int(cfg["batch_size"]), int(self.s["seed"]), stage, epoch)
+                batches = epoch_batches(n, int(cfg.batch_size), int(self.s.seed), stage, epoch)
                 t0, losses, stopping = time.perf_counter(), [], False
                 for b in range(self.pos["batch"], len(batches)):
                     step = epoch * per_epoch + b
-                    out = self.step(stage, batches[b], lr_at(step, total, float(cfg["lr"])))
+                    out = self.step(stage, batches[b], lr_at(step, total, float(cfg.lr)))
                     losses.append(out)
                     self.pos.update(stage=stage, epoch=epoch, batch=b + 1, step=step + 1)
                     done_here += 1
@@ -220,7 +222,7 @@ class Trainer:
                     if stopping:
                         return False
                 row = {"stage": stage, "epoch": epoch + 1, "steps": (epoch + 1) * per_epoch,
-                       "lr": lr_at((epoch + 1) * per_epoch - 1, total, float(cfg["lr"])),
+                       "lr": lr_at((epoch + 1) * per_epoch - 1, total, float(cfg.lr)),
                        "seconds": round(time.perf_counter() - t0, 3)}
                 for key in losses[0] if losses else ():
                     row[key] = float(np.mean([r[key] for r in losses]))
@@ -248,7 +250,7 @@ class Trainer:
             "autoencoder": self.ae_ema.shadow.state_dict(),
             "unet": self.unet_ema.shadow.state_dict(),
             "latent_scale": self.latent_scale,
-            "settings": json.loads(json.dumps(self.s)),
+            "settings": self.s.to_dict(),  # plain types: model.pth is read with weights_only=True
             "classes": list(self.pool.classes),
             "class_counts": counts,
             "store_shape": [int(v) for v in self.pool.shape],
@@ -277,15 +279,16 @@ class Trainer:
             img.save(tmp, format="PNG")
 
 
-def train(settings: dict, stores: list[str], out_dir: Path, stop_after_steps: int | None = None) -> bool:
-    """Train (or resume) and write ``model.pth``, ``log.csv``, ``recon.png``; False if stopped early.
-    ``settings["sd_checkpoint"]``: fine-tune that Stable-Diffusion pipeline's UNet instead."""
+def train(settings: SynthSettings, stores: list[str], out_dir: Path, stop_after_steps: int | None = None) -> bool:
+    """Train (or resume) and write ``settings.json`` (first), ``model.pth``, ``log.csv``, ``recon.png``;
+    False if stopped early. ``settings.sd_checkpoint``: fine-tune that Stable-Diffusion pipeline's UNet instead."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings.write(out_dir / "settings.json")
     kind = Trainer
-    if settings.get("sd_checkpoint"):
+    if settings.sd_checkpoint:
         from retflow.synth.stable_diffusion import SDTrainer as kind
-    trainer = kind(settings, stores, out_dir, pick_device(settings.get("device", "auto")))
+    trainer = kind(settings, stores, out_dir, pick_device(settings.device))
     if not trainer.run(StopFlag() if stop_after_steps is None else None, stop_after_steps):
         return False
     with atomic_path(out_dir / "log.csv") as tmp:
@@ -297,7 +300,8 @@ def train(settings: dict, stores: list[str], out_dir: Path, stop_after_steps: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the latent diffusion model of one modality (resumable).")
-    ap.add_argument("--settings", required=True, help="retflow.synth.settings.modality_settings, JSON")
+    ap.add_argument("--settings", required=True,
+                    help="SynthSettings as JSON (retflow.synth.settings.modality_settings(config, modality).to_json())")
     ap.add_argument("--stores", nargs="+", required=True, help="prepared real stores (the pool)")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -307,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        finished = train(json.loads(args.settings), args.stores, Path(args.out_dir), args.stop_after_steps)
+        finished = train(SynthSettings.from_json(args.settings), args.stores, Path(args.out_dir),
+                         args.stop_after_steps)
     except (ValueError, NotImplementedError, FloatingPointError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
