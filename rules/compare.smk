@@ -1,17 +1,18 @@
 # Report inputs beyond metrics.json: paired model comparisons and saliency maps.
-# Target lists and input functions: retflow.report.targets (pure functions of the config).
+# Targets and input functions: retflow.report.targets; each job's settings: retflow.settings.report
+# (report_settings, imported in rules/common.smk).
 from retflow.report import targets as report_targets  # noqa: E402
 
-COMPARE_JSONS = report_targets.compare_outputs(config)
-SALIENCY_PNGS = report_targets.saliency_outputs(config)
+COMPARE_JSONS = report_targets.compare_outputs(config, LAYOUT)
+SALIENCY_PNGS = report_targets.saliency_outputs(config, LAYOUT)
 
 
 rule compare:
     """Paired test of every model pair on the internal test set (DeLong / paired bootstrap)."""
     input:
-        lambda w: report_targets.compare_inputs(config, w),
+        lambda w: report_targets.compare_inputs(config, LAYOUT, w),
     output:
-        f"{RESULTS}/compare/{{task}}/{{protocol}}/frac{{frac}}/seed{{seed}}.json",
+        LAYOUT.compare_json("{task}", "{protocol}", "{frac}", "{seed}"),
     log:
         "logs/compare/{task}/{protocol}/frac{frac}/seed{seed}.log",
     benchmark:
@@ -23,24 +24,26 @@ rule compare:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
     params:
-        args=lambda w: report_targets.compare_args(config, w),
+        settings=lambda w: report_settings.compare(
+            config, w.task, w.protocol, w.frac, w.seed
+        ).to_json(),
     shell:
-        "python workflow_scripts/compare.py --predictions {input} {params.args}"
+        "python workflow_scripts/compare.py --settings {params.settings:q} --predictions {input}"
         " --out {output} > {log} 2>&1"
 
 
 rule saliency:
     """Attention rollout + Grad-CAM for a few test images per class of one task's model."""
     input:
-        unpack(lambda w: report_targets.saliency_inputs(config, w)),
+        unpack(lambda w: report_targets.saliency_inputs(config, LAYOUT, w)),
     output:
         png=report(
-            f"{RESULTS}/saliency/{{task}}.png",
+            LAYOUT.saliency_png("{task}"),
             caption="captions/saliency.rst",
             category="Saliency maps",
             labels={"task": "{task}"},
         ),
-        meta=f"{RESULTS}/saliency/{{task}}.json",
+        meta=LAYOUT.saliency_json("{task}"),
     log:
         "logs/saliency/{task}.log",
     benchmark:
@@ -52,7 +55,9 @@ rule saliency:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
     params:
-        args=lambda w: report_targets.saliency_args(config, w),
+        settings=lambda w: report_settings.saliency(config, w.task).to_json(),
+        store=lambda w: LAYOUT.store(TASKS[w.task]["dataset"]),
     shell:
-        "OMP_NUM_THREADS={threads} python workflow_scripts/saliency.py --checkpoint {input.best}"
-        " {params.args} --out {output.png} --meta {output.meta} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python workflow_scripts/saliency.py --settings {params.settings:q}"
+        " --checkpoint {input.best} --store {params.store} --out {output.png} --meta {output.meta}"
+        " > {log} 2>&1"

@@ -18,9 +18,10 @@ rule evaluate_internal:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
     params:
-        args=lambda w: evaluate_args(w, "internal"),
+        settings=lambda w: evaluate_settings(w, "internal"),
     shell:
-        "python workflow_scripts/evaluate.py --predictions {input} --out {output} {params.args} > {log} 2>&1"
+        "python workflow_scripts/evaluate.py --settings {params.settings:q} --predictions {input}"
+        " --out {output} > {log} 2>&1"
 
 
 rule evaluate_external:
@@ -40,9 +41,10 @@ rule evaluate_external:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
     params:
-        args=lambda w: evaluate_args(w, w.external),
+        settings=lambda w: evaluate_settings(w, w.external),
     shell:
-        "python workflow_scripts/evaluate.py --predictions {input} --out {output} {params.args} > {log} 2>&1"
+        "python workflow_scripts/evaluate.py --settings {params.settings:q} --predictions {input}"
+        " --out {output} > {log} 2>&1"
 
 
 for _task in TASKS:

@@ -10,15 +10,16 @@ rule report:
         metrics=all_metrics(),
         compare=COMPARE_JSONS,
         saliency=SALIENCY_PNGS,
-        pretrain=[f"{RESULTS}/pretrain/{m}/{mod}/figure.png" for m, mod in PRETRAIN],
-        qc=[f"{RESULTS}/data/{d}/qc.json" for d in DATASETS],
+        pretrain=[f"{LAYOUT.pretrain_dir(m, mod)}/figure.png" for m, mod in PRETRAIN],
+        qc=[LAYOUT.qc(d) for d in DATASETS],
         synth=SYNTH_REPORT_INPUTS if config["synth"]["enabled"] else [],
     output:
-        report(
-            f"{RESULTS}/report.html",
+        html=report(
+            LAYOUT.report(),
             caption="captions/report.rst",
             category="Report",
         ),
+        settings=LAYOUT.report_settings(),
     log:
         "logs/report.log",
     benchmark:
@@ -30,8 +31,8 @@ rule report:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
     params:
-        config=as_json(config),
-        results=lambda w, output: str(Path(output[0]).parent),
+        settings=report_settings.report(config).to_json(),
+        results=lambda w, output: str(Path(output.html).parent),  # LAYOUT.root
     shell:
-        "python workflow_scripts/report.py --results {params.results} --benchmarks benchmarks"
-        " --config-json {params.config:q} --out {output} > {log} 2>&1"
+        "python workflow_scripts/report.py --settings {params.settings:q} --results {params.results}"
+        " --benchmarks benchmarks --out {output.html} --settings-out {output.settings} > {log} 2>&1"

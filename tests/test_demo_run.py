@@ -89,16 +89,18 @@ def test_demo_outputs_metrics_for_every_run(demo):
 
     sys.path.insert(0, str(ROOT / "src"))
     from retflow.config import downstream_runs, external_sets
+    from retflow.layout import Layout
+    from retflow.settings import validate
 
-    cfg = yaml.safe_load((demo["work"] / "demo.yaml").read_text())
-    results = demo["work"] / "results"
+    cfg = validate(yaml.safe_load((demo["work"] / "demo.yaml").read_text()))
+    layout = Layout(demo["work"] / "results")
     runs = downstream_runs(cfg)
     assert {r.protocol for r in runs} == {"finetune", "probe_adamw", "probe_lars", "probe_logreg"}
     for run in runs:
         sets = ["metrics.json"] + [f"external/{e['dataset']}/metrics.json"
                                    for e in external_sets(cfg["tasks"][run.task])]
         for name in sets:
-            data = json.loads((results / run.dir / name).read_text())
+            data = json.loads(Path(layout.run(run), name).read_text())
             metric = data["metrics"][data["primary_metric"]]
             assert math.isfinite(metric["value"]), (run, name)
             assert metric["ci_low"] is None or metric["ci_low"] <= metric["ci_high"]

@@ -26,6 +26,8 @@ from retflow.evaluate.metrics import (
     roc_curves,
 )
 from retflow.evaluate.retfound_metrics import CURRENT_KEYS, V1_KEYS, retfound_current, retfound_v1
+from retflow.settings import report as report_settings
+from retflow.settings import validate
 
 
 def fake_predictions(n, k, seed=0, signal=1.0, ties=False):
@@ -234,40 +236,34 @@ def test_evaluate_predictions_writes_json(tmp_path):
     assert data["retfound_current"]["score"] == pytest.approx(retfound_current(y, p, "ordinal")["score"])
 
 
+def eval_config() -> dict:
+    """A validated config with a binary task (an external set) and a regression task; a 50-replicate bootstrap."""
+    fundus = {"modality": "cfp", "role": "labelled", "source": "phantom",
+              "phantom": {"kind": "cfp", "n": 40, "seed": 1}}
+    return validate({
+        "datasets": {"fundus": fundus, "cfp_device_b": dict(fundus, role="external")},
+        "tasks": {"glaucoma": {"dataset": "fundus", "type": "binary", "label": "glaucoma", "classes": [0, 1],
+                               "external": ["cfp_device_b"]},
+                  "age": {"dataset": "fundus", "type": "regression", "label": "age"}},
+        "models": {"scratch": {"init": "random"}},
+        "vit": {"arch": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8},
+        "pretrain": {"methods": ["mae"], "pools": {}},
+        "evaluate": {"n_boot": 50},
+    })
+
+
 def test_cli(tmp_path):
     y, p = fake_predictions(80, 2, seed=6)
     pred = tmp_path / "p.parquet"
     write_predictions(pred, y, p)
     out = tmp_path / "m.json"
-    rc = main(
-        [
-            "--predictions",
-            str(pred),
-            "--out",
-            str(out),
-            "--task",
-            "glaucoma",
-            "--task-type",
-            "binary",
-            "--protocol",
-            "probe",
-            "--model",
-            "scratch",
-            "--fraction",
-            "1.0",
-            "--seed",
-            "2",
-            "--eval-set",
-            "cfp_device_b",
-            "--classes",
-            "0",
-            "1",
-            "--n-boot",
-            "50",
-        ]
-    )
+    settings = report_settings.evaluation(eval_config(), "probe_adamw", "glaucoma", "scratch", 1.0, 2, "cfp_device_b")
+    assert (settings.task_type, settings.classes, settings.evaluate.n_boot) == ("binary", ("0", "1"), 50)
+    rc = main(["--settings", settings.to_json(), "--predictions", str(pred), "--out", str(out)])
     data = json.loads(out.read_text())
     assert rc == 0 and data["eval_set"] == "cfp_device_b" and data["seed"] == 2 and data["fraction"] == 1.0
+    assert data["n_boot"] == 50 and data["settings"] == settings.to_dict()
+    assert report_settings.EvaluationSettings.from_dict(data["settings"]) == settings
 
 
 @pytest.mark.parametrize("problem", ["missing_prob", "empty", "nan", "missing_file"])
@@ -285,7 +281,7 @@ def test_bad_predictions_exit_with_file_name(tmp_path, problem):
     else:
         pred.unlink()
     with pytest.raises(SystemExit) as exc:
-        evaluate_predictions(pred, META, tmp_path / "m.json", n_boot=10)
+        evaluate_predictions(pred, META, tmp_path / "m.json", n_boot=10, seed=0)
     assert str(pred) in str(exc.value)
     assert not (tmp_path / "m.json").exists()
 
@@ -613,7 +609,7 @@ def test_evaluate_multilabel_and_regression_json(tmp_path):
         df[f"prob_{j}"] = p[:, j]
     df.to_parquet(tmp_path / "ml.parquet")
     meta = dict(META, task="oct_signs", task_type="multilabel", classes=["drusen", "fluid", "ez_loss"])
-    res = evaluate_predictions(tmp_path / "ml.parquet", meta, tmp_path / "ml.json", n_boot=50)
+    res = evaluate_predictions(tmp_path / "ml.parquet", meta, tmp_path / "ml.json", n_boot=50, seed=0)
     assert set(res["metrics"]) == set(METRICS_BY_TYPE["multilabel"]) and res["primary_metric"] == "auroc"
     assert res["absent_classes"] == ["ez_loss"] and res["class_counts"][2] == 0
     assert set(res["per_class"]) == {"drusen", "fluid", "ez_loss"} and set(res["roc"]) == {"drusen", "fluid"}
@@ -625,13 +621,13 @@ def test_evaluate_multilabel_and_regression_json(tmp_path):
         {"image_id": range(70), "y_true": target, "y_pred": target + rng.normal(0, 3, 70)}
     ).to_parquet(tmp_path / "reg.parquet")
     out = tmp_path / "reg.json"
-    args = ["--predictions", str(tmp_path / "reg.parquet"), "--out", str(out), "--task", "age",
-            "--task-type", "regression", "--protocol", "finetune", "--model", "mae", "--fraction", "1",
-            "--seed", "0", "--n-boot", "50"]
-    assert main(args) == 0
+    settings = report_settings.evaluation(eval_config(), "finetune", "age", "scratch", 1, 0)
+    assert (settings.task_type, settings.classes) == ("regression", ())
+    args = ["--predictions", str(tmp_path / "reg.parquet"), "--out", str(out)]
+    assert main(["--settings", settings.to_json(), *args]) == 0
     data = json.loads(out.read_text())
     assert set(data["metrics"]) == set(METRICS_BY_TYPE["regression"]) and data["primary_metric"] == "mae"
     assert data["lower_is_better"] == ["mae", "rmse"] and data["classes"] == []
     assert data["metrics"]["mae"]["ci_low"] < data["metrics"]["mae"]["value"] < data["metrics"]["mae"]["ci_high"]
-    with pytest.raises(SystemExit):  # --classes is only optional for regression
-        main(["multiclass" if a == "regression" else a for a in args])
+    with pytest.raises(SystemExit, match=r"^--settings: classes are required for task type multiclass$"):
+        main(["--settings", settings.replace(task_type="multiclass").to_json(), *args])  # only regression has none

@@ -8,12 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from scipy import stats
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
+from retflow.evaluate import evaluate
 from retflow.evaluate.compare import delong_test
-from retflow.evaluate.evaluate import evaluate_predictions
+from retflow.layout import Layout
 from retflow.report import figures, pairwise, saliency, targets
+from retflow.report.cli import main
 from retflow.report.collect import (
     collect_benchmarks,
     collect_compare,
@@ -23,7 +26,9 @@ from retflow.report.collect import (
     cost_frame,
     job_step,
 )
-from retflow.report.html import build_report, main, mapped_internal
+from retflow.report.html import build_report, mapped_internal
+from retflow.settings import ConfigError, validate
+from retflow.settings import report as report_settings
 
 TASKS = {
     "dr_grading": {
@@ -59,7 +64,7 @@ TASKS = {
 }
 MODELS = {"mae": {"init": "pretrained", "method": "mae"}, "scratch": {"init": "random"}}
 FRACTIONS = [0.1, 1.0]
-CONFIG = {
+CONFIG = validate({
     "results": "results",
     "datasets": {
         "cfp_clinic": {"modality": "cfp", "role": "labelled", "source": "phantom",
@@ -70,14 +75,16 @@ CONFIG = {
     },
     "tasks": TASKS,
     "models": MODELS,
-    "pretrain": {"methods": ["mae"], "epochs": 3, "mask_ratio": {"cfp": 0.75}},
+    "vit": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8},
+    "pretrain": {"methods": ["mae"], "epochs": 3, "mask_ratio": {"cfp": 0.75}, "pools": {"cfp": ["cfp_clinic"]}},
     "finetune": {"epochs": 2, "blr": 1e-3},
     "fractions": FRACTIONS,
     "seeds": [0, 1],
     "protocols": ["finetune"],
     "evaluate": {"n_boot": 100, "seed": 0},
     "resources": {"pretrain": {"gpu": 2}, "finetune": {"gpu": 1}},
-}
+})
+SETTINGS = report_settings.report(CONFIG)
 TINY_PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201e2a7d0e90000000049454e44ae426082"
@@ -135,9 +142,11 @@ def _segmentation_metrics(path: Path, model: str, seed: int) -> None:
     }))
 
 
-def build_fake_tree(root: Path, n_boot: int = 100) -> tuple[Path, Path]:
-    """A results/ and benchmarks/ tree like the workflow's, with random predictions."""
+def build_fake_tree(root: Path) -> tuple[Path, Path]:
+    """A results/ and benchmarks/ tree like the workflow's, with random predictions, evaluated and
+    compared by the library's job functions with the settings the rules would pass."""
     results, bench = root / "results", root / "benchmarks"
+    layout = Layout(results)
     rng = np.random.default_rng(0)
     for task, cfg in TASKS.items():
         classes = cfg.get("classes") or (cfg["label"] if isinstance(cfg["label"], list) else [])
@@ -147,51 +156,47 @@ def build_fake_tree(root: Path, n_boot: int = 100) -> tuple[Path, Path]:
             for model in MODELS:
                 for frac in fractions:
                     for seed in seeds:
-                        run = results / protocol / task / model / f"frac{frac:g}" / f"seed{seed}"
+                        run = Path(layout.run_dir(protocol, task, model, frac, seed))
                         if cfg["type"] == "segmentation":
                             _segmentation_metrics(run / "metrics.json", model, seed)
                             continue
                         sets = [("internal", run, cfg["type"], classes)]
                         for e in cfg.get("external", []):
                             if isinstance(e, dict):  # evaluated in its own label scheme
-                                sets.append((e["dataset"], run / "external" / e["dataset"], "binary", e["classes"]))
+                                sets.append((e["dataset"], Path(layout.external_dir(run, e["dataset"])), "binary",
+                                             e["classes"]))
                             else:
-                                sets.append((e, run / "external" / e, cfg["type"], classes))
+                                sets.append((e, Path(layout.external_dir(run, e)), cfg["type"], classes))
                         for eval_set, folder, ttype, cls in sets:
                             signal = 0.5 + frac + (0.8 if model == "mae" else 0)
                             signal -= 0.3 if eval_set != "internal" else 0
                             _predictions(folder / "predictions.parquet", ttype, len(cls), rng, signal)
-                            meta = {"task": task, "task_type": ttype, "protocol": protocol, "model": model,
-                                    "fraction": frac, "seed": seed, "eval_set": eval_set, "classes": cls}
-                            evaluate_predictions(folder / "predictions.parquet", meta, folder / "metrics.json",
-                                                 n_boot=n_boot)
+                            job = report_settings.evaluation(CONFIG, protocol, task, model, frac, seed, eval_set)
+                            assert (job.task_type, job.classes) == (ttype, tuple(cls) if ttype != "regression" else ())
+                            evaluate.run(job, folder / "predictions.parquet", folder / "metrics.json")
+    compare_n_boot = dict(CONFIG["evaluate"], n_boot=200)
     for task, protocol, frac, seed in targets.compare_groups(CONFIG):
-        preds = [str(results / p) for p in targets.compare_predictions(CONFIG, task, protocol, frac, seed)]
-        cfg = TASKS[task]
-        args = ["--predictions", *preds, "--models", *MODELS, "--task-type", cfg["type"], "--n-boot", "200",
-                "--task", task, "--protocol", protocol, "--fraction", frac, "--train-seed", str(seed),
-                "--out", str(results / targets.compare_json(task, protocol, frac, seed))]
-        classes = cfg.get("classes") or (cfg["label"] if isinstance(cfg["label"], list) else None)
-        if classes and cfg["type"] != "regression":
-            args += ["--classes", *classes]
-        assert pairwise.main(args) == 0
-    sal = results / "saliency"
-    sal.mkdir(parents=True)
-    (sal / "glaucoma.png").write_bytes(TINY_PNG)
-    (sal / "glaucoma.json").write_text(json.dumps({"run": "finetune/glaucoma/mae/frac1/seed0", "images": []}))
-    pre = results / "pretrain" / "mae" / "cfp"
+        job = report_settings.compare(CONFIG, task, protocol, frac, seed)
+        job = job.replace(evaluate=job.evaluate.replace(**compare_n_boot))
+        preds = [f"{layout.run_dir(protocol, task, m, frac, seed)}/predictions.parquet" for m in job.models]
+        assert pairwise.main(["--settings", job.to_json(), "--predictions", *preds,
+                              "--out", layout.compare_json(task, protocol, frac, seed)]) == 0
+    Path(layout.saliency_png("glaucoma")).parent.mkdir(parents=True)
+    Path(layout.saliency_png("glaucoma")).write_bytes(TINY_PNG)
+    Path(layout.saliency_json("glaucoma")).write_text(json.dumps(
+        {"run": report_settings.saliency(CONFIG, "glaucoma").description(), "images": []}))
+    pre = Path(layout.pretrain_dir("mae", "cfp"))
     pre.mkdir(parents=True)
     (pre / "figure.png").write_bytes(TINY_PNG)
     pd.DataFrame({"epoch": range(5), "loss": [1.0, 0.8, 0.6, 0.5, 0.45], "lr": 1e-4, "seconds": 2.0}).to_csv(
         pre / "log.csv", index=False
     )
-    qdir = results / "data" / "cfp_clinic"
-    qdir.mkdir(parents=True)
+    Path(layout.store("cfp_clinic")).mkdir(parents=True)
     pd.DataFrame({"source": ["a.png", "b.png", "c.png"], "reason": ["unreadable", "unreadable", "too_small"]}).to_csv(
-        qdir / "quarantine.csv", index=False
+        layout.quarantine("cfp_clinic"), index=False
     )
-    (results / "data" / "oct_clinic").mkdir()
-    (results / "data" / "oct_clinic" / "quarantine.csv").write_text("source,reason\n")
+    Path(layout.store("oct_clinic")).mkdir()
+    Path(layout.quarantine("oct_clinic")).write_text("source,reason\n")
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     run_bench = bench / "finetune" / "dr_grading" / "mae" / "frac0.1" / "seed0"
     run_bench.mkdir(parents=True)
@@ -213,7 +218,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def html(tree, tmp_path_factory):
     results, bench = tree
-    out = build_report(results, bench, CONFIG, tmp_path_factory.mktemp("html") / "report.html")
+    out = build_report(results, bench, SETTINGS, tmp_path_factory.mktemp("html") / "report.html")
     return out.read_text()
 
 
@@ -251,7 +256,8 @@ def test_collectors(tree):
 
 def test_cost_frame_gpu_hours_from_config(tree):
     _, bench = tree
-    cost = cost_frame(bench, CONFIG).set_index("job")
+    assert SETTINGS.gpus == {"pretrain": 2.0, "finetune": 1.0}  # resources.<kind>.gpu x nodes
+    cost = cost_frame(bench, SETTINGS.gpus).set_index("job")
     assert cost.loc["pretrain/mae_cfp", "gpu_h"] == pytest.approx(100 * 2 / 3600)
     assert cost.loc["finetune/dr_grading/mae/frac0.1/seed0/train", "gpu_h"] == pytest.approx(12.5 / 3600)
     assert cost.loc["finetune/dr_grading/mae/frac0.1/seed0/evaluate", "gpu_h"] == 0
@@ -259,7 +265,7 @@ def test_cost_frame_gpu_hours_from_config(tree):
     assert cost.loc["finetune/dr_grading/mae/frac0.1/seed0/train", "model"] == "mae"
     assert job_step("compare/glaucoma/finetune/frac1/seed0") == "compare"
     assert job_step("probe_lars/glaucoma/mae/frac1/seed0/predict_cfp_device_b") == "probe_lars predict"
-    assert cost_frame(bench / "nowhere", CONFIG).empty
+    assert cost_frame(bench / "nowhere", SETTINGS.gpus).empty
 
 
 # ---------------------------------------------------------------- statistics
@@ -280,7 +286,7 @@ def test_pairwise_best_vs_rest(tmp_path):
     for model, signal in (("weak", 0.2), ("strong", 2.5), ("mid", 1.0)):
         paths[model] = tmp_path / f"{model}.parquet"
         _predictions(paths[model], "binary", 2, rng, signal, n=200)
-    res = pairwise.compare_models(paths, "binary", ["0", "1"], n_boot=200)
+    res = pairwise.compare_models(paths, "binary", ["0", "1"], None, n_boot=200, seed=0)
     assert res["method"] == "delong" and res["best"] == "strong" and len(res["pairs"]) == 3
     assert [p["b"] for p in res["best_vs_rest"]] == ["weak", "mid"]
     vs_weak = res["best_vs_rest"][0]
@@ -290,7 +296,7 @@ def test_pairwise_best_vs_rest(tmp_path):
     assert vs_weak["p_value"] == pytest.approx(ref["p_value"]) and vs_weak["p_value"] < 0.05
     assert vs_weak["difference"] == pytest.approx(ref["difference"])
     # a lower-is-better metric picks the smallest value
-    ece = pairwise.compare_models(paths, "binary", ["0", "1"], metric="ece", n_boot=50)
+    ece = pairwise.compare_models(paths, "binary", ["0", "1"], "ece", n_boot=50, seed=0)
     assert ece["lower_is_better"] and ece["method"] == "paired_bootstrap"
     assert ece["values"][ece["best"]] == min(ece["values"].values())
     assert pairwise.pick_best({"a": None, "b": float("nan")}, False) is None
@@ -336,20 +342,83 @@ def test_compare_and_saliency_targets():
     assert all(v == ["mae", "scratch"] for v in groups.values())
     one_model = dict(CONFIG, models={"mae": MODELS["mae"]})
     assert targets.compare_groups(one_model) == {}
-    assert targets.compare_predictions(CONFIG, "glaucoma", "finetune", "1", 0) == [
-        "finetune/glaucoma/mae/frac1/seed0/predictions.parquet",
-        "finetune/glaucoma/scratch/frac1/seed0/predictions.parquet",
+    layout = Layout("out")
+
+    class W:
+        task, protocol, frac, seed = "glaucoma", "finetune", "1", "0"
+
+    assert targets.compare_inputs(CONFIG, layout, W) == [
+        "out/finetune/glaucoma/mae/frac1/seed0/predictions.parquet",
+        "out/finetune/glaucoma/scratch/frac1/seed0/predictions.parquet",
     ]
     run = targets.saliency_run(dict(CONFIG, models={"scratch": MODELS["scratch"], "mae": MODELS["mae"]}), "glaucoma")
     assert (run.protocol, run.model, run.fraction, run.seed) == ("finetune", "mae", 1.0, 0)
     assert targets.saliency_tasks(CONFIG) == ["dr_grading", "glaucoma", "oct_diagnosis"]
+    assert targets.saliency_inputs(CONFIG, layout, W) == {"best": "out/finetune/glaucoma/mae/frac1/seed0/best.pth",
+                                                          "store": "out/data/cfp_clinic/manifest.parquet"}
+    assert targets.compare_outputs(CONFIG, layout)[0] == "out/compare/dr_grading/finetune/frac0.1/seed0.json"
+    assert targets.saliency_outputs(CONFIG, layout) == [f"out/saliency/{t}.png" for t in
+                                                        ("dr_grading", "glaucoma", "oct_diagnosis")]
+    job = report_settings.compare(CONFIG, "oct_signs", "finetune", "1", "0")
+    assert (job.task_type, job.classes, job.models) == ("multilabel", ("drusen", "irf", "srf"), ("mae", "scratch"))
+    assert (job.fraction, job.seed, job.evaluate.n_boot) == (1.0, 0, 100)
+    assert report_settings.compare(CONFIG, "cdr", "finetune", 1.0, 1).classes == ()  # regression
+    sal = report_settings.saliency(CONFIG, "glaucoma")
+    assert (sal.dataset, sal.label, sal.model, sal.fraction, sal.device) == (
+        "cfp_clinic", "glaucoma", "mae", 1.0, "auto")
 
-    class W:
-        task, protocol, frac, seed = "oct_signs", "finetune", "1", "0"
 
-    args = targets.compare_args(CONFIG, W)
-    assert "--task-type multilabel" in args and "--classes drusen irf srf" in args and "--n-boot 100" in args
-    assert targets.compare_outputs(CONFIG)[0].startswith("results/compare/")
+# ---------------------------------------------------------------- one Layout, settings recorded
+def test_layout_paths_round_trip(tmp_path):
+    layout = Layout(tmp_path / "res")
+    run = layout.run_dir("probe_lars", "glaucoma", "mae", 0.1, 3)
+    assert run == f"{tmp_path}/res/probe_lars/glaucoma/mae/frac0.1/seed3"
+    where = {"protocol": "probe_lars", "task": "glaucoma", "model": "mae", "fraction": "0.1", "seed": "3"}
+    assert layout.parse_run_file(f"{run}/metrics.json") == {**where, "eval_set": "internal"}
+    assert layout.parse_run_file(f"{layout.external_dir(run, 'cfp_device_b')}/metrics.json") == {
+        **where, "eval_set": "cfp_device_b"}
+    assert layout.parse_compare_file(layout.compare_json("glaucoma", "finetune", 1.0, 0)) == {
+        "task": "glaucoma", "protocol": "finetune", "fraction": "1", "seed": "0"}
+    for outside in (layout.qc("cfp_clinic"), f"{layout.pretrain_dir('mae', 'cfp')}/a/frac1/seed0/log.csv",
+                    tmp_path / "elsewhere/finetune/t/m/frac1/seed0/metrics.json", layout.saliency_json("t")):
+        assert layout.parse_run_file(outside) is None, outside
+    assert layout.parse_compare_file(layout.saliency_json("t")) is None
+    assert layout.report_settings() == f"{tmp_path}/res/report.settings.json"
+
+
+def test_every_job_records_its_settings(tree):
+    results, _ = tree
+    layout = Layout(results)
+    run = layout.run_dir("finetune", "dr_grading", "mae", 0.1, 1)
+    internal = json.loads(Path(run, "metrics.json").read_text())
+    assert internal["settings"] == report_settings.evaluation(CONFIG, "finetune", "dr_grading", "mae", 0.1, 1).to_dict()
+    assert internal["n_boot"] == 100 and internal["classes"] == ["0", "1", "2", "3", "4"]
+    external = json.loads(Path(layout.external_dir(run, "cfp_device_b"), "metrics.json").read_text())
+    assert external["settings"]["task_type"] == "binary" == external["task_type"]
+    assert external["settings"]["classes"] == ["non_referable", "referable"] == external["classes"]
+    compare = json.loads(Path(layout.compare_json("glaucoma", "probe_lars", 0.1, 0)).read_text())
+    assert compare["settings"]["models"] == ["mae", "scratch"] == compare["models"]
+    assert (compare["n_boot"], compare["boot_seed"], compare["fraction"], compare["seed"]) == (200, 0, 0.1, 0)
+    assert report_settings.CompareSettings.from_dict(compare["settings"]).task == "glaucoma"
+
+
+def test_job_settings_problems_are_one_line(tmp_path):
+    job = report_settings.compare(CONFIG, "glaucoma", "finetune", 1.0, 0)
+    out = str(tmp_path / "c.json")
+    with pytest.raises(SystemExit, match=r"^--settings: not JSON"):
+        pairwise.main(["--settings", "nope", "--predictions", "a", "b", "--out", out])
+    bad = {**job.to_dict(), "n_boot": 5}
+    with pytest.raises(SystemExit, match=r"^--settings: CompareSettings: unknown keys \['n_boot'\] \(settings"):
+        pairwise.main(["--settings", json.dumps(bad), "--predictions", "a", "b", "--out", out])
+    with pytest.raises(SystemExit, match=r"^1 predictions files for the 2 models \['mae', 'scratch'\] of compare "
+                                         r"glaucoma/finetune$"):
+        pairwise.main(["--settings", job.to_json(), "--predictions", "a", "--out", out])
+    with pytest.raises(ConfigError, match=r"^compare vessels/finetune/frac1/seed0: not a comparison of this config"):
+        report_settings.compare(CONFIG, "vessels", "finetune", 1.0, 0)
+    ev = report_settings.evaluation(CONFIG, "finetune", "glaucoma", "mae", 1.0, 0).to_dict()
+    del ev["evaluate"]
+    with pytest.raises(SystemExit, match=r"^--settings: EvaluationSettings: missing keys \['evaluate'\]"):
+        evaluate.main(["--settings", json.dumps(ev), "--predictions", "p.parquet", "--out", out])
 
 
 # ---------------------------------------------------------------- HTML
@@ -365,6 +434,8 @@ def test_build_report(html):
     assert "112.5" not in html and "118.1" in html  # timings total (12.5 + 3.6 + 100 + 2)
     assert "finetune train" in html and "GPU-hours" in html and "0.0556" in html  # 100 s x 2 GPUs
     assert "id='summary'" in html and "p vs best" in html
+    assert "100 times, seed 0: <code>evaluate</code> in the config" in html  # the bootstrap, from the settings
+    assert "<h3>probe_lars settings</h3>" in html and "<h3>probe_adamw settings</h3>" not in html  # protocols run
 
 
 def test_task_sections(html):
@@ -382,19 +453,49 @@ def test_task_sections(html):
 
 
 def test_report_robust_to_empty_inputs(tmp_path):
-    out = build_report(tmp_path / "results", tmp_path / "benchmarks", {}, tmp_path / "r.html")
+    out = build_report(tmp_path / "results", tmp_path / "benchmarks", SETTINGS, tmp_path / "r.html")
     text = out.read_text()
-    assert "retflow report" in text and "none" in text
+    assert "retflow report" in text and "none" in text and "No results for this task yet" in text
 
 
-def test_cli(tree, tmp_path):
+def test_cli_builds_the_report_from_a_config_file_without_snakemake(tree, tmp_path):
+    """A config file -> validated config -> ReportSettings -> the report: the library alone."""
     results, bench = tree
+    raw = {k: CONFIG[k] for k in ("datasets", "models", "vit", "pretrain", "fractions", "seeds", "evaluate")}
+    raw["tasks"] = {"dr_grading": TASKS["dr_grading"]}
     cfg = tmp_path / "config.yaml"
-    cfg.write_text("tasks:\n  dr_grading: {dataset: cfp_clinic, type: ordinal, classes: ['0','1','2','3','4']}\n")
-    out = tmp_path / "cli.html"
-    assert main(["--results", str(results), "--benchmarks", str(bench), "--config", str(cfg), "--out", str(out)]) == 0
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out, recorded = tmp_path / "cli.html", tmp_path / "report.settings.json"
+    assert main(["--config", str(cfg), "--results", str(results), "--benchmarks", str(bench), "--out", str(out),
+                 "--settings-out", str(recorded)]) == 0
     text = out.read_text()
     assert "dr_grading" in text and "oct_diagnosis" in text  # tasks found in results but not in config
+    settings = report_settings.ReportSettings.from_json(recorded.read_text())
+    assert settings == report_settings.report(validate(raw)) and [t.name for t in settings.tasks] == ["dr_grading"]
+    # the workflow's way: the same settings as JSON (on an empty results folder: quick)
+    again = tmp_path / "again.html"
+    assert main(["--settings", settings.to_json(), "--results", str(tmp_path / "empty"), "--benchmarks",
+                 str(bench), "--out", str(again), "--settings-out", str(tmp_path / "s.json")]) == 0
+    assert "Task: dr_grading" in again.read_text()
+    assert report_settings.ReportSettings.from_json((tmp_path / "s.json").read_text()) == settings
+
+
+def test_cli_bad_settings_and_config_are_one_line(tree, tmp_path):
+    results, bench = tree
+    base = ["--results", str(results), "--benchmarks", str(bench), "--out", str(tmp_path / "r.html"),
+            "--settings-out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit, match=r"^--settings: not JSON \(Expecting"):
+        main(["--settings", "{tasks", *base])
+    bad = SETTINGS.to_dict()
+    del bad["gpus"]
+    with pytest.raises(SystemExit, match=r"^--settings: ReportSettings: missing keys \['gpus'\] \(settings are built "
+                                         r"from the validated config"):
+        main(["--settings", json.dumps(bad), *base])
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({k: CONFIG[k] for k in ("datasets", "tasks", "models", "vit")}))
+    with pytest.raises(SystemExit, match=r"bad.yaml: pretrain: required key is missing"):
+        main(["--config", str(cfg), *base])
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_figures_are_pngs(tree):
@@ -457,23 +558,32 @@ def test_saliency_grid_from_store_and_checkpoint(tmp_path):
     pd.DataFrame({"image_id": [f"x{i}" for i in range(12)], "index": range(12), "label": labels,
                   "split": ["test"] * 10 + ["train"] * 2}).to_parquet(store / "manifest.parquet")
     out, meta = tmp_path / "s.png", tmp_path / "s.json"
-    assert saliency.main(["--checkpoint", str(ckpt), "--store", str(store), "--label", "label", "--out", str(out),
-                          "--meta", str(meta), "--device", "cpu", "--n-per-class", "2"]) == 0
+    config = validate({
+        "datasets": {"letters": {"modality": "cfp", "role": "labelled", "source": "csv", "path": "letters.csv"}},
+        "tasks": {"abc": {"dataset": "letters", "label": "label", "type": "multiclass", "classes": ["a", "b", "c"]}},
+        "models": {"scratch": {"init": "random"}}, "vit": {"arch": spec.arch, "img_size": 32, "patch_size": 8},
+        "pretrain": {"methods": ["mae"], "pools": {}}, "device": "cpu"})
+    job = report_settings.saliency(config, "abc")
+    assert saliency.main(["--settings", job.to_json(), "--checkpoint", str(ckpt), "--store", str(store),
+                          "--out", str(out), "--meta", str(meta), "--n-per-class", "2"]) == 0
     assert out.read_bytes().startswith(b"\x89PNG")
     info = json.loads(meta.read_text())
     assert [i["true"] for i in info["images"]] == ["a", "a", "b", "b", "c"]  # class c has one test image
     assert "rollout" in info["method"]
+    assert info["settings"] == job.to_dict() and info["run"] == "abc: scratch (finetune), label fraction 1, seed 0"
+    with pytest.raises(ConfigError, match=r"^tasks.cdr: no saliency maps for a regression task "
+                                                          r"\(only binary, multiclass, ordinal\)$"):
+        report_settings.saliency(CONFIG, "cdr")
 
 
 # ---------------------------------------------------------------- workflow wiring
 def test_workflow_dry_run_fans_out_compare_and_saliency(tmp_path):
-    import yaml
     from conftest import ROOT, job_counts, make_workdir, snakemake
 
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = validate(yaml.safe_load((ROOT / "config.yaml").read_text()))
     result = snakemake(make_workdir(tmp_path), "-n", "--cores", "1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     counts = job_counts(result.stdout)
-    assert counts["compare"] == len(targets.compare_targets(config)) > 0
+    assert counts["compare"] == len(targets.compare_groups(config)) > 0
     assert counts["saliency"] == len(targets.saliency_tasks(config)) > 0
     assert counts["report"] == 1

@@ -1,10 +1,10 @@
 """Turn a predictions parquet into metrics.json (metrics with bootstrap CIs, per class, confusion, ROC).
 
-Command line::
+Command line (``workflow_scripts/evaluate.py`` is the same; the settings are
+:func:`retflow.settings.report.evaluation` of the config: the run, its eval set's label scheme, the
+``evaluate`` bootstrap, recorded in the JSON under ``settings``)::
 
-    python -m retflow.evaluate.evaluate --predictions P --out O --task T --task-type ordinal \\
-        --protocol finetune --model mae --fraction 0.1 --seed 0 --eval-set internal \\
-        --classes 0 1 2 3 4 [--n-boot 1000] [--boot-seed 0]
+    python -m retflow.evaluate.evaluate --settings '<EvaluationSettings JSON>' --predictions P --out O
 
 Predictions parquet formats (one row per test image):
 
@@ -39,6 +39,7 @@ from .metrics import (
 )
 from .multilabel_metrics import predict_labels
 from .retfound_metrics import retfound_current, retfound_v1
+from ..settings.report import EvaluationSettings, from_cli
 
 META_FIELDS = ("task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "classes")
 PROB_SUM_TOLERANCE = 1e-2
@@ -152,11 +153,13 @@ def _per_class_by_name(per_class: dict[str, list], classes: list[str], counts: l
     return out
 
 
-def evaluate_predictions(pred_path, task_meta: dict, out_path, n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate_predictions(pred_path, task_meta: dict, out_path, *, n_boot: int, seed: int,
+                         settings: dict | None = None) -> dict:
     """Evaluate one predictions parquet and write ``out_path`` (metrics.json); returns the dict.
 
     ``task_meta`` supplies task, task_type, protocol, model, fraction, seed, eval_set and classes;
-    they are merged into the output next to:
+    ``n_boot`` bootstrap replicates seeded ``seed`` give the CIs; ``settings`` (what the job ran with)
+    is recorded as is. They are merged into the output next to:
 
     * ``n``, ``primary_metric``, ``lower_is_better`` (the metrics of this task type where lower
       is better), ``n_boot``;
@@ -190,7 +193,7 @@ def evaluate_predictions(pred_path, task_meta: dict, out_path, n_boot: int = 100
     )
     if task_type == "regression":
         result["classes"] = [str(c) for c in classes] if classes else []
-        return _write(result, out_path)
+        return _write(result, out_path, settings)
     k = probs.shape[1]
     classes = [str(c) for c in classes] if classes else [str(i) for i in range(k)]
     result["classes"] = classes
@@ -215,49 +218,39 @@ def evaluate_predictions(pred_path, task_meta: dict, out_path, n_boot: int = 100
             retfound_current=retfound_current(y_true, probs, task_type),
         )
     result["roc"] = roc_curves(y_true, probs, classes)
-    return _write(result, out_path)
+    return _write(result, out_path, settings)
 
 
-def _write(result: dict, out_path) -> dict:
+def _write(result: dict, out_path, settings: dict | None) -> dict:
+    if settings is not None:
+        result["settings"] = settings
     result = json_safe(result)
     write_json(result, out_path)  # temp file + os.replace
     return result
 
 
-def _parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m retflow.evaluate.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", required=True, help="predictions.parquet")
-    ap.add_argument("--out", required=True, help="metrics.json to write")
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
-    ap.add_argument("--protocol", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--fraction", required=True, type=float)
-    ap.add_argument("--seed", required=True, type=int, help="training seed (recorded in the JSON)")
-    ap.add_argument("--eval-set", default="internal")
-    ap.add_argument("--classes", nargs="*", default=None, help="class / sign names (not needed for regression)")
-    ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap resampling")
-    args = ap.parse_args(argv)
-    if args.task_type != "regression" and not args.classes:
-        ap.error(f"--classes is required for task type {args.task_type}")
-    return args
+def run(settings: EvaluationSettings, pred_path, out_path) -> dict:
+    """One evaluate job: ``pred_path`` scored as ``settings`` say -> ``out_path`` (metrics.json with the settings)."""
+    meta = {"task": settings.task, "task_type": settings.task_type, "protocol": settings.protocol,
+            "model": settings.model, "fraction": settings.fraction, "seed": settings.seed,
+            "eval_set": settings.eval_set, "classes": list(settings.classes) or None}
+    return evaluate_predictions(pred_path, meta, out_path, n_boot=settings.evaluate.n_boot,
+                                seed=settings.evaluate.seed, settings=settings.to_dict())
 
 
 def main(argv=None) -> int:
     """CLI entry point; returns 0 on success (errors exit with a message)."""
-    args = _parse_args(argv)
-    meta = {
-        "task": args.task,
-        "task_type": args.task_type,
-        "protocol": args.protocol,
-        "model": args.model,
-        "fraction": args.fraction,
-        "seed": args.seed,
-        "eval_set": args.eval_set,
-        "classes": args.classes,
-    }
-    res = evaluate_predictions(args.predictions, meta, args.out, n_boot=args.n_boot, seed=args.boot_seed)
+    ap = argparse.ArgumentParser(prog="python -m retflow.evaluate.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", required=True, help="the job's settings, JSON (retflow.settings.report.evaluation)")
+    ap.add_argument("--predictions", required=True, help="predictions.parquet")
+    ap.add_argument("--out", required=True, help="metrics.json to write")
+    args = ap.parse_args(argv)
+    settings = from_cli(EvaluationSettings, args.settings)
+    if settings.task_type not in TASK_TYPES:
+        raise SystemExit(f"--settings: task_type must be one of {TASK_TYPES}, got {settings.task_type!r}")
+    if settings.task_type != "regression" and not settings.classes:
+        raise SystemExit(f"--settings: classes are required for task type {settings.task_type}")
+    res = run(settings, args.predictions, args.out)
     primary = res["primary_metric"]
     m = res["metrics"][primary]
     print(f"{args.out}: n={res['n']} {primary}={m['value']} [{m['ci_low']}, {m['ci_high']}]", file=sys.stderr)

@@ -1,23 +1,48 @@
-"""Report entry point used by the workflow: the resolved config arrives as JSON."""
+"""Report entry point: the HTML report of a results folder.
+
+The workflow (rules/report.smk) passes the report's settings as JSON::
+
+    python workflow_scripts/report.py --settings '<ReportSettings JSON>' --results results \\
+        --benchmarks benchmarks --out results/report.html --settings-out results/report.settings.json
+
+By hand, a config file gives the same settings (:func:`retflow.settings.report.report` of the
+validated config)::
+
+    python -m retflow.report.cli --config config.yaml --results results --benchmarks benchmarks \\
+        --out results/report.html --settings-out results/report.settings.json
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build the self-contained HTML report.")
-    ap.add_argument("--results", required=True)
-    ap.add_argument("--benchmarks", required=True)
-    ap.add_argument("--config-json", required=True, help="the workflow's resolved config, JSON")
-    ap.add_argument("--out", required=True)
+    ap = argparse.ArgumentParser(prog="python -m retflow.report.cli",
+                                 description="Build the self-contained HTML report.")
+    given = ap.add_mutually_exclusive_group(required=True)
+    given.add_argument("--settings", help="the report's settings, JSON (retflow.settings.report.ReportSettings)")
+    given.add_argument("--config", help="a workflow config YAML (validated; the settings are built from it)")
+    ap.add_argument("--results", required=True, help="the results folder (the config's results)")
+    ap.add_argument("--benchmarks", required=True, help="Snakemake's benchmarks folder")
+    ap.add_argument("--out", required=True, help="report.html to write")
+    ap.add_argument("--settings-out", required=True, help="where to record the settings (report.settings.json)")
     args = ap.parse_args(argv)
     from retflow.report.html import build_report
+    from retflow.settings import ConfigError, load_config
+    from retflow.settings.report import ReportSettings, from_cli, report
 
-    build_report(args.results, args.benchmarks, json.loads(args.config_json), args.out)
-    print(f"wrote {args.out}")
+    if args.settings:
+        settings = from_cli(ReportSettings, args.settings)
+    else:
+        try:
+            settings = report(load_config(args.config))
+        except ConfigError as exc:
+            raise SystemExit(str(exc)) from None  # one line per problem, each naming file and key
+    settings.write(args.settings_out)
+    build_report(args.results, args.benchmarks, settings, args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -1,16 +1,23 @@
-"""Gather workflow outputs (metrics.json, benchmarks, pretraining logs, quarantine lists) into tables."""
+"""Gather workflow outputs (metrics.json, benchmarks, pretraining logs, quarantine lists) into tables.
+
+Every path under the results folder comes from its :class:`retflow.layout.Layout`: files are found
+by globbing the Layout's own paths with ``*`` in place of names, and a run's protocol / task /
+model / fraction / seed / eval set are read back with :meth:`~retflow.layout.Layout.parse_run_file`.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-PROTOCOLS = ("finetune", "probe")  # the classic names; any other top-level run folder is found too
-NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth"})
+from ..layout import Layout
+
 RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
 EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions"]
 
@@ -32,23 +39,22 @@ def load_metrics_json(path) -> dict | None:
         return None
 
 
+def _pattern(results_dir) -> Layout:
+    """The Layout of ``results_dir`` with its root escaped for :func:`glob.glob` (``*`` = any name)."""
+    return Layout(glob.escape(str(results_dir)))
+
+
+def _glob(pattern: str) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(pattern))
+
+
 def metrics_files(results_dir) -> list[Path]:
-    """Every run's metrics.json: ``{protocol}/{task}/{model}/frac{f}/seed{s}/[external/{set}/]metrics.json``."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for top in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in NOT_PROTOCOLS):
-        found += top.glob("*/*/frac*/seed*/metrics.json")
-        found += top.glob("*/*/frac*/seed*/external/*/metrics.json")
-    return sorted(found)
-
-
-def _from_path(path: Path, root: Path) -> dict:
-    parts = path.relative_to(root).parts
-    out = {"protocol": parts[0], "task": parts[1], "model": parts[2], "fraction": parts[3][4:], "seed": parts[4][4:]}
-    out["eval_set"] = parts[6] if len(parts) > 6 and parts[5] == "external" else "internal"
-    return out
+    """Every run's metrics.json: the internal test set's and each external set's
+    (:meth:`~retflow.layout.Layout.run_dir`, :meth:`~retflow.layout.Layout.external_dir`)."""
+    layout, pattern = Layout(results_dir), _pattern(results_dir)
+    run = pattern.run_dir("*", "*", "*", "*", "*")
+    found = _glob(f"{run}/metrics.json") + _glob(f"{pattern.external_dir(run, '*')}/metrics.json")
+    return sorted(p for p in found if layout.parse_run_file(p) is not None)  # not data/, compare/, ...
 
 
 def collect_results(results_dir) -> pd.DataFrame:
@@ -60,13 +66,13 @@ def collect_results(results_dir) -> pd.DataFrame:
     ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined). Unknown metric names are kept.
     Fields missing from a JSON file are taken from its path.
     """
-    root = Path(results_dir)
+    layout = Layout(results_dir)
     rows = []
-    for path in metrics_files(root):
+    for path in metrics_files(results_dir):
         data = load_metrics_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
             continue
-        where = _from_path(path, root)
+        where = layout.parse_run_file(path)
         row = {key: data.get(key) for key in RESULT_KEYS}
         for key, value in where.items():
             if row.get(key) is None:
@@ -99,29 +105,28 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 
 
 def collect_compare(results_dir) -> list[dict]:
-    """Every ``compare/{task}/{protocol}/frac{f}/seed{s}.json`` (pairwise model comparisons)."""
-    root = Path(results_dir) / "compare"
+    """Every compare JSON (:meth:`~retflow.layout.Layout.compare_json`: pairwise model comparisons);
+    task, protocol, fraction and seed missing from a file are read from its path."""
+    layout = Layout(results_dir)
     out = []
-    for path in sorted(root.glob("*/*/frac*/seed*.json")) if root.is_dir() else []:
-        data = load_metrics_json(path)
-        if not isinstance(data, dict):
+    for path in _glob(_pattern(results_dir).compare_json("*", "*", "*", "*")):
+        data, where = load_metrics_json(path), layout.parse_compare_file(path)
+        if not isinstance(data, dict) or where is None:
             continue
-        parts = path.relative_to(root).parts
-        data.setdefault("task", parts[0])
-        data["protocol"] = data.get("protocol") or parts[1]
-        data["fraction"] = _num(data.get("fraction") if data.get("fraction") is not None else parts[2][4:])
-        data["seed"] = int(data["seed"]) if data.get("seed") is not None else int(path.stem[4:])
+        data.setdefault("task", where["task"])
+        data["protocol"] = data.get("protocol") or where["protocol"]
+        data["fraction"] = _num(data.get("fraction") if data.get("fraction") is not None else where["fraction"])
+        data["seed"] = int(data["seed"]) if data.get("seed") is not None else int(where["seed"])
         data["path"] = str(path)
         out.append(data)
     return out
 
 
 def collect_saliency(results_dir) -> dict[str, tuple[Path, dict]]:
-    """``{task: (png path, meta dict)}`` from ``saliency/{task}.png`` (+ ``.json`` when present)."""
-    root = Path(results_dir) / "saliency"
-    out = {}
-    for png in sorted(root.glob("*.png")) if root.is_dir() else []:
-        meta_path = png.with_suffix(".json")
+    """``{task: (png path, meta dict)}`` from :meth:`~retflow.layout.Layout.saliency_png` (+ its JSON when present)."""
+    layout, out = Layout(results_dir), {}
+    for png in _glob(_pattern(results_dir).saliency_png("*")):
+        meta_path = Path(layout.saliency_json(png.stem))
         meta = load_metrics_json(meta_path) if meta_path.is_file() else None
         out[png.stem] = (png, meta if isinstance(meta, dict) else {})
     return out
@@ -155,14 +160,13 @@ def collect_benchmarks(benchmarks_dir) -> pd.DataFrame:
 
 
 def collect_pretrain(results_dir) -> pd.DataFrame:
-    """One row per ``results/pretrain/{method}/{modality}/`` folder.
+    """One row per pretraining folder (:meth:`~retflow.layout.Layout.pretrain_dir`: ``{run}/{modality}``).
 
-    Columns: method, modality, dir, log_csv / figure_png (paths, None when absent), epochs,
+    Columns: method (the run), modality, dir, log_csv / figure_png (paths, None when absent), epochs,
     final_loss and seconds (total of the log's ``seconds`` column) from log.csv.
     """
     rows = []
-    root = Path(results_dir) / "pretrain"
-    for d in sorted(p for p in root.glob("*/*") if p.is_dir()) if root.is_dir() else []:
+    for d in (p for p in _glob(_pattern(results_dir).pretrain_dir("*", "*")) if p.is_dir()):
         log, figure = d / "log.csv", d / "figure.png"
         row = {
             "method": d.parent.name,
@@ -196,7 +200,7 @@ def collect_quarantine(results_dir) -> pd.DataFrame:
     Columns: dataset, reason, count (long format; empty frame when nothing was quarantined).
     """
     parts = []
-    for path in sorted((Path(results_dir) / "data").glob("*/quarantine.csv")):
+    for path in _glob(_pattern(results_dir).quarantine("*")):
         try:
             tab = pd.read_csv(path)
         except pd.errors.EmptyDataError:
@@ -224,7 +228,7 @@ def collect_qc(results_dir) -> pd.DataFrame:
     ``"train 300, val 100, test 100"``). Unreadable files are skipped with a warning.
     """
     rows = []
-    for path in sorted((Path(results_dir) / "data").glob("*/qc.json")):
+    for path in _glob(_pattern(results_dir).qc("*")):
         data = load_metrics_json(path)
         if not isinstance(data, dict):
             continue
@@ -257,7 +261,7 @@ QC_COLUMNS = ["dataset", "modality", "role", "n_sources", "n_images", "quarantin
 def collect_quarantine_examples(results_dir, per_dataset: int = 20) -> pd.DataFrame:
     """The first quarantined entries of each dataset (what a user opens to fix the data)."""
     parts = []
-    for path in sorted((Path(results_dir) / "data").glob("*/quarantine.csv")):
+    for path in _glob(_pattern(results_dir).quarantine("*")):
         try:
             tab = pd.read_csv(path, keep_default_na=False, nrows=per_dataset)
         except (OSError, ValueError):
@@ -272,11 +276,11 @@ def collect_quarantine_examples(results_dir, per_dataset: int = 20) -> pd.DataFr
 def collect_leakage(results_dir) -> list[str]:
     """Leakage findings (warnings; errors stop the workflow) within and across datasets."""
     lines = []
-    for path in sorted((Path(results_dir) / "data").glob("*/qc.json")):
+    for path in _glob(_pattern(results_dir).qc("*")):
         data = load_metrics_json(path)
         if isinstance(data, dict):
             lines += list(data.get("leakage_warnings") or [])
-    path = Path(results_dir) / "data" / "leakage.json"
+    path = Path(Layout(results_dir).leakage())
     report = load_metrics_json(path) if path.exists() else None
     if isinstance(report, dict):
         for f in report.get("findings", []):
@@ -306,27 +310,19 @@ def job_model(job: str) -> str | None:
     return parts[2] if _is_run_job(parts) else None
 
 
-def job_gpus(job: str, config: dict | None) -> float:
-    """GPUs a job held: the ``gpu`` (x ``nodes``) of its rule's resource kind in the config
-    (pretrain -> resources.pretrain, downstream training -> resources.finetune); other rules ask
-    for none."""
-    from .. import config as rfc
-
+def job_gpus(job: str, gpus: Mapping[str, float]) -> float:
+    """GPUs a job held: ``gpus[kind]`` of its rule's resource kind (pretrain -> ``pretrain``,
+    downstream training -> ``finetune``; :attr:`retflow.settings.report.ReportSettings.gpus`);
+    other rules ask for none."""
     parts = job.split("/")
     if parts[0] == "pretrain":
-        kind = "pretrain"
-    elif _is_run_job(parts) and parts[-1] == "train":
-        kind = "finetune"
-    else:
-        return 0.0
-    try:
-        res = rfc.resources(config if isinstance(config, dict) else {}, kind)
-    except (AttributeError, TypeError, ValueError):
-        return 0.0
-    return float(res.get("gpu", 0) or 0) * float(res.get("nodes", 1) or 1)
+        return float(gpus["pretrain"])
+    if _is_run_job(parts) and parts[-1] == "train":
+        return float(gpus["finetune"])
+    return 0.0
 
 
-def cost_frame(benchmarks_dir, config: dict | None) -> pd.DataFrame:
+def cost_frame(benchmarks_dir, gpus: Mapping[str, float]) -> pd.DataFrame:
     """Benchmarks with the step, model, GPU count and hours: columns job, step, model, s, cpu_time,
     max_rss_mb, gpus, wall_h, cpu_h (cpu_time / 3600; NaN where not recorded) and gpu_h (s x gpus)."""
     bench = collect_benchmarks(benchmarks_dir) if benchmarks_dir else pd.DataFrame()
@@ -335,7 +331,7 @@ def cost_frame(benchmarks_dir, config: dict | None) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     bench["step"] = bench["job"].map(job_step)
     bench["model"] = bench["job"].map(job_model)
-    bench["gpus"] = bench["job"].map(lambda j: job_gpus(j, config))
+    bench["gpus"] = bench["job"].map(lambda j: job_gpus(j, gpus))
     bench["wall_h"] = bench["s"] / 3600
     bench["cpu_h"] = bench["cpu_time"] / 3600
     bench["gpu_h"] = bench["s"] * bench["gpus"] / 3600

@@ -1,19 +1,17 @@
 """Build the single-file HTML report (inline CSS, figures as base64 data URIs, no JS, no external assets).
 
-Command line::
-
-    python -m retflow.report.html --results results --benchmarks benchmarks \\
-        --config config.yaml --out results/report.html
+:func:`build_report` takes the results folder and the report's settings
+(:class:`retflow.settings.report.ReportSettings`); command line: :mod:`retflow.report.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -23,6 +21,10 @@ import pandas as pd
 
 from ..atomic import write_text
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC
+from ..layout import Layout
+from ..preflight_data import pool_note
+from ..settings.frozen import plain
+from ..settings.report import ExternalSet, ReportSettings, ReportTask
 from . import figures
 from .synth_section import nav_item as synth_nav_item
 from .synth_section import synth_section
@@ -70,8 +72,8 @@ def _cell(value) -> str:
         return "<td class='muted'>&ndash;</td>"
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         return f"<td class='num'>{escape(_num(value))}</td>"
-    if isinstance(value, (dict, list, tuple)):
-        value = json.dumps(value, default=str)
+    if isinstance(value, (Mapping, list, tuple)):
+        value = json.dumps(plain(value), default=str)
     return f"<td>{escape(str(value))}</td>"
 
 
@@ -130,81 +132,41 @@ def _anchor(name: str) -> str:
 
 
 # ---------------------------------------------------------------- sections
-def _config_section(config: dict) -> str:
+def _config_section(settings: ReportSettings) -> str:
     parts = ["<h2 id='config'>Configuration</h2>"]
-    datasets = config.get("datasets") or {}
-    if isinstance(datasets, dict) and datasets:
-        rows = []
-        for name, ds in datasets.items():
-            ds = ds if isinstance(ds, dict) else {}
-            ph = ds.get("phantom") if isinstance(ds.get("phantom"), dict) else None
-            origin = (
-                f"phantom {ph.get('kind', '')} n={ph.get('n', '?')} style {ph.get('style', 'A')}"
-                if ph
-                else ds.get("path", "")
-            )
-            rows.append([name, ds.get("modality"), ds.get("role"), ds.get("source"), origin])
-        parts.append("<h3>Datasets</h3>" + _table(["dataset", "modality", "role", "source", "origin"], rows))
-    tasks = config.get("tasks") or {}
-    if isinstance(tasks, dict) and tasks:
-        rows = []
-        for name, t in tasks.items():
-            t = t if isinstance(t, dict) else {}
-            ttype = t.get("type")
-            label = t.get("label")
-            grid = []
-            for key in ("protocols", "fractions", "seeds"):
-                values = t.get(key) or config.get(key)
-                if isinstance(values, list):
-                    grid.append(f"{key} {', '.join(map(_frac if key == 'fractions' else str, values))}")
-            rows.append(
-                [
-                    name,
-                    t.get("dataset"),
-                    ", ".join(map(str, label)) if isinstance(label, list) else label,
-                    ttype,
-                    ", ".join(map(str, t.get("classes") or [])),
-                    "; ".join(_external_text(e) for e in t.get("external") or []) or None,
-                    PRIMARY_METRIC.get(ttype, "dice" if ttype == "segmentation" else None),
-                    "; ".join(grid) or None,
-                ]
-            )
-        parts.append(
-            "<h3>Tasks</h3>"
-            + _table(["task", "dataset", "label", "type", "classes", "external sets", "primary metric", "runs"], rows)
-        )
-    models = config.get("models") or {}
-    if isinstance(models, dict) and models:
-        rows = [[n, (m or {}).get("init"), (m or {}).get("method") or (m or {}).get("path")] for n, m in models.items()]
-        parts.append("<h3>Models</h3>" + _table(["model", "init", "method / weights"], rows))
-    grid = [
-        [key, ", ".join(map(_frac if key == "fractions" else str, config[key]))]
-        for key in ("protocols", "fractions", "seeds")
-        if isinstance(config.get(key), list)
-    ]
-    if grid:
-        parts.append("<h3>Run grid</h3>" + _table(["setting", "values"], grid))
-    for key in ("vit", "pretrain", "finetune", "probe"):
-        block = config.get(key)
-        if isinstance(block, dict) and block:
-            parts.append(
-                f"<h3>{escape(key)} settings</h3>" + _table(["key", "value"], [[k, v] for k, v in block.items()])
-            )
-    if len(parts) == 1:
-        parts.append("<p class='muted'>no configuration given</p>")
+    rows = []
+    for ds in settings.datasets:
+        ph = ds.phantom
+        origin = f"phantom {ph['kind']} n={ph['n']} style {ph['style']}" if ph else ds.path
+        rows.append([ds.name, ds.modality, ds.role, ds.source, origin])
+    parts.append("<h3>Datasets</h3>" + _table(["dataset", "modality", "role", "source", "origin"], rows))
+    rows = []
+    for t in settings.tasks:
+        grid = [f"protocols {', '.join(t.protocols)}", f"fractions {', '.join(map(_frac, t.fractions))}",
+                f"seeds {', '.join(map(str, t.seeds))}"]
+        rows.append([t.name, t.dataset, ", ".join(map(str, t.label)) if isinstance(t.label, tuple) else t.label,
+                     t.type, ", ".join(t.classes), "; ".join(_external_text(e) for e in t.external) or None,
+                     PRIMARY_METRIC.get(t.type, "dice" if t.type == "segmentation" else None), "; ".join(grid)])
+    parts.append("<h3>Tasks</h3>" + _table(
+        ["task", "dataset", "label", "type", "classes", "external sets", "primary metric", "runs"], rows))
+    rows = [[m.name, m.init, m.method or m.path] for m in settings.models]
+    parts.append("<h3>Models</h3>" + _table(["model", "init", "method / weights"], rows))
+    grid = [["protocols", ", ".join(settings.protocols)], ["fractions", ", ".join(map(_frac, settings.fractions))],
+            ["seeds", ", ".join(map(str, settings.seeds))]]
+    parts.append("<h3>Run grid</h3>" + _table(["setting", "values"], grid))
+    for section in settings.sections:
+        parts.append(f"<h3>{escape(section.name)} settings</h3>"
+                     + _table(["key", "value"], [[k, v] for k, v in section.values.items()]))
     return "\n".join(parts)
 
 
-def _external_text(ext) -> str:
+def _external_text(ext: ExternalSet) -> str:
     """``cfp_device_b`` or ``cfp_device_b (0, 1 -> non_referable; 2, 3, 4 -> referable)``."""
-    if not isinstance(ext, dict):
-        return str(ext)
-    text = str(ext.get("dataset"))
-    mapping = ext.get("map") if isinstance(ext.get("map"), dict) else {}
-    if mapping:
+    text = ext.dataset
+    if ext.map:
         groups: dict = {}
-        for src, dst in mapping.items():
-            groups.setdefault(str(dst), []).append(str(src))
+        for src, dst in ext.map.items():
+            groups.setdefault(dst, []).append(src)
         text += " (" + "; ".join(f"{', '.join(v)} → {k}" for k, v in groups.items()) + ")"
     return text
 
@@ -225,10 +187,11 @@ def _qc_section(results_dir: Path) -> str:
         parts.append(_table(["dataset", *pivot.columns], rows))
         parts.append("<p>Counts per reason. Label-level reasons (missing_label, unknown_label, unknown_eye) "
                      "keep the image for other uses; every other reason keeps the file out of the store. "
-                     "Full lists: <code>results/data/&lt;dataset&gt;/quarantine.csv</code>.</p>")
+                     f"Full lists: <code>{escape(Layout(results_dir).quarantine('<dataset>'))}</code>.</p>")
         examples = collect_quarantine_examples(results_dir)
         parts.append("<details><summary>First quarantined entries per dataset</summary>"
                      + _table(list(examples.columns), examples.values.tolist()) + "</details>")
+    parts += [f"<p>{escape(note)}</p>" for note in [pool_note(results_dir)] if note]  # pools, pre-flight gate
     leaks = collect_leakage(results_dir)
     parts.append("<h3>Leakage checks</h3>")
     parts.append("<p>No leakage warnings (patient, identical file or perceptual near-duplicate across splits, "
@@ -252,15 +215,15 @@ ALPHA = 0.05
 class TaskInfo:
     """What the report needs to know about one task: type, metrics, primary metric and direction."""
 
-    def __init__(self, task: str, task_cfg: dict, df: pd.DataFrame, config: dict):
+    def __init__(self, task: str, spec: ReportTask | None, df: pd.DataFrame, settings: ReportSettings):
         self.name = task
-        self.cfg = task_cfg if isinstance(task_cfg, dict) else {}
+        self.spec = spec  # None for a task found in the results but not in the config
         self.df = df
         internal = df[df["eval_set"] == "internal"] if len(df) else df
         self.internal = internal
         has_types = len(internal) and "task_type" in internal
         types = internal["task_type"].dropna() if has_types else pd.Series([], dtype=str)
-        self.type = self.cfg.get("type") or (types.iloc[0] if len(types) else None)
+        self.type = spec.type if spec else (types.iloc[0] if len(types) else None)
         present = [m for m in metric_names(internal) if internal[m].notna().any()] if len(internal) else []
         known = [m for m in METRICS_BY_TYPE.get(self.type, []) if m in present]
         self.metrics = known + [m for m in present if m not in known]
@@ -278,11 +241,10 @@ class TaskInfo:
         self.key_metrics = [m for m in KEY_METRICS.get(self.type, []) if m in self.metrics] or self.metrics[:8]
         if self.primary in self.key_metrics:
             self.key_metrics.remove(self.primary)
-        protocols = config.get("protocols") if isinstance(config.get("protocols"), list) else []
         found = list(dict.fromkeys(df["protocol"].dropna())) if len(df) else []
-        self.protocols = [p for p in (self.cfg.get("protocols") or protocols) if p in found]
+        self.protocols = [p for p in (spec.protocols if spec else settings.protocols) if p in found]
         self.protocols += sorted(p for p in found if p not in self.protocols)
-        models = list((config.get("models") or {}).keys()) if isinstance(config.get("models"), dict) else []
+        models = [m.name for m in settings.models]
         found = list(dict.fromkeys(df["model"].dropna())) if len(df) else []
         self.models = [m for m in models if m in found] + sorted(m for m in found if m not in models)
 
@@ -540,13 +502,11 @@ def _calibration(info: TaskInfo, picked: pd.DataFrame) -> str:
         + "</div>")
 
 
-def _external_map(config: dict, task: str, dataset: str) -> dict | None:
+def _external_map(info: TaskInfo, dataset: str) -> dict | None:
     """The label map of an external set declared with ``{dataset, classes, map}`` (else None)."""
-    task_cfg = (config.get("tasks") or {}).get(task) or {}
-    for e in task_cfg.get("external") or []:
-        if isinstance(e, dict) and e.get("dataset") == dataset and e.get("map"):
-            return {"classes": [str(c) for c in e.get("classes") or []],
-                    "map": {str(k): str(v) for k, v in e["map"].items()}}
+    for e in info.spec.external if info.spec else ():
+        if e.dataset == dataset and e.map:
+            return {"classes": list(e.classes), "map": dict(e.map)}
     return None
 
 
@@ -581,7 +541,7 @@ def mapped_internal(rows: pd.DataFrame, mapping: dict, ext_type: str, metric: st
     return pd.DataFrame(out)
 
 
-def _external_section(info: TaskInfo, config: dict) -> str:
+def _external_section(info: TaskInfo) -> str:
     df = info.df
     ext_sets = sorted(e for e in df["eval_set"].dropna().unique() if e != "internal")
     if not ext_sets:
@@ -594,7 +554,7 @@ def _external_section(info: TaskInfo, config: dict) -> str:
     for ext in ext_sets:
         ext_df = df[df["eval_set"] == ext]
         ext_classes = tuple(ext_df["classes"].iloc[0]) if len(ext_df) else ()
-        mapping = _external_map(config, info.name, ext)
+        mapping = _external_map(info, ext)
         same_scheme = mapping is None and (not ext_classes or not int_classes or ext_classes == int_classes)
         if same_scheme:
             metric, internal, note = info.primary, info.internal, ""
@@ -742,14 +702,15 @@ def _num_or_nan(v) -> float:
         return math.nan
 
 
-def _task_section(task: str, task_cfg: dict, df: pd.DataFrame, config: dict, sig: Significance,
+def _task_section(task: str, settings: ReportSettings, df: pd.DataFrame, sig: Significance,
                   saliency: dict) -> str:
     parts = [f"<h2 id='{_anchor(task)}'>Task: {escape(str(task))}</h2>"]
-    info = TaskInfo(task, task_cfg, df, config)
-    label = info.cfg.get("label")
-    label = ", ".join(map(str, label)) if isinstance(label, list) else label
+    spec = settings.task(task)
+    info = TaskInfo(task, spec, df, settings)
+    label = spec.label if spec else None
+    label = ", ".join(map(str, label)) if isinstance(label, tuple) else label
     desc = ", ".join(f"{k} <b>{escape(str(v))}</b>" for k, v in
-                     (("dataset", info.cfg.get("dataset")), ("label", label), ("type", info.type)) if v)
+                     (("dataset", spec.dataset if spec else None), ("label", label), ("type", info.type)) if v)
     if info.primary:
         desc += (f"{'; ' if desc else ''}primary metric <b>{escape(info.primary)}</b> "
                  f"({'lower' if info.lower_is_better(info.primary) else 'higher'} is better)")
@@ -802,7 +763,7 @@ def _task_section(task: str, task_cfg: dict, df: pd.DataFrame, config: dict, sig
         parts.append("<h3>Label efficiency</h3><div class='figs'>" + _img(
             png, f"{info.primary} on the internal test set vs the fraction of training labels; line = mean over "
                  "seeds, bars/band = 95% CI across seeds (bootstrap CI where there is one seed).") + "</div>")
-    parts.append(_external_section(info, config))
+    parts.append(_external_section(info))
     parts.append(_calibration(info, picked))
     if task in saliency:
         png_path, meta = saliency[task]
@@ -816,15 +777,14 @@ def _task_section(task: str, task_cfg: dict, df: pd.DataFrame, config: dict, sig
     return "\n".join(p for p in parts if p)
 
 
-def _summary_section(tasks: list[str], task_cfgs: dict, results: pd.DataFrame, config: dict,
-                     sig: Significance) -> str:
+def _summary_section(tasks: list[str], settings: ReportSettings, results: pd.DataFrame, sig: Significance) -> str:
     parts = ["<h2 id='summary'>Summary</h2>"]
     rows = []
     for task in tasks:
         df = results[results["task"] == task] if not results.empty else results
         if df.empty:
             continue
-        info = TaskInfo(task, task_cfgs.get(task) or {}, df, config)
+        info = TaskInfo(task, settings.task(task), df, settings)
         if info.internal.empty or not info.primary:
             continue
         summary = summarise(info.internal, [info.primary], ["protocol", "fraction", "model"])
@@ -897,9 +857,9 @@ def _sum(values: pd.Series) -> float:
     return values.sum(min_count=1)
 
 
-def _cost_section(benchmarks_dir: Path | None, config: dict) -> str:
+def _cost_section(benchmarks_dir: Path | None, settings: ReportSettings) -> str:
     parts = ["<h2 id='cost'>Compute cost</h2>"]
-    cost = cost_frame(benchmarks_dir, config)
+    cost = cost_frame(benchmarks_dir, settings.gpus)
     if cost.empty:
         parts.append("<p class='muted'>No benchmark files found.</p>")
         return "\n".join(parts)
@@ -919,14 +879,13 @@ def _cost_section(benchmarks_dir: Path | None, config: dict) -> str:
         by_model = runs.groupby("model").agg(jobs=("job", "count"), s=("s", "sum"), cpu_h=("cpu_h", _sum),
                                              gpu_h=("gpu_h", "sum"))
         pre = cost[cost["step"] == "pretrain"]
-        models = config.get("models") if isinstance(config.get("models"), dict) else {}
         rows = []
         for model, r in by_model.sort_values("s", ascending=False).iterrows():
-            m = models.get(model) or {}
-            method = m.get("method") if m.get("init") == "pretrained" else None
-            mine = pre[pre["job"].str.startswith(f"pretrain/{method}_")] if method else pre.iloc[0:0]
+            m = settings.model(model)
+            run = m.pretrain_run if m else None  # benchmarks/pretrain/<run>_<modality>.tsv
+            mine = pre[pre["job"].str.startswith(f"pretrain/{run}_")] if run else pre.iloc[0:0]
             rows.append([model, int(r.jobs), round(r.s, 1), _hms(r.s), _hours(r.cpu_h) if has_cpu else None,
-                         _hours(r.gpu_h), f"{method}: {_hms(mine['s'].sum())}, {_hours(mine['gpu_h'].sum())} GPU-h"
+                         _hours(r.gpu_h), f"{run}: {_hms(mine['s'].sum())}, {_hours(mine['gpu_h'].sum())} GPU-h"
                          if len(mine) else None])
         parts.append("<h3>By model (downstream training, prediction and evaluation)</h3>" + _table(
             ["model", "jobs", "seconds", "h:m:s", "CPU-hours", "GPU-hours", "pretraining it starts from"], rows))
@@ -948,8 +907,9 @@ def _cost_section(benchmarks_dir: Path | None, config: dict) -> str:
 HOW_TO_READ = """
 <h2 id='how'>How to read this report</h2>
 <div class='note'><p><b>Intervals.</b> A single run's metric is shown as <code>value [low, high]</code>: the value on
-the full test set and a 95% percentile-bootstrap confidence interval (test cases resampled with replacement),
-which describes uncertainty from the finite test set only. With several seeds the tables show
+the full test set and a 95% percentile-bootstrap confidence interval (test cases resampled with replacement,
+{n_boot} times, seed {boot_seed}: <code>evaluate</code> in the config), which describes uncertainty from the finite
+test set only. With several seeds the tables show
 <code>mean &plusmn; h</code>: the mean over seeds and the half-width of the 95% t interval of that mean, which
 also covers training randomness (initialisation, label subset, augmentation); with few seeds it is wide.</p>
 <p><b>Significance.</b> Models of one protocol, label fraction and seed are trained on the same images and tested
@@ -964,44 +924,46 @@ model transfers; the drop is internal minus external.</p></div>
 """
 
 
-def build_report(results_dir, benchmarks_dir, config: dict | None, out_path) -> Path:
-    """Write the self-contained HTML report to ``out_path`` (atomically) and return its path."""
+def build_report(results_dir, benchmarks_dir, settings: ReportSettings, out_path) -> Path:
+    """Write the self-contained HTML report of the results under ``results_dir`` (a
+    :class:`retflow.layout.Layout` root) to ``out_path`` (atomically) and return its path.
+
+    ``settings``: what the report reads of the config (:func:`retflow.settings.report.report`)."""
     results_dir = Path(results_dir)
-    config = config if isinstance(config, dict) else {}
     results = collect_results(results_dir)
     sig = Significance(collect_compare(results_dir))
     saliency = collect_saliency(results_dir)
-    task_cfgs = config.get("tasks") if isinstance(config.get("tasks"), dict) else {}
-    tasks = list(task_cfgs)
+    tasks = [t.name for t in settings.tasks]
     if not results.empty:
-        tasks += [t for t in sorted(results["task"].dropna().unique()) if t not in task_cfgs]
+        tasks += [t for t in sorted(results["task"].dropna().unique()) if t not in tasks]
+    synth = settings.synth_modalities
     body = [
         "<h1>retflow report</h1>",
         f"<p>Generated {escape(datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC'))} from "
         f"<code>{escape(str(results_dir))}</code>; {len(results)} evaluation result(s).</p>",
         "<nav><ul><li><a href='#summary'>Summary</a></li>"
         + "".join(f"<li><a href='#{_anchor(t)}'>Task: {escape(str(t))}</a></li>" for t in tasks)
-        + "<li><a href='#pretrain'>Pretraining</a></li>" + synth_nav_item(results_dir)
+        + "<li><a href='#pretrain'>Pretraining</a></li>" + synth_nav_item(results_dir, synth)
         + "<li><a href='#qc'>Data QC</a></li>"
         "<li><a href='#cost'>Compute cost</a></li><li><a href='#config'>Configuration</a></li>"
         "<li><a href='#how'>How to read this report</a></li></ul></nav>",
-        _summary_section(tasks, task_cfgs, results, config, sig),
+        _summary_section(tasks, settings, results, sig),
     ]
     for task in tasks:
         sub = results[results["task"] == task] if not results.empty else results
         try:
-            body.append(_task_section(task, task_cfgs.get(task) or {}, sub, config, sig, saliency))
+            body.append(_task_section(task, settings, sub, sig, saliency))
         except Exception as exc:  # noqa: BLE001 - one broken task must not cost the whole report
             body.append(f"<h2 id='{_anchor(task)}'>Task: {escape(str(task))}</h2>"
                         f"<p class='warn'>This section could not be built: {escape(repr(exc))}</p>")
             print(f"WARNING: task {task}: {exc!r}", file=sys.stderr)
     body += [
         _pretrain_section(results_dir),
-        synth_section(results_dir),  # '' without synthetic outputs
+        synth_section(results_dir, synth),  # '' without synthetic outputs
         _qc_section(results_dir),
-        _cost_section(Path(benchmarks_dir) if benchmarks_dir else None, config),
-        _config_section(config),
-        HOW_TO_READ,
+        _cost_section(Path(benchmarks_dir) if benchmarks_dir else None, settings),
+        _config_section(settings),
+        HOW_TO_READ.format(n_boot=settings.evaluate.n_boot, boot_seed=settings.evaluate.seed),
     ]
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -1013,28 +975,3 @@ def build_report(results_dir, benchmarks_dir, config: dict | None, out_path) -> 
     os.umask(umask)
     os.chmod(out_path, 0o666 & ~umask)  # the temporary file of the atomic write is private (0600)
     return Path(out_path)
-
-
-def main(argv=None) -> int:
-    """CLI entry point."""
-    ap = argparse.ArgumentParser(prog="python -m retflow.report.html", description="Build the retflow HTML report.")
-    ap.add_argument("--results", default="results")
-    ap.add_argument("--benchmarks", default="benchmarks")
-    ap.add_argument("--config", default=None, help="workflow config YAML (optional)")
-    ap.add_argument("--out", default="results/report.html")
-    args = ap.parse_args(argv)
-    config = {}
-    if args.config:
-        import yaml
-
-        try:
-            config = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise SystemExit(f"cannot read config {args.config}: {exc}") from None
-    out = build_report(args.results, args.benchmarks, config, args.out)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,16 +9,17 @@ the test set (lowest for lower-is-better metrics such as ECE or MAE; ties: first
 order); ``best_vs_rest`` restates its pairs as ``best - other`` (the p-values of both tests are
 symmetric in a and b, so only the sign of the difference and its CI change).
 
-Command line (``workflow_scripts/compare.py`` is the same)::
+Command line (``workflow_scripts/compare.py`` is the same; the settings are
+:func:`retflow.settings.report.compare` of the config, the predictions in the order of its models)::
 
-    python -m retflow.report.pairwise --predictions A.parquet B.parquet [...] --models a b [...] \\
-        --task-type binary --classes 0 1 --out compare.json [--metric auroc] [--n-boot 2000] [--seed 0] \\
-        [--task T --protocol P --fraction F --train-seed S]   (recorded in the JSON)
+    python -m retflow.report.pairwise --settings '<CompareSettings JSON>' \\
+        --predictions A.parquet B.parquet [...] --out compare.json [--metric auroc]
 
 Output JSON: ``task``, ``protocol``, ``fraction``, ``seed``, ``task_type``, ``metric``,
-``lower_is_better``, ``method`` (of the pairs), ``n``, ``n_boot``, ``models``, ``predictions``,
-``values`` (model -> metric value), ``best``, ``pairs`` and ``best_vs_rest`` (lists of compare
-results with ``a``/``b`` model names; NaN written as null).
+``lower_is_better``, ``method`` (of the pairs), ``n``, ``n_boot``, ``boot_seed``, ``models``,
+``predictions``, ``values`` (model -> metric value), ``best``, ``pairs`` and ``best_vs_rest`` (lists
+of compare results with ``a``/``b`` model names; NaN written as null), and ``settings`` (what the job
+ran with).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import itertools
 import math
 import sys
 
-from ..atomic import write_json
-from ..evaluate.compare import DEFAULT_N_BOOT, align_predictions, compare_predictions
-from ..atomic import json_safe
+from ..atomic import json_safe, write_json
+from ..evaluate.compare import align_predictions, compare_predictions
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC, TASK_TYPES
+from ..settings.report import CompareSettings, from_cli
 
 _PAIR_KEYS = ("method", "value_a", "value_b", "difference", "ci_low", "ci_high", "p_value", "n")
 
@@ -63,10 +64,12 @@ def flip(pair: dict) -> dict:
 
 
 def compare_models(
-    predictions: dict, task_type: str, classes: list | None = None, metric: str | None = None,
-    n_boot: int = DEFAULT_N_BOOT, seed: int = 0, alpha: float = 0.05,
+    predictions: dict, task_type: str, classes: list | None, metric: str | None, *, n_boot: int, seed: int,
+    alpha: float = 0.05,
 ) -> dict:
-    """Compare every pair of ``predictions`` (model -> predictions parquet); see the module docstring."""
+    """Compare every pair of ``predictions`` (model -> predictions parquet) on ``metric`` (None: the
+    task type's primary metric) with ``n_boot`` paired bootstrap replicates seeded ``seed``; see the
+    module docstring."""
     if task_type not in TASK_TYPES:
         raise SystemExit(f"task type {task_type!r} cannot be compared (one of {TASK_TYPES})")
     metric = metric or PRIMARY_METRIC[task_type]
@@ -111,27 +114,29 @@ def compare_models(
     })
 
 
+def run(settings: CompareSettings, predictions: list, out, metric: str | None = None) -> dict:
+    """One compare job: ``predictions`` of ``settings.models`` (same order) -> ``out`` (JSON with the settings)."""
+    if len(predictions) != len(settings.models):
+        raise SystemExit(f"{len(predictions)} predictions files for the {len(settings.models)} models "
+                         f"{list(settings.models)} of compare {settings.task}/{settings.protocol}")
+    res = compare_models(dict(zip(settings.models, map(str, predictions))), settings.task_type,
+                         list(settings.classes) or None, metric, n_boot=settings.evaluate.n_boot,
+                         seed=settings.evaluate.seed)
+    meta = {"task": settings.task, "protocol": settings.protocol, "fraction": settings.fraction,
+            "seed": settings.seed}
+    write_json({**meta, **res, "settings": settings.to_dict()}, out)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m retflow.report.pairwise", description=__doc__.splitlines()[0])
-    ap.add_argument("--predictions", nargs="+", required=True, help="predictions parquet per model")
-    ap.add_argument("--models", nargs="+", required=True, help="model names, same order as --predictions")
-    ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
-    ap.add_argument("--classes", nargs="*", default=None)
-    ap.add_argument("--metric", default=None, help="metric to compare (default: the primary metric)")
-    ap.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the paired bootstrap")
-    ap.add_argument("--task", default=None)
-    ap.add_argument("--protocol", default=None)
-    ap.add_argument("--fraction", type=float, default=None)
-    ap.add_argument("--train-seed", type=int, default=None, help="training seed of the runs (recorded)")
+    ap.add_argument("--settings", required=True, help="the job's settings, JSON (retflow.settings.report.compare)")
+    ap.add_argument("--predictions", nargs="+", required=True, help="predictions parquet per model, in the "
+                                                                     "settings' model order")
+    ap.add_argument("--metric", default=None, help="metric to compare (default: the task type's primary metric)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if len(args.predictions) != len(args.models):
-        ap.error(f"{len(args.predictions)} predictions files for {len(args.models)} models")
-    res = compare_models(dict(zip(args.models, args.predictions)), args.task_type, args.classes, args.metric,
-                         n_boot=args.n_boot, seed=args.seed)
-    meta = {"task": args.task, "protocol": args.protocol, "fraction": args.fraction, "seed": args.train_seed}
-    write_json({**meta, **res}, args.out)
+    res = run(from_cli(CompareSettings, args.settings), args.predictions, args.out, args.metric)
     rest = "; ".join(f"vs {p['b']}: diff {p['difference']}, p {p['p_value']}" for p in res["best_vs_rest"])
     print(f"{args.out}: {res['metric']} best {res['best']} ({rest})", file=sys.stderr)
     return 0

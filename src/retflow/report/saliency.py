@@ -19,11 +19,14 @@ Two complementary maps per image, both on the patch grid and upsampled to the im
 Both maps are min-max scaled per image; they show where the model looks, not why, and say
 nothing about correctness (each panel title gives the true and the predicted class).
 
-Command line (``workflow_scripts/saliency.py`` is the same)::
+Command line (``workflow_scripts/saliency.py`` is the same; the settings are
+:func:`retflow.settings.report.saliency` of the config: the task's label, the explained run, the device)::
 
-    python -m retflow.report.saliency --checkpoint best.pth --store results/data/<dataset> \\
-        --label <column> --out saliency/<task>.png [--meta saliency/<task>.json] \\
-        [--n-per-class 2] [--seed 0] [--device auto] [--title TEXT]
+    python -m retflow.report.saliency --settings '<SaliencySettings JSON>' --checkpoint best.pth \\
+        --store results/data/<dataset> --out saliency/<task>.png --meta saliency/<task>.json \\
+        [--n-per-class 2] [--pick-seed 0]
+
+The meta JSON records the images shown, the method and the job's ``settings``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_path, write_json
+from ..settings.report import SaliencySettings, from_cli
 
 METHOD = (
     "attention rollout (head mean, 0.5 identity for the residual, all blocks; "
@@ -211,9 +215,10 @@ def saliency_grid(images: list[np.ndarray], rows: list[list[int]], class_names: 
     return buf.getvalue()
 
 
-def saliency_for_store(checkpoint, store, label: str, n_per_class: int = 2, seed: int = 0, device="cpu",
+def saliency_for_store(checkpoint, store, label: str, device, n_per_class: int = 2, seed: int = 0,
                        split: str = "test", title: str | None = None) -> tuple[bytes, dict]:
-    """Load ``checkpoint`` (fine-tuned best.pth), pick test images per class, return (PNG, meta)."""
+    """Load ``checkpoint`` (fine-tuned best.pth) on ``device``, pick ``n_per_class`` ``split`` images per
+    class (seeded by ``seed``), return (PNG, meta)."""
     from ..data.dataset import StoreDataset, encode_labels, eval_transform, load_manifest
     from ..train.predict import load_finetuned
 
@@ -259,33 +264,38 @@ def saliency_for_store(checkpoint, store, label: str, n_per_class: int = 2, seed
     return png, meta
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m retflow.report.saliency", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="fine-tuned best.pth")
-    ap.add_argument("--store", required=True, help="prepared store folder (manifest.parquet + shards)")
-    ap.add_argument("--label", required=True, help="label column of the task")
-    ap.add_argument("--out", required=True, help="PNG to write")
-    ap.add_argument("--meta", default=None, help="JSON with the images shown and the method (optional)")
-    ap.add_argument("--n-per-class", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--title", default=None)
-    ap.add_argument("--run", default=None, help="run description recorded in the JSON")
-    args = ap.parse_args(argv)
+def run(settings: SaliencySettings, checkpoint, store, out, meta_out, n_per_class: int = 2,
+        pick_seed: int = 0) -> dict:
+    """One saliency job: ``n_per_class`` test images per class (picked with ``pick_seed``) of the
+    settings' run -> ``out`` (PNG) and ``meta_out`` (JSON: the images, the method, the settings)."""
     from ..train.distributed import pick_device
 
-    png, meta = saliency_for_store(args.checkpoint, args.store, args.label, args.n_per_class, args.seed,
-                                   pick_device(args.device), args.split, args.title)
-    meta["run"] = args.run
-    with atomic_path(args.out) as tmp:
+    png, meta = saliency_for_store(checkpoint, store, settings.label, pick_device(settings.device), n_per_class,
+                                   pick_seed, "test", settings.description() + "; test images")
+    meta["run"] = settings.description()
+    meta["settings"] = settings.to_dict()
+    with atomic_path(out) as tmp:
         Path(tmp).write_bytes(png)
-    if args.meta:
-        write_json(meta, args.meta)
+    write_json(meta, meta_out)
     umask = os.umask(0)
     os.umask(umask)
-    for path in filter(None, (args.out, args.meta)):
+    for path in (out, meta_out):
         os.chmod(path, 0o666 & ~umask)  # atomic writes leave private (0600) files
+    return meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m retflow.report.saliency", description=__doc__.splitlines()[0])
+    ap.add_argument("--settings", required=True, help="the job's settings, JSON (retflow.settings.report.saliency)")
+    ap.add_argument("--checkpoint", required=True, help="fine-tuned best.pth of the settings' run")
+    ap.add_argument("--store", required=True, help="prepared store folder (manifest.parquet + shards)")
+    ap.add_argument("--out", required=True, help="PNG to write")
+    ap.add_argument("--meta", required=True, help="JSON to write: the images shown, the method, the settings")
+    ap.add_argument("--n-per-class", type=int, default=2, help="test images shown per class")
+    ap.add_argument("--pick-seed", type=int, default=0, help="seed of the choice of images")
+    args = ap.parse_args(argv)
+    meta = run(from_cli(SaliencySettings, args.settings), args.checkpoint, args.store, args.out, args.meta,
+               args.n_per_class, args.pick_seed)
     print(json.dumps({"out": args.out, "images": len(meta["images"])}), file=sys.stderr)
     return 0
 

@@ -1,17 +1,22 @@
 """The report's "Synthetic images" section: generator training, sampling throughput, quality checks.
 
-Reads ``{results}/synth/{modality}/``: ``ldm/log.csv`` + ``ldm/recon.png`` (training),
-``store/qc.json`` (the merged store) and ``quality/quality.json`` + its PNGs (rule synth_quality).
-Returns an empty string when there is no synthetic output, so reports without the branch are unchanged.
+Reads, per synthesised modality, the :class:`retflow.layout.Layout` paths of the synthetic branch:
+the generator's log and reconstruction figure (training), the merged store's qc.json and the quality
+checks' quality.json + PNGs (rule synth_quality). Returns an empty string when there is no synthetic
+output, so reports without the branch are unchanged.
 """
 
 from __future__ import annotations
 
 import json
 from html import escape
+import glob
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from ..layout import Layout
 
 TITLE = "Synthetic images"
 ANCHOR = "synth"
@@ -24,18 +29,18 @@ def _load(path: Path) -> dict:
         return {}
 
 
-def _modalities(results_dir: Path) -> list[Path]:
-    root = Path(results_dir) / "synth"
-    if not root.is_dir():
-        return []
-    return [d for d in sorted(root.iterdir())
-            if (d / "quality" / "quality.json").is_file() or (d / "store" / "qc.json").is_file()]
+def _modalities(layout: Layout, modalities: Iterable[str] | None) -> list[str]:
+    """The modalities (the given ones, else every synth folder) with a quality check or a merged store."""
+    if modalities is None:
+        modalities = [Path(p).name for p in glob.glob(Layout(glob.escape(layout.root)).synth_dir("*"))]
+    return [m for m in sorted(modalities)
+            if Path(layout.synth_quality_json(m)).is_file() or Path(layout.synth_store_qc(m)).is_file()]
 
 
-def _train_seconds(d: Path) -> tuple[float | None, str | None]:
-    """Training seconds and epochs per stage (``autoencoder + unet``) from ``ldm/log.csv``."""
+def _train_seconds(layout: Layout, m: str) -> tuple[float | None, str | None]:
+    """Training seconds and epochs per stage (``autoencoder + unet``) from the generator's log."""
     try:
-        log = pd.read_csv(d / "ldm" / "log.csv")
+        log = pd.read_csv(layout.synth_train_log(m))
         epochs = " + ".join(str(int((log["stage"] == s).sum())) for s in ("autoencoder", "unet"))
         return float(log["seconds"].sum()), epochs
     except (OSError, ValueError, KeyError):
@@ -52,19 +57,19 @@ def _scores(t: dict | None) -> list:
     return [t.get("accuracy"), t.get("balanced_accuracy"), t.get("auroc"), t.get("n_train")]
 
 
-def synth_section(results_dir) -> str:
-    """HTML of the section ('' without synthetic outputs)."""
+def synth_section(results_dir, modalities: Iterable[str] | None = None) -> str:
+    """HTML of the section ('' without synthetic outputs) for ``modalities`` (None: every one found)."""
     from .html import _img, _table  # the report's helpers; imported late (html imports this module)
 
-    dirs = _modalities(Path(results_dir))
-    if not dirs:
+    layout = Layout(results_dir)
+    mods = _modalities(layout, modalities)
+    if not mods:
         return ""
     parts = [f"<h2 id='{ANCHOR}'>{TITLE}</h2>"]
     rows, class_rows, tstr_rows, imgs = [], [], [], []
-    for d in dirs:
-        m = d.name
-        qc, q = _load(d / "store" / "qc.json"), _load(d / "quality" / "quality.json")
-        secs, epochs = _train_seconds(d)
+    for m in mods:
+        qc, q = _load(Path(layout.synth_store_qc(m))), _load(Path(layout.synth_quality_json(m)))
+        secs, epochs = _train_seconds(layout, m)
         fd_s, fd_r, n_half = _fd((q.get("frechet") or {}).get("all"))
         mem = (q.get("memorisation") or {}).get("pixel") or {}
         feat = (q.get("memorisation") or {}).get("feature") or {}
@@ -83,12 +88,12 @@ def synth_section(results_dir) -> str:
                                   *_scores(t["train_on_real"])])
         elif t.get("skipped"):
             tstr_rows.append([m, None, None, f"skipped: {t['skipped']}", None, None, None, None])
-        for name, caption in (("quality/samples.png", "real vs synthetic samples"),
-                              ("quality/memorisation.png", "memorisation check"),
-                              ("quality/nearest.png", "closest synthetic / real pairs"),
-                              ("ldm/recon.png", "autoencoder: real (top) vs reconstructed (bottom)")):
-            if (d / name).is_file():
-                imgs.append(_img((d / name).read_bytes(), f"{m}: {caption}"))
+        for path, caption in ((layout.synth_quality_png(m, "samples"), "real vs synthetic samples"),
+                              (layout.synth_quality_png(m, "memorisation"), "memorisation check"),
+                              (layout.synth_quality_png(m, "nearest"), "closest synthetic / real pairs"),
+                              (layout.synth_recon(m), "autoencoder: real (top) vs reconstructed (bottom)")):
+            if Path(path).is_file():
+                imgs.append(_img(Path(path).read_bytes(), f"{m}: {caption}"))
     parts.append(_table(
         ["modality", "images", "sampler", "images/s", "train s", "epochs AE + UNet", "FD real-synth", "FD real-real",
          "n per FD set", "NN dist synth (median)", "NN dist real (median)", "near copies (pixel)", "exact copies",
@@ -118,5 +123,5 @@ def synth_section(results_dir) -> str:
     return "\n".join(parts)
 
 
-def nav_item(results_dir) -> str:
-    return f"<li><a href='#{ANCHOR}'>{escape(TITLE)}</a></li>" if _modalities(Path(results_dir)) else ""
+def nav_item(results_dir, modalities: Iterable[str] | None = None) -> str:
+    return f"<li><a href='#{ANCHOR}'>{escape(TITLE)}</a></li>" if _modalities(Layout(results_dir), modalities) else ""
