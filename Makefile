@@ -26,7 +26,8 @@ lint: $(VENV)/.installed
 dryrun-paper: $(VENV)/.installed
 	snakemake -n --configfile config/retfound_paper.yaml --config missing_data=warn
 
-# what each paper-scale job would ask SLURM for (profiles/slurm, via the ./slurm link)
+# what each paper-scale job would ask SLURM for (profiles/slurm, via the ./slurm link; its
+# `cores:` keeps a dry-run from listing every job with threads 1)
 dryrun-slurm: $(VENV)/.installed
 	snakemake -n --profile slurm --configfile config/retfound_paper.yaml --config missing_data=warn
 

@@ -39,6 +39,7 @@ include: "rules/evaluate.smk"
 include: "rules/segment.smk"
 include: "rules/compare.smk"
 include: "rules/report.smk"
+include: "rules/onerror.smk"
 
 
 localrules:
@@ -48,4 +49,4 @@ localrules:
 rule all:
     default_target: True
     input:
-        f"{RESULTS}/report.html",
+        LAYOUT.report(),

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from spython.main.parse.parsers import SingularityParser
 
-from conftest import ROOT, job_counts, make_workdir, snakemake
+from conftest import ROOT, job_counts, make_workdir, snakemake, write_config
+from retflow import failed_logs
 
 GPU_RULES = {"pretrain", "finetune", "predict_external", "segment"}
 
@@ -25,15 +26,15 @@ def workdir(tmp_path: Path) -> Path:
     return work
 
 
-def job_blocks(stdout: str) -> dict[str, list[str]]:
-    """rule -> the 'resources:' lines of its jobs in a dry-run listing."""
+def job_blocks(stdout: str, field: str = "resources") -> dict[str, list[str]]:
+    """rule -> the '<field>:' lines of its jobs in a dry-run listing ('Shell command' too)."""
     blocks: dict[str, list[str]] = {}
     rule = None
     for line in stdout.splitlines():
         m = re.match(r"^(?:local)?rule (\w+):", line)
         if m:
             rule = m.group(1)
-        elif rule and line.strip().startswith("resources:"):
+        elif rule and line.strip().startswith(f"{field}:"):
             blocks.setdefault(rule, []).append(line.strip())
     return blocks
 
@@ -44,6 +45,9 @@ def test_bare_profile_name_is_the_slurm_profile():
     profile = yaml.safe_load((link / "config.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["slurm-logdir"] == "logs/slurm"
     assert profile["retries"] >= 1 and profile["jobs"] > 0 and profile["latency-wait"] > 0
+    # without `cores`, `snakemake -n --profile slurm` caps every rule's threads to 1
+    assert profile["cores"] >= max(r["threads"] for r in yaml.safe_load(
+        (ROOT / "config/retfound_paper.yaml").read_text())["resources"].values())
     assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(
         profile["default-resources"])
     text = (link / "config.yaml").read_text()
@@ -66,12 +70,74 @@ def test_paper_dry_run_with_profile_slurm_prints_gpu_and_time_per_rule(tmp_path)
     assert all("gpu=1" in r and "runtime=480" in r for r in blocks["finetune"])
     assert all("runtime=720" in r and "gpu=" not in r for r in blocks["prepare_dataset"])
     assert all("runtime=60" in r for r in blocks["evaluate_internal"])
+    # the configured threads, not 1: the profile's `cores` stops `-n` assuming one core
+    threads = job_blocks(result.stdout, "threads")
+    shells = job_blocks(result.stdout, "Shell command")
+    paper = yaml.safe_load((ROOT / "config/retfound_paper.yaml").read_text())["resources"]
+    assert set(threads["pretrain"]) == {f"threads: {paper['pretrain']['threads']}"}, threads["pretrain"]
+    assert all(f"--threads {paper['pretrain']['threads']} " in s for s in shells["pretrain"])
+    for rule, stage in (("finetune", "finetune"), ("prepare_dataset", "data"), ("predict_external", "evaluate")):
+        n = paper[stage]["threads"]
+        assert set(threads[rule]) == {f"threads: {n}"}, (rule, threads[rule])
+        assert all(f"cpus_per_task={n}" in r for r in blocks[rule]), (rule, blocks[rule])
+    assert all(f"OMP_NUM_THREADS={paper['finetune']['threads']} " in s for s in shells["finetune"])
+    assert all(f"--workers {paper['data']['threads']} " in s for s in shells["prepare_dataset"])
 
 
 def test_local_profile_dry_run(tmp_path):
     result = snakemake(workdir(tmp_path), "-n", "--profile", "profiles/local")
     assert result.returncode == 0, result.stderr[-3000:]
     assert job_counts(result.stdout)["pretrain"] == 4
+
+
+# ---------------------------------------------------------------- a failed job on the console
+
+def failing_dataset(work: Path) -> Path:
+    """The demo config + a dataset whose only image is not an image: its prepare job fails
+    (no usable images) after the startup checks have passed."""
+    (work / "broken/a").mkdir(parents=True)
+    (work / "broken/a/x.png").write_text("not an image")
+    return write_config(work / "broken.yaml", lambda cfg: cfg["datasets"].update(
+        broken={"modality": "cfp", "role": "labelled", "source": "imagefolder", "path": "broken"}))
+
+
+def test_failed_job_shows_the_end_of_its_log_on_the_console(tmp_path):
+    """As `make demo` runs it (no profile): the job's ERROR line reaches the console."""
+    work = workdir(tmp_path)
+    config = failing_dataset(work)
+    result = snakemake(work, "results/data/broken/manifest.parquet", "--cores", "2", "--configfile", str(config))
+    assert result.returncode == 1
+    console = result.stdout + result.stderr
+    head = "==== rule prepare_dataset, dataset=broken: logs/data/prepare_broken.log, last 1 line(s)"
+    assert head in console, console[-3000:]
+    after = console.split(head, 1)[1].splitlines()
+    assert after[1].startswith("ERROR: dataset 'broken': no usable images among 1 inputs"), after[:3]
+    assert after[2] == "====", after[:3]
+
+
+def test_failed_log_tail_is_the_end_of_the_log_only(tmp_path):
+    log = tmp_path / "train.log"
+    progress = "".join(f"\rstep {i}/500" for i in range(500))
+    log.write_text("".join(f"epoch {i} loss 0.1\n" for i in range(400)) + progress + "\n\n"
+                   + "x" * 2000 + "\nERROR: finetune.epochs: 0 is below 1; set it to 1 or more\n")
+    lines = failed_logs.tail(log, 4)
+    assert lines[:2] == ["epoch 399 loss 0.1", "step 499/500"], lines
+    assert lines[2] == "x" * failed_logs.MAX_LINE + " ..."
+    assert lines[3].startswith("ERROR: finetune.epochs")
+    big = tmp_path / "big.log"
+    big.write_text("".join(f"line {i} " + "y" * 100 + "\n" for i in range(5000)) + "ERROR: last\n")
+    assert failed_logs.tail(big, 2)[-1] == "ERROR: last" and failed_logs.tail(big, 2)[0].startswith("line 4999 ")
+    assert len(failed_logs.tail(big)) == failed_logs.TAIL_LINES
+    (tmp_path / "empty.log").write_text("")
+    text = failed_logs.report([("pretrain", {"method": "mae", "modality": "cfp"}, [str(log)]),
+                               ("report", {}, [str(tmp_path / "empty.log"), str(tmp_path / "missing.log")])])
+    assert f"==== rule pretrain, method=mae, modality=cfp: {log}, last 20 line(s)" in text
+    assert f"{tmp_path / 'empty.log'} is empty" in text
+    assert f"{tmp_path / 'missing.log'} was not written" in text
+    assert "epoch 382 " not in text and "epoch 383 " in text
+    assert "ERROR: finetune.epochs: 0 is below 1; set it to 1 or more\n==== rule report: " in text
+    assert text.startswith("The end of each failed job's log:\n") and text.endswith("\n====")
+    assert failed_logs.report([]) == ""
 
 
 # ---------------------------------------------------------------- containers

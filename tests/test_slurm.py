@@ -6,9 +6,11 @@ folder (one node, 2 CPUs, two fake GPUs as a ``gpu`` GRES), links /etc/slurm/slu
 (``srun`` inside the jobs does not see SLURM_CONF), runs ``snakemake --profile slurm`` (the
 profile from profiles/slurm with this cluster's partition, no account and ``squeue`` status
 checks: no slurmdbd here) under ``timeout -s KILL``, and stops the daemons by PID.
-About 3.5 minutes on 2 cores (+ about 1 minute for apt-get on a fresh machine). Pretraining is
-sent SIGTERM mid-run (as before a time limit): it checkpoints, the job fails, the profile's retry
-resumes it.
+About 7 minutes on 2 cores (+ about 1 minute for apt-get on a fresh machine; much longer when
+other work shares the cores). Pretraining is sent SIGTERM mid-run (as before a time limit): it
+checkpoints, the job fails, the profile's retry resumes it. `scontrol show job` shows that every
+job got the CPUs, memory, GPUs and time limit of its config `resources.<stage>`. A second run with
+a prepare job that fails shows the end of its log on the console (rules/onerror.smk).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 DAEMONS = ["/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd"]
 CLIENTS = ["sbatch", "squeue", "srun", "scontrol", "sinfo", "scancel"]
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
-RUN_LIMIT_S = 900  # hard limit (timeout -s KILL) for the whole snakemake run
+RUN_LIMIT_S = 1200  # hard limit (timeout -s KILL) for the whole snakemake run
 
 
 def ensure_installed() -> None:
@@ -141,7 +143,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 KillWait=10
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs=2 RealMemory={mem_mb} Gres=gpu:fake:{self.ngpu} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
@@ -249,11 +251,14 @@ def tiny_config(path: Path) -> Path:
     cfg["finetune"].update(epochs=1, min_steps=4)
     cfg.update(fractions=[1.0], seeds=[0], protocols=["finetune"])
     cfg["evaluate"]["n_boot"] = 20
-    small = {"threads": 1, "mem_mb": 500, "runtime": 10, "gpu": 0}
+    # distinct numbers per stage, so each job's record shows which section it came from; 2 threads
+    # (the node's CPUs) for fine-tuning only: the other jobs run two at a time
     cfg["resources"] = {
-        "default": small, "data": small, "evaluate": small,
+        "default": {"threads": 1, "mem_mb": 500, "runtime": 10, "gpu": 0},
+        "data": {"threads": 1, "mem_mb": 600, "runtime": 11, "gpu": 0},
+        "evaluate": {"threads": 1, "mem_mb": 700, "runtime": 13, "gpu": 0},
         "pretrain": {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 1, "cpus_per_gpu": 1},
-        "finetune": {"threads": 1, "mem_mb": 1000, "runtime": 10, "gpu": 1},
+        "finetune": {"threads": 2, "mem_mb": 900, "runtime": 12, "gpu": 1},
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -370,3 +375,71 @@ def test_signalled_pretraining_checkpoints_and_the_retry_resumes_it(slurm_run):
     results = slurm_run["work"] / slurm_run["config"]["results"]
     epochs = pd.read_csv(results / f"pretrain/mae/{slurm_run['modality']}/log.csv").epoch.tolist()
     assert epochs == list(range(slurm_run["config"]["pretrain"]["epochs"]))
+
+
+def record_fields(record: str) -> dict[str, str]:
+    """`scontrol -o show job` (one line of Key=Value) as a dict."""
+    return dict(item.split("=", 1) for item in record.split() if "=" in item)
+
+
+def slurm_logs(stdout: str) -> dict[str, Path]:
+    """SLURM job id -> its sbatch output file, as the submission message names it."""
+    return {job_id: Path(log) for job_id, log in re.findall(r"SLURM jobid (\d+) \(log: (\S+)\)", stdout)}
+
+
+#: rule -> the config's resources section its threads, mem_mb, runtime and gpu come from
+RULE_RESOURCES = {"phantom_dataset": "data", "prepare_dataset": "data", "pretrain": "pretrain",
+                  "finetune": "finetune", "predict_external": "evaluate"}
+
+
+def test_jobs_get_the_configured_threads_memory_gpus_and_time_limit(slurm_run):
+    """What SLURM granted each job (scontrol) is what config resources.<stage> asks for, and the
+    job's command got those threads (the job's own Snakemake prints its shell command)."""
+    assert slurm_run["returncode"] == 0
+    jobs, cfg, work = submitted(slurm_run["out"]), slurm_run["config"], slurm_run["work"]
+    logs = slurm_logs(slurm_run["out"])
+    for rule, stage in RULE_RESOURCES.items():
+        want = cfg["resources"][stage]
+        cpus = want["gpu"] * want["cpus_per_gpu"] if want.get("cpus_per_gpu") else want["threads"]
+        for job_id in jobs[rule]:
+            record = slurm_run["cluster"].job(job_id)
+            got = record_fields(record)
+            assert got.get("NumCPUs") == str(cpus), (rule, stage, want, record)
+            assert got.get("MinMemoryNode") == f"{want['mem_mb']}M", (rule, stage, want, record)
+            assert got.get("TimeLimit") == f"00:{want['runtime']:02d}:00", (rule, stage, want, record)
+            # --gpus=N (TRES shows allocated GPUs only where AccountingStorageTRES counts them)
+            assert got.get("TresPerJob") == (f"gres:gpu:{want['gpu']}" if want["gpu"] else None), (rule, record)
+    # the threads reached the command (a dry-run used to show 1: profiles/slurm `cores:`)
+    finetune_log = (work / logs[jobs["finetune"][0]]).read_text()
+    assert f"OMP_NUM_THREADS={cfg['resources']['finetune']['threads']} python" in finetune_log, finetune_log[-3000:]
+    print("\n" + "\n".join(slurm_run["cluster"].job(jobs[r][0]).strip() for r in RULE_RESOURCES))
+
+
+@pytest.fixture(scope="module")
+def slurm_failure(cluster, tmp_path_factory, slurm_run):
+    """`snakemake --profile slurm` for one prepare job that fails (its only image is not one)."""
+    work = make_workdir(tmp_path_factory.mktemp("slurm_fail"))
+    cluster_profile(work / "slurm")
+    config = tiny_config(work / "tiny.yaml")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["datasets"]["broken"] = {"modality": "cfp", "role": "labelled", "source": "imagefolder", "path": "broken"}
+    config.write_text(yaml.safe_dump(cfg))
+    (work / "broken/a").mkdir(parents=True)
+    (work / "broken/a/x.png").write_text("not an image")
+    env = dict(cluster.env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONUNBUFFERED="1")
+    r = subprocess.run(["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
+                        f"{cfg['results']}/data/broken/manifest.parquet", "--profile", "slurm",
+                        "--configfile", str(config)], cwd=work, env=env, capture_output=True, text=True)
+    return {"work": work, "returncode": r.returncode, "out": r.stdout + r.stderr}
+
+
+def test_failed_slurm_job_shows_the_end_of_its_log_on_the_console(slurm_failure):
+    out = slurm_failure["out"]
+    assert slurm_failure["returncode"] == 1, out[-4000:]
+    assert len(submitted(out)["prepare_dataset"]) == 2, out[-4000:]  # the profile's retry, then the end
+    head = "==== rule prepare_dataset, dataset=broken: logs/data/prepare_broken.log, last 1 line(s)"
+    assert head in out, out[-4000:]
+    after = out.split(head, 1)[1].splitlines()
+    assert after[1].startswith("ERROR: dataset 'broken': no usable images among 1 inputs"), after[:3]
+    print("\n" + out[out.index("Error in rule prepare_dataset"):])
