@@ -181,3 +181,23 @@ def test_dry_run_with_a_yaml_error_in_the_default_config_names_its_line(tmp_path
     assert "Traceback" not in out and 'File "' not in out
     assert "config.yaml:9:1: YAML syntax error: expected ',' or ']'" in out, out
     assert f"(while parsing a flow sequence started at line {line}, column 9)" in out, out
+
+
+def test_check_config_cli_names_the_yaml_line_snakemake_would_not(tmp_path, capsys):
+    from retflow.cli import main
+
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("results: out\ntasks:\n  glaucoma: {dataset: fundus, type: binary\nmodels: {}\n")
+    assert main(["check-config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ERROR: {bad}:4:7: YAML syntax error: expected ',' or '}}', but got ':'"), err
+    good = tmp_path / "ok.yaml"
+    good.write_text(yaml.safe_dump(minimal_config()))
+    assert main(["check-config", str(good), "--config", "results=elsewhere"]) == 0
+    assert capsys.readouterr().out.strip() == (f"{good}: ok (1 datasets, 2 tasks, 1 models; schema defaults "
+                                               f"filled in)")
+    cfg = minimal_config()
+    cfg["pretrain"]["epoch"] = 3
+    good.write_text(yaml.safe_dump(cfg))
+    assert main(["check-config", str(good)]) == 1
+    assert capsys.readouterr().err == f"ERROR: {good}: pretrain.epoch: unknown key (did you mean 'epochs'?)\n"

@@ -4,6 +4,7 @@
     retflow predict --checkpoint best.pth --out probs.csv [--modality cfp|oct] IMAGES_OR_FOLDERS...
     retflow export  --checkpoint CKPT --out DIR
     retflow inspect --checkpoint CKPT
+    retflow check-config CONFIG.yaml [--config KEY=VALUE ...]
 
 ``CKPT`` is any supported checkpoint: our ``best.pth`` (fine-tuned) or ``checkpoint.pth``
 (pretrained), an export folder, RETFound-MAE / RETFound-DINOv2, ImageNet MAE, DINOv2 or a timm
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="report a checkpoint's layout, architecture and load result")
     _add_model_args(p)
+
+    p = sub.add_parser("check-config", help="the workflow's startup checks of a config file, without Snakemake "
+                                            "(YAML errors with line and column, schema, references, paths, CSV headers)")
+    p.add_argument("configfile", help="a config YAML (as given to snakemake --configfile)")
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides as snakemake --config takes them (YAML values), e.g. missing_data=warn")
     return ap
 
 
@@ -111,12 +118,9 @@ MAX_LISTED = 20
 
 def _schema_default(*keys: str):
     """A default of the config schema (the only place defaults live): the data stage's checks."""
-    from retflow.settings.load import schema
+    from retflow.settings import section_defaults
 
-    node = schema()
-    for key in keys:
-        node = node["properties"][key]
-    return node["default"]
+    return section_defaults(".".join(keys[:-1]))[keys[-1]]
 
 
 def _image_options(args) -> dict:
@@ -200,7 +204,34 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-_COMMANDS = {"embed": _cmd_embed, "predict": _cmd_predict, "export": _cmd_export, "inspect": _cmd_inspect}
+def _cmd_check_config(args) -> int:
+    """What the Snakefile checks at startup, for a file Snakemake itself would only call 'not valid YAML'."""
+    import yaml
+
+    from retflow.settings import ConfigError, read_yaml
+    from retflow.settings.load import merged
+    from retflow.settings.startup import check
+
+    overrides = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--config {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        config, warnings = check(merged(read_yaml(args.configfile), overrides), args.configfile)
+    except ConfigError as exc:
+        print("\n".join(f"ERROR: {p}" for p in exc.problems), file=sys.stderr)
+        return 1
+    for line in warnings:
+        print(f"WARNING: {line}", file=sys.stderr)
+    print(f"{args.configfile}: ok ({len(config['datasets'])} datasets, {len(config['tasks'])} tasks, "
+          f"{len(config['models'])} models; schema defaults filled in)")
+    return 0
+
+
+_COMMANDS = {"embed": _cmd_embed, "predict": _cmd_predict, "export": _cmd_export, "inspect": _cmd_inspect,
+             "check-config": _cmd_check_config}
 
 
 def main(argv: list[str] | None = None) -> int:
