@@ -41,7 +41,8 @@ rule finetune:
 
 
 rule predict_external:
-    """Apply a trained model, unchanged, to an external validation set."""
+    """Apply a trained model, unchanged, to an external validation set (on the device and with the
+    resources of fine-tuning: it runs the same model in the GPU image)."""
     input:
         best=f"{RUN_DIR}/best.pth",
         store=lambda w: store_manifest(w.external),
@@ -53,10 +54,11 @@ rule predict_external:
         f"benchmarks/{RUN_LOG}/predict_{{external}}.tsv"
     container:
         CONTAINERS["gpu"]
-    threads: res("evaluate", "threads")
+    threads: res("finetune", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
+        **launch.slurm_resources(
+            rfc.resources(config, "finetune"), checkpoint_signal=False
+        ),
     params:
         store=lambda w: store_dir(w.external),
         args=predict_external_args,

@@ -506,10 +506,13 @@ def test_not_an_export_folder_names_what_is_missing(tmp_path):
 
 
 def test_startup_check_accepts_export_folders_only(tmp_path):
+    """An export folder is a weights path; a folder without an export is a startup error (even with
+    missing_data: warn, which only lets missing paths through)."""
     import yaml
 
-    from retflow.config import missing_paths
-    from retflow.settings import validate
+    from retflow.config import missing_paths, weights_errors
+    from retflow.settings import ConfigError, validate
+    from retflow.settings.startup import check
 
     from conftest import ROOT
 
@@ -520,17 +523,19 @@ def test_startup_check_accepts_export_folders_only(tmp_path):
     raw["models"]["retfound"] = {"init": "file", "path": str(out)}
     raw["models"]["wrong"] = {"init": "file", "path": {"cfp": str(plain), "oct": str(tmp_path / "gone.pth")}}
     raw["pretrain"]["init"] = str(out)
-    lines = missing_paths(validate(raw))
-    assert lines == [
-        f"models.wrong.path.cfp: {plain} (a folder without config.json and model.safetensors, not an exported "
-        "model (give a weights file, or a folder written by `retflow export`))",
-        f"models.wrong.path.oct: {tmp_path / 'gone.pth'}",
-    ]
+    assert missing_paths(validate(raw)) == [f"models.wrong.path.oct: {tmp_path / 'gone.pth'}"]
+    not_export = (f"models.wrong.path.cfp: {plain} (a folder without config.json and model.safetensors, not an "
+                  "exported model (give a weights file, or a folder written by `retflow export`))")
+    assert weights_errors(validate(raw)) == [not_export]
+    with pytest.raises(ConfigError) as err:
+        check({**raw, "missing_data": "warn"}, "c.yaml")
+    assert err.value.problems == [f"c.yaml: {not_export}"]
     raw["pretrain"]["methods"] = ["mae", "token_recon"]
     raw["pretrain"]["token_recon"] = {"teacher_checkpoint": str(plain)}
-    assert missing_paths(validate(raw))[0].startswith(f"pretrain.token_recon.teacher_checkpoint: {plain} (a folder")
+    assert weights_errors(validate(raw))[0].startswith(f"pretrain.token_recon.teacher_checkpoint: {plain} (a folder")
     raw["pretrain"]["token_recon"] = {"teacher_checkpoint": str(out)}
-    assert not any(line.startswith("pretrain.") for line in missing_paths(validate(raw)))
+    del raw["models"]["wrong"]
+    assert weights_errors(validate(raw)) == [] and missing_paths(validate(raw)) == []
 
 
 def test_load_finetuned_uses_recorded_head_and_reads_exports(tmp_path):
@@ -581,3 +586,29 @@ def test_one_place_loads_checkpoints():
             if isinstance(node, ast.Call) and name(node.func) in loaders:
                 hits.append(f"{f.relative_to(ROOT)}:{node.lineno}: {name(node.func)}")
     assert hits and all(h.startswith("src/retflow/checkpoint_file.py") for h in hits), hits
+
+
+@pytest.mark.parametrize("script", ["finetune", "pretrain"])
+def test_workflow_scripts_refuse_a_malicious_init_in_one_line(tmp_path, monkeypatch, script):
+    """The rules run workflow_scripts/*.py: a refused `init` is one ERROR line naming the file and
+    the global (retflow.errors.run_main), no traceback, and the payload never runs."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_train import finetune_settings, make_store, pretrain_settings
+
+    monkeypatch.chdir(tmp_path)
+    bad = evil.write(tmp_path / "RETFound_cfp_weights.pth")
+    store = str(make_store(tmp_path / "s"))
+    if script == "finetune":
+        args = ["--settings", finetune_settings().to_json(), "--store", store, "--init", str(bad)]
+    else:
+        args = ["--settings", pretrain_settings(init=str(bad)).to_json(), "--stores", store]
+    proc = subprocess.run([sys.executable, str(ROOT / "workflow_scripts" / f"{script}.py"), *args,
+                           "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = next(li for li in proc.stderr.splitlines() if li.startswith("ERROR: "))
+    evil.assert_refusal(line, bad, tmp_path)

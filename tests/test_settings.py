@@ -201,3 +201,16 @@ def test_check_config_cli_names_the_yaml_line_snakemake_would_not(tmp_path, caps
     good.write_text(yaml.safe_dump(cfg))
     assert main(["check-config", str(good)]) == 1
     assert capsys.readouterr().err == f"ERROR: {good}: pretrain.epoch: unknown key (did you mean 'epochs'?)\n"
+
+
+def test_a_stage_without_a_gpu_runs_on_the_cpu_where_the_config_forces_cuda():
+    from retflow import config as rfc
+    from retflow.settings.report import saliency as saliency_settings
+
+    paper = load_config(ROOT / "config/retfound_paper.yaml", {"missing_data": "warn"})
+    assert paper["device"] == "cuda" and rfc.resources(paper, "evaluate")["gpu"] == 0
+    assert rfc.stage_device(paper, "finetune") == "cuda" and rfc.stage_device(paper, "evaluate") == "cpu"
+    task = next(t for t, s in paper["tasks"].items() if s["type"] in ("binary", "multiclass"))
+    assert saliency_settings(paper, task).device == "cpu"
+    demo = load_config(ROOT / "config.yaml")
+    assert rfc.stage_device(demo, "evaluate") == demo["device"] == "auto"

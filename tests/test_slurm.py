@@ -389,7 +389,7 @@ def slurm_logs(stdout: str) -> dict[str, Path]:
 
 #: rule -> the config's resources section its threads, mem_mb, runtime and gpu come from
 RULE_RESOURCES = {"phantom_dataset": "data", "prepare_dataset": "data", "pretrain": "pretrain",
-                  "finetune": "finetune", "predict_external": "evaluate"}
+                  "finetune": "finetune", "predict_external": "finetune"}
 
 
 def test_jobs_get_the_configured_threads_memory_gpus_and_time_limit(slurm_run):

@@ -366,16 +366,35 @@ def test_build_ssl_rejects_bad_input():
 
 @pytest.mark.parametrize("method,given,message", [
     ("dino", {"local_crop_scale": [0.4, 0.05]},
-     r"^pretrain.dino.local_crop_scale must be \[lo, hi\] with 0 < lo <= hi <= 1, got \[0.4, 0.05\]$"),
+     r"^pretrain.dino.local_crop_scale: must be \[lo, hi\] with 0 < lo <= hi <= 1, got \[0.4, 0.05\]$"),
     ("dino", {"local_crops": 2, "local_size": 12},
-     r"^pretrain.dino.local_size 12 is not a multiple of the ViT's patch_size 8; pick a multiple$"),
+     r"^pretrain.dino.local_size: 12 is not a multiple of the ViT's patch_size 8; pick a multiple$"),
     ("token_recon", {"noise_std": [1.0, 0.5]},
-     r"^pretrain.token_recon.noise_std must be \[lo, hi\] with lo <= hi, got \[1.0, 0.5\]$"),
-    ("token_recon", {"mask_ratio": [0.5, 1.0]}, r"^pretrain.token_recon.mask_ratio must stay below 1 "),
+     r"^pretrain.token_recon.noise_std: must be \[lo, hi\] with lo <= hi, got \[1.0, 0.5\]$"),
+    ("token_recon", {"mask_ratio": [0.5, 1.0]}, r"^pretrain.token_recon.mask_ratio: must stay below 1 "),
 ])
 def test_settings_the_schema_cannot_check_are_refused_naming_the_key(method, given, message):
+    """At startup, before any job (retflow.config.semantic_errors), and by the model itself."""
+    import re
+
+    from retflow.config import semantic_errors
+
     with pytest.raises(ValueError, match=message):
         make(method, dict(SMALL[method], **given))
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    config["vit"]["patch_size"] = 8
+    config["pretrain"]["methods"] = ["mae", method]
+    config["pretrain"][method] = dict(given, **({"teacher_checkpoint": "mae"} if method == "token_recon" else {}))
+    assert [e for e in semantic_errors(validate(config)) if re.match(message, e)], semantic_errors(validate(config))
+
+
+def test_gpu_augment_with_a_multi_view_method_is_refused_at_startup():
+    from retflow.config import semantic_errors
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    config["pretrain"].update(methods=["mae", "simclr"], gpu_augment=True)
+    assert ("pretrain.gpu_augment: true, but simclr use(s) multi-view CPU augmentations; set gpu_augment: auto "
+            "(on the device where it applies) or false") in semantic_errors(validate(config))
 
 
 # -------------------------------------------------------------------- views

@@ -4,7 +4,8 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from retflow.errors import run_main
 from retflow.synth.sample import main_merge
 
 if __name__ == "__main__":
-    sys.exit(main_merge())
+    sys.exit(run_main(main_merge))

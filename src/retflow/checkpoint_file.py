@@ -33,6 +33,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from retflow.errors import UserError
+
 __all__ = [
     "EXPORT_CONFIG",
     "EXPORT_WEIGHTS",
@@ -56,7 +58,7 @@ _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _NO_PUSH_OPS = frozenset({"PROTO", "FRAME", "MEMOIZE", "STOP", "MARK", "POP", "POP_MARK"}) | _PUT_OPS
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A file that is not a usable checkpoint; the message (one line) names the file."""
 
 

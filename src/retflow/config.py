@@ -128,6 +128,9 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"tasks.{name}.classes: one name per label column ({len(labels)})")
         if len(set(map(str, task.get("classes", [])))) != len(task.get("classes", [])):
             errors.append(f"tasks.{name}.classes: duplicate class names")
+    from retflow.settings.checks import pretrain_errors
+
+    errors += pretrain_errors(config)
     splits = config["splits"]
     total = sum(splits[k] for k in ("train", "val", "test"))
     if abs(total - 1.0) > 1e-6:
@@ -145,6 +148,11 @@ def missing_paths(config: dict) -> list[str]:
             path = dataset_path(config, name, key)
             if path is not None and not path.exists():
                 missing.append(f"datasets.{name}.{key}: {path}")
+    return missing + [f"{key}: {path}" for key, path in weights_files(config) if not Path(path).exists()]
+
+
+def weights_files(config: dict) -> list[tuple[str, str]]:
+    """``(key, path)`` of every local weights file / export folder the config names."""
     weights = [("pretrain.init", config["pretrain"]["init"])]
     teacher = config["pretrain"]["token_recon"].get("teacher_checkpoint")  # no default: optional
     methods = config["pretrain"]["methods"]
@@ -156,23 +164,19 @@ def missing_paths(config: dict) -> list[str]:
             paths = model.get("path") or {}
             weights += [(f"models.{name}.path{'.' + k if k else ''}", p)
                         for k, p in (paths.items() if isinstance(paths, dict) else [("", paths)])]
-    for key, path in weights:
-        problem = _weights_problem(path) if path else None
-        if problem is not None:
-            missing.append(f"{key}: {path}{problem}")
-    return missing
+    return [(key, str(path)) for key, path in weights if path]
 
 
-def _weights_problem(path: str | Path) -> str | None:
-    """``None`` for an existing weights file or `retflow export` folder, ``""`` when missing, else
-    `` (why the folder is not an export)``; cheap, nothing is read."""
+def weights_errors(config: dict) -> list[str]:
+    """A weights path that exists but is a folder without a `retflow export` in it (cheap: nothing is read)."""
     from retflow.checkpoint_file import export_folder_problem
 
-    path = Path(path)
-    if not path.exists():
-        return ""
-    problem = export_folder_problem(path) if path.is_dir() else None
-    return f" ({problem})" if problem else None
+    errors = []
+    for key, path in weights_files(config):
+        problem = export_folder_problem(Path(path)) if Path(path).is_dir() else None
+        if problem:
+            errors.append(f"{key}: {path} ({problem})")
+    return errors
 
 
 def model_weights_file(config: dict, model: str, modality: str) -> str | None:
@@ -294,6 +298,15 @@ def pretrain_runs(config: dict) -> list[tuple[str, str]]:
 def resources(config: dict, kind: str) -> dict:
     """Resources for a rule kind: ``resources.default`` (schema defaults) overlaid with the kind's entry."""
     return {**config["resources"]["default"], **(config["resources"].get(kind) or {})}
+
+
+def stage_device(config: dict, kind: str) -> str:
+    """The device a stage's jobs run on: the config's ``device``, except ``cpu`` where the config
+    forces ``cuda`` but the stage asks for no GPU (``resources.<kind>.gpu: 0``; such a job gets none
+    under SLURM, and runs in the CPU image)."""
+    if config["device"] == "cuda" and not resources(config, kind)["gpu"]:
+        return "cpu"
+    return config["device"]
 
 
 def vit_settings(config: dict, modality: str) -> dict:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from retflow.errors import UserError
+
 MULTI_SUFFIXES = (".nii.gz",)
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -53,7 +55,7 @@ BASE_COLUMNS = ("image_id", "source", "patient_id", "eye", "given_split", "issue
                 "mask_source")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset declaration that does not match the files on disk."""
 
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import yaml
 
+from retflow.errors import UserError
+
 #: the schema sits in the checkout's config/ folder (src/retflow/settings/ -> repository root)
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "config" / "schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; ``problems`` holds one line per problem, each naming its key."""
 
     def __init__(self, problems: list[str] | str):

@@ -246,7 +246,8 @@ def saliency(config: dict, task: str) -> SaliencySettings:
     spec = config["tasks"][task]
     return SaliencySettings.from_dict({
         "task": task, "dataset": spec["dataset"], "label": spec["label"], "protocol": run.protocol,
-        "model": run.model, "fraction": float(run.fraction), "seed": int(run.seed), "device": config["device"]},
+        "model": run.model, "fraction": float(run.fraction), "seed": int(run.seed),
+        "device": rfc.stage_device(config, "evaluate")},
         "saliency")
 
 

@@ -34,7 +34,7 @@ def check(config: dict, source: str = "config") -> tuple[dict, list[str]]:
         if full["missing_data"] == "error":
             raise ConfigError(f"{msg}\n(set missing_data: warn to dry-run without them)")
         warnings.append(msg)
-    problems = preflight.startup_errors(full)
+    problems = rfc.weights_errors(full) + preflight.startup_errors(full)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     return full, warnings

@@ -29,6 +29,8 @@ from retflow.data.pools import pool_indices
 from retflow.data.store import ImageStore
 from retflow.models.lr_decay import param_groups_weight_decay
 from retflow.models.vit import ViTSpec
+from retflow.settings.checks import gpu_augment_errors
+from retflow.settings.load import ConfigError
 from retflow.settings.stages import PretrainSettings
 from retflow.train import distributed as D
 from retflow.train.batch_augment import BatchAugment
@@ -44,9 +46,9 @@ from retflow.train.stop_signal import StopFlag
 def use_batch_augment(s: PretrainSettings, device: torch.device) -> bool:
     """Crops/flips on the training device: MAE-style single-view methods; 'auto' = on CUDA."""
     single_view = s.method in ("mae", "token_recon")
-    if s.gpu_augment is True and not single_view:
-        raise ValueError(f"pretrain.gpu_augment: true, but method {s.method!r} uses multi-view CPU "
-                         f"augmentations; set gpu_augment: auto or false")
+    errors = gpu_augment_errors(s.gpu_augment, [s.method])  # also run at startup (retflow.settings.checks)
+    if errors:
+        raise ConfigError(errors)
     return single_view and (s.gpu_augment is True or (s.gpu_augment == "auto" and device.type == "cuda"))
 
 

@@ -37,6 +37,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from retflow.settings.checks import dino_errors
+from retflow.settings.load import ConfigError
 from retflow.settings.stages import DINOSettings
 
 from ..vit import ViTSpec
@@ -78,13 +80,9 @@ class DINO(SSLModel):
         """``s``: head, temperatures, momenta, schedules, drop-path and the multi-crop geometry
         (``local_crop_scale`` and the colour steps are the views', checked here only)."""
         super().__init__()
-        lo, hi = (float(v) for v in s.local_crop_scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"pretrain.dino.local_crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, "
-                             f"got {list(s.local_crop_scale)}")
-        if s.local_crops and s.local_size % spec.patch_size:
-            raise ValueError(f"pretrain.dino.local_size {s.local_size} is not a multiple of the ViT's "
-                             f"patch_size {spec.patch_size}; pick a multiple")
+        errors = dino_errors(s, spec.patch_size)  # also run at startup (retflow.settings.checks)
+        if errors:
+            raise ConfigError(errors)
         self.spec = spec
         self.local_crops = int(s.local_crops)
         self.local_size = int(s.local_size)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from retflow.settings.checks import token_recon_errors
+from retflow.settings.load import ConfigError
 from retflow.settings.stages import TokenReconSettings
 
 from ..vit import ViTSpec
@@ -46,10 +48,8 @@ from .base import SSLModel, build_encoder, fp32, freeze
 __all__ = ["TokenReconstruction"]
 
 
-def _range(value, name: str) -> tuple[float, float]:
+def _range(value) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
-    if lo > hi:
-        raise ValueError(f"pretrain.token_recon.{name} must be [lo, hi] with lo <= hi, got {list(value)}")
     return lo, hi
 
 
@@ -67,12 +67,12 @@ class TokenReconstruction(SSLModel):
             raise ValueError(f"token_recon needs a timm VisionTransformer teacher, got {type(teacher).__name__}")
         if teacher.cls_token is None:
             raise ValueError("token_recon teacher must have a class token")
+        errors = token_recon_errors(s)  # also run at startup (retflow.settings.checks)
+        if errors:
+            raise ConfigError(errors)
         self.spec = spec
-        self.noise_std = _range(s.noise_std, "noise_std")
-        self.mask_ratio = _range(s.mask_ratio, "mask_ratio")
-        if self.mask_ratio[1] >= 1.0:
-            raise ValueError(f"pretrain.token_recon.mask_ratio must stay below 1 (a student that sees no patch "
-                             f"learns nothing), got {list(s.mask_ratio)}")
+        self.noise_std = _range(s.noise_std)
+        self.mask_ratio = _range(s.mask_ratio)
         self.cls_weight = float(s.cls_weight)
         self.encoder = build_encoder(spec, s.drop_path_rate)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
