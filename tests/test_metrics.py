@@ -26,6 +26,7 @@ from retflow.evaluate.metrics import (
     roc_curves,
 )
 from retflow.evaluate.retfound_metrics import CURRENT_KEYS, V1_KEYS, retfound_current, retfound_v1
+from retflow.settings import ConfigError
 from retflow.settings import report as report_settings
 from retflow.settings import validate
 
@@ -629,5 +630,5 @@ def test_evaluate_multilabel_and_regression_json(tmp_path):
     assert set(data["metrics"]) == set(METRICS_BY_TYPE["regression"]) and data["primary_metric"] == "mae"
     assert data["lower_is_better"] == ["mae", "rmse"] and data["classes"] == []
     assert data["metrics"]["mae"]["ci_low"] < data["metrics"]["mae"]["value"] < data["metrics"]["mae"]["ci_high"]
-    with pytest.raises(SystemExit, match=r"^--settings: classes are required for task type multiclass$"):
+    with pytest.raises(ConfigError, match=r"^--settings: classes are required for task type multiclass$"):
         main(["--settings", settings.replace(task_type="multiclass").to_json(), *args])  # only regression has none

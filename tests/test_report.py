@@ -405,10 +405,10 @@ def test_every_job_records_its_settings(tree):
 def test_job_settings_problems_are_one_line(tmp_path):
     job = report_settings.compare(CONFIG, "glaucoma", "finetune", 1.0, 0)
     out = str(tmp_path / "c.json")
-    with pytest.raises(SystemExit, match=r"^--settings: not JSON"):
+    with pytest.raises(ConfigError, match=r"^--settings \(CompareSettings\): not JSON"):
         pairwise.main(["--settings", "nope", "--predictions", "a", "b", "--out", out])
     bad = {**job.to_dict(), "n_boot": 5}
-    with pytest.raises(SystemExit, match=r"^--settings: CompareSettings: unknown keys \['n_boot'\] \(settings"):
+    with pytest.raises(ConfigError, match=r"^--settings \(CompareSettings\): unknown keys \['n_boot'\] \(settings"):
         pairwise.main(["--settings", json.dumps(bad), "--predictions", "a", "b", "--out", out])
     with pytest.raises(SystemExit, match=r"^1 predictions files for the 2 models \['mae', 'scratch'\] of compare "
                                          r"glaucoma/finetune$"):
@@ -417,7 +417,7 @@ def test_job_settings_problems_are_one_line(tmp_path):
         report_settings.compare(CONFIG, "vessels", "finetune", 1.0, 0)
     ev = report_settings.evaluation(CONFIG, "finetune", "glaucoma", "mae", 1.0, 0).to_dict()
     del ev["evaluate"]
-    with pytest.raises(SystemExit, match=r"^--settings: EvaluationSettings: missing keys \['evaluate'\]"):
+    with pytest.raises(ConfigError, match=r"^--settings \(EvaluationSettings\): missing keys \['evaluate'\]"):
         evaluate.main(["--settings", json.dumps(ev), "--predictions", "p.parquet", "--out", out])
 
 
@@ -484,16 +484,16 @@ def test_cli_bad_settings_and_config_are_one_line(tree, tmp_path):
     results, bench = tree
     base = ["--results", str(results), "--benchmarks", str(bench), "--out", str(tmp_path / "r.html"),
             "--settings-out", str(tmp_path / "s.json")]
-    with pytest.raises(SystemExit, match=r"^--settings: not JSON \(Expecting"):
+    with pytest.raises(ConfigError, match=r"^--settings \(ReportSettings\): not JSON \(Expecting"):
         main(["--settings", "{tasks", *base])
     bad = SETTINGS.to_dict()
     del bad["gpus"]
-    with pytest.raises(SystemExit, match=r"^--settings: ReportSettings: missing keys \['gpus'\] \(settings are built "
+    with pytest.raises(ConfigError, match=r"^--settings \(ReportSettings\): missing keys \['gpus'\] \(settings are built "
                                          r"from the validated config"):
         main(["--settings", json.dumps(bad), *base])
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({k: CONFIG[k] for k in ("datasets", "tasks", "models", "vit")}))
-    with pytest.raises(SystemExit, match=r"bad.yaml: pretrain: required key is missing"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: pretrain: required key is missing"):
         main(["--config", str(cfg), *base])
     assert not (tmp_path / "r.html").exists()
 

@@ -18,7 +18,7 @@ from test_segmentation import synthetic_store
 from test_train import VIT, make_store
 
 from conftest import make_workdir, snakemake
-from retflow.settings import build, load_config
+from retflow.settings import ConfigError, build, load_config
 from retflow.settings.stages import FinetuneSettings, SegmentSettings
 from retflow.train import finetune as ft
 from retflow.train import segment
@@ -158,9 +158,9 @@ def test_segment_job_trains_with_its_settings_and_records_them(minimal, tmp_path
 def test_entry_points_refuse_bad_settings_in_one_line(main, tmp_path):
     common = ["--store", str(tmp_path), "--out-dir", str(tmp_path / "o")]
     record = "FinetuneSettings" if main is ft.main else "SegmentSettings"
-    with pytest.raises(SystemExit, match=rf"^--settings: not a {record} record: Expecting value") as err:
+    with pytest.raises(ConfigError, match=rf"^--settings \({record}\): not JSON \(Expecting value") as err:
         main(["--settings", "not json", *common])
     assert "\n" not in str(err.value)
-    with pytest.raises(SystemExit, match=rf"^--settings: not a {record} record: .*missing keys \[.*'epochs'"):
+    with pytest.raises(ConfigError, match=rf"^--settings \({record}\): .*missing keys \[.*'epochs'"):
         main(["--settings", json.dumps({"seed": 0}), *common])
     assert not (tmp_path / "o").exists()

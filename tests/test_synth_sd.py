@@ -145,7 +145,7 @@ def test_sample_shards_write_the_store_format_and_merge(tiny_sd, tmp_path):
         m = sample.sample_shard(model, s, k, parts[-1])
         assert len(m) == (2 if k == 2 else 4) and m["synthetic"].all() and (m["split"] == "pool").all()
         assert SynthSettings.from_json((parts[-1] / "settings.json").read_text()) == s
-    again = sample.sample_shard(model, s, 1, tmp_path / "again")
+    sample.sample_shard(model, s, 1, tmp_path / "again")
     assert np.array_equal(ImageStore(tmp_path / "again")[0], ImageStore(parts[1])[0])  # seeded per shard
     m = load_manifest(parts[0])
     assert set(m.columns) == {"index", "sample_index", "image_id", "patient_id", "class_index", "dr_grade", "sha256",

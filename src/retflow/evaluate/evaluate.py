@@ -39,7 +39,8 @@ from .metrics import (
 )
 from .multilabel_metrics import predict_labels
 from .retfound_metrics import retfound_current, retfound_v1
-from ..settings.report import EvaluationSettings, from_cli
+from ..settings.load import ConfigError
+from ..settings.report import EvaluationSettings
 
 META_FIELDS = ("task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "classes")
 PROB_SUM_TOLERANCE = 1e-2
@@ -245,11 +246,11 @@ def main(argv=None) -> int:
     ap.add_argument("--predictions", required=True, help="predictions.parquet")
     ap.add_argument("--out", required=True, help="metrics.json to write")
     args = ap.parse_args(argv)
-    settings = from_cli(EvaluationSettings, args.settings)
+    settings = EvaluationSettings.from_json(args.settings)
     if settings.task_type not in TASK_TYPES:
-        raise SystemExit(f"--settings: task_type must be one of {TASK_TYPES}, got {settings.task_type!r}")
+        raise ConfigError(f"--settings: task_type must be one of {TASK_TYPES}, got {settings.task_type!r}")
     if settings.task_type != "regression" and not settings.classes:
-        raise SystemExit(f"--settings: classes are required for task type {settings.task_type}")
+        raise ConfigError(f"--settings: classes are required for task type {settings.task_type}")
     res = run(settings, args.predictions, args.out)
     primary = res["primary_metric"]
     m = res["metrics"][primary]

@@ -30,16 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings-out", required=True, help="where to record the settings (report.settings.json)")
     args = ap.parse_args(argv)
     from retflow.report.html import build_report
-    from retflow.settings import ConfigError, load_config
-    from retflow.settings.report import ReportSettings, from_cli, report
+    from retflow.settings import load_config
+    from retflow.settings.report import ReportSettings, report
 
-    if args.settings:
-        settings = from_cli(ReportSettings, args.settings)
-    else:
-        try:
-            settings = report(load_config(args.config))
-        except ConfigError as exc:
-            raise SystemExit(str(exc)) from None  # one line per problem, each naming file and key
+    # a problem is a ConfigError: one line per problem (retflow.errors.run_main prints it)
+    settings = ReportSettings.from_json(args.settings) if args.settings else report(load_config(args.config))
     settings.write(args.settings_out)
     build_report(args.results, args.benchmarks, settings, args.out)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -47,4 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from retflow.errors import run_main
+
+    sys.exit(run_main(main))

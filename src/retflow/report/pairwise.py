@@ -32,7 +32,7 @@ import sys
 from ..atomic import json_safe, write_json
 from ..evaluate.compare import align_predictions, compare_predictions
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC, TASK_TYPES
-from ..settings.report import CompareSettings, from_cli
+from ..settings.report import CompareSettings
 
 _PAIR_KEYS = ("method", "value_a", "value_b", "difference", "ci_low", "ci_high", "p_value", "n")
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric", default=None, help="metric to compare (default: the task type's primary metric)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    res = run(from_cli(CompareSettings, args.settings), args.predictions, args.out, args.metric)
+    res = run(CompareSettings.from_json(args.settings), args.predictions, args.out, args.metric)
     rest = "; ".join(f"vs {p['b']}: diff {p['difference']}, p {p['p_value']}" for p in res["best_vs_rest"])
     print(f"{args.out}: {res['metric']} best {res['best']} ({rest})", file=sys.stderr)
     return 0

@@ -46,7 +46,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_path, write_json
-from ..settings.report import SaliencySettings, from_cli
+from ..settings.report import SaliencySettings
 
 METHOD = (
     "attention rollout (head mean, 0.5 identity for the residual, all blocks; "
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-per-class", type=int, default=2, help="test images shown per class")
     ap.add_argument("--pick-seed", type=int, default=0, help="seed of the choice of images")
     args = ap.parse_args(argv)
-    meta = run(from_cli(SaliencySettings, args.settings), args.checkpoint, args.store, args.out, args.meta,
+    meta = run(SaliencySettings.from_json(args.settings), args.checkpoint, args.store, args.out, args.meta,
                args.n_per_class, args.pick_seed)
     print(json.dumps({"out": args.out, "images": len(meta["images"])}), file=sys.stderr)
     return 0

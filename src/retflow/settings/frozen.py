@@ -35,13 +35,18 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _record_type(hint: Any) -> type | None:
-    """The Frozen subclass a field holds (``X`` or ``X | None``), else None."""
+def _record_type(hint: Any) -> tuple[type | None, bool]:
+    """``(record type, is a tuple of them)`` of a field typed ``X``, ``X | None`` or ``tuple[X, ...]``
+    with ``X`` a Frozen subclass; ``(None, False)`` for any other field."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        inner = args[0] if args else None
+        return (inner, True) if isinstance(inner, type) and issubclass(inner, Frozen) else (None, False)
     candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for c in candidates:
         if isinstance(c, type) and issubclass(c, Frozen):
-            return c
-    return None
+            return c, False
+    return None, False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +68,24 @@ class Frozen:
         hints = typing.get_type_hints(cls)
         values = {}
         for name in names:
-            value, record = data[name], _record_type(hints[name])
-            if record is not None and value is not None and not isinstance(value, record):
+            value, (record, many) = data[name], _record_type(hints[name])
+            if record is not None and many and isinstance(value, list | tuple):
+                value = tuple(v if isinstance(v, record) else record.from_dict(v, f"{where}.{name}[{i}]")
+                              for i, v in enumerate(value))
+            elif record is not None and value is not None and not isinstance(value, record):
                 value = record.from_dict(value, f"{where}.{name}")
-            values[name] = value if isinstance(value, Frozen) else _freeze(value)
+            values[name] = value if isinstance(value, Frozen | tuple) and record is not None else _freeze(value)
         return cls(**values)
 
     @classmethod
-    def from_json(cls: type[T], text: str) -> T:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls: type[T], text: str, where: str | None = None) -> T:
+        """A record from JSON, as entry points get it (``--settings``); a problem is one ConfigError line."""
+        where = where or f"--settings ({cls.__name__})"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not JSON ({exc}); the rules pass retflow.settings records") from None
+        return cls.from_dict(data, where)
 
     def to_dict(self) -> dict[str, Any]:
         return plain(self)

@@ -33,36 +33,6 @@ from retflow.settings.stages import METHOD_SETTINGS, EvaluateSettings
 frozen = dataclasses.dataclass(frozen=True)
 
 
-class _Nested(Frozen):
-    """A record with fields that hold tuples of records: ``ITEMS`` maps such a field to its record type
-    (:meth:`Frozen.from_dict` builds records of fields typed as one record, not of tuples of them)."""
-
-    ITEMS = {}  # field -> record type
-
-    @classmethod
-    def from_dict(cls, data, where=None):
-        where = where or cls.__name__
-        if isinstance(data, Mapping):
-            data = dict(data)
-            for name, record in cls.ITEMS.items():
-                if isinstance(data.get(name), list | tuple):
-                    data[name] = tuple(v if isinstance(v, record) else record.from_dict(v, f"{where}.{name}[{i}]")
-                                       for i, v in enumerate(data[name]))
-        return super().from_dict(data, where)
-
-
-def from_cli(record: type[Frozen], text: str):
-    """``--settings`` JSON of an entry point as ``record``; a problem exits with one line (no traceback)."""
-    import json
-
-    try:
-        return record.from_json(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--settings: not JSON ({exc}); the rules pass retflow.settings.report records") from None
-    except ConfigError as exc:
-        raise SystemExit(f"--settings: {exc}") from None
-
-
 # ------------------------------------------------------------------------------ jobs
 @frozen
 class EvaluationSettings(Frozen):
@@ -139,10 +109,9 @@ class ExternalSet(Frozen):
 
 
 @frozen
-class ReportTask(_Nested):
+class ReportTask(Frozen):
     """A task with its fan-out resolved (its own protocols / fractions / seeds / models, else the global ones)."""
 
-    ITEMS = {"external": ExternalSet}
 
     name: str
     dataset: str
@@ -176,10 +145,9 @@ class ConfigSection(Frozen):
 
 
 @frozen
-class ReportSettings(_Nested):
+class ReportSettings(Frozen):
     """What the report reads of the config (rules/report.smk passes it as ``--settings``)."""
 
-    ITEMS = {"datasets": ReportDataset, "tasks": ReportTask, "models": ReportModel, "sections": ConfigSection}
 
     datasets: tuple[ReportDataset, ...]
     tasks: tuple[ReportTask, ...]  # config order: the report's task order

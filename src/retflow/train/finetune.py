@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default="", help="pretrained checkpoint; empty for random init")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
-    try:
-        settings = FinetuneSettings.from_json(args.settings)
-    except ValueError as e:  # not JSON, or a missing / unknown key (ConfigError)
-        raise SystemExit(f"--settings: not a FinetuneSettings record: {'; '.join(str(e).splitlines())}") from None
-    return run(settings, args.store, args.init or None, Path(args.out_dir))
+    return run(FinetuneSettings.from_json(args.settings), args.store, args.init or None, Path(args.out_dir))
 
 
 if __name__ == "__main__":

@@ -257,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default="", help="pretrained checkpoint / weights file; empty for random init")
     ap.add_argument("--out-dir", required=True)
     args = ap.parse_args(argv)
-    try:
-        settings = SegmentSettings.from_json(args.settings)
-    except ValueError as e:  # not JSON, or a missing / unknown key (ConfigError)
-        raise SystemExit(f"--settings: not a SegmentSettings record: {'; '.join(str(e).splitlines())}") from None
-    return run(settings, args.store, args.init or None, Path(args.out_dir))
+    return run(SegmentSettings.from_json(args.settings), args.store, args.init or None, Path(args.out_dir))
 
 
 if __name__ == "__main__":
