@@ -70,6 +70,11 @@ class Schedule(Frozen):
     warmup_epochs: int
     epochs: int
 
+    @classmethod
+    def of(cls, s, batch: int) -> "Schedule":
+        """The schedule of a record with ``blr``, ``min_lr``, ``warmup_epochs``, ``epochs`` at an (effective) batch."""
+        return cls(lr=s.blr * batch / 256, min_lr=s.min_lr, warmup_epochs=s.warmup_epochs, epochs=s.epochs)
+
 
 # ------------------------------------------------------------------------------ downstream
 @frozen
@@ -109,8 +114,7 @@ class FinetuneSettings(Frozen):
     device: str
 
     def schedule(self, batch: int) -> Schedule:
-        return Schedule(lr=self.blr * batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
-                        epochs=self.epochs)
+        return Schedule.of(self, batch)
 
 
 @frozen
@@ -142,8 +146,7 @@ class SegmentSettings(Frozen):
     evaluate: EvaluateSettings
 
     def schedule(self, batch: int) -> Schedule:
-        return Schedule(lr=self.blr * batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
-                        epochs=self.epochs)
+        return Schedule.of(self, batch)
 
 
 # ------------------------------------------------------------------------------ pretraining
@@ -276,5 +279,4 @@ class PretrainSettings(Frozen):
         return getattr(self, self.method) if self.method in METHOD_SETTINGS else None
 
     def schedule(self, eff_batch: int) -> Schedule:
-        return Schedule(lr=self.blr * eff_batch / 256, min_lr=self.min_lr, warmup_epochs=self.warmup_epochs,
-                        epochs=self.epochs)
+        return Schedule.of(self, eff_batch)
