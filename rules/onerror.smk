@@ -10,6 +10,8 @@ onerror:
     text = failed_logs.report(
         (job.rule.name, dict(job.wildcards), list(job.log))
         for job in sorted(workflow.scheduler.failed, key=str)
+        # the gate is a local rule that prints its own log on the console (tee) already
+        if job.rule.name != "preflight"
     )
     if text:
         print(text, file=sys.stderr, flush=True)
