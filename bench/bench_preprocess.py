@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from retflow.data.dataset import StoreDataset, train_transform  # noqa: E402
 from retflow.data.prepare import _map, _work  # noqa: E402
 from retflow.data.store import write_images  # noqa: E402
+from retflow.settings import section_defaults  # noqa: E402
 
-PREP = {"cfp": {"size": 256}, "oct": {"size": 256}, "min_side": 32}
+PREP = section_defaults("preprocess")  # the workflow's defaults: 256 px, min_side 32
 
 
 class JpegDataset(Dataset):
@@ -53,8 +54,7 @@ class JpegDataset(Dataset):
 def preprocessing(paths: list[Path], workers: int, draft: bool, repeat: int = 1) -> tuple[float, list[np.ndarray]]:
     records = [{"image_id": p.stem, "source": str(p), "patient_id": p.stem, "eye": "", "given_split": ""}
                for p in paths] * repeat
-    prep = {**PREP, "jpeg_draft": draft}
-    worker = partial(_work, modality="cfp", prep=prep, volume=False)
+    worker = partial(_work, modality="cfp", prep=PREP, volume=False, jpeg_draft=draft)
     images, t_first = [], None
     for result in _map(records, worker, workers):
         assert result[0] == "ok", result

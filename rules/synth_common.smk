@@ -34,7 +34,7 @@ def synth_resources(kind):
     out = rfc.resources(config, "pretrain" if kind == "train" else "default")
     # synth.resources.<kind> is optional (no schema default)
     out.update(config["synth"]["resources"].get(kind) or {})
-    out.pop("nodes", None)  # one node: the generator trains in one process
+    out["nodes"] = 1  # one node: the generator trains in one process
     return out
 
 

@@ -3,7 +3,7 @@ later, each with the quarantine reason retflow must give it.
 
 ``make_cfp_corpus`` writes a CSV + image-folder dataset (good fundus-like images plus one
 record per bad kind); ``make_volume_corpus`` does the same for OCT volumes. Both return the
-dataset spec and ``{image_id: expected reason}``.
+dataset spec (validated: schema defaults filled) and ``{image_id: expected reason}``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import dataset_spec
 
 CLASSES = ["0", "1"]
 
@@ -114,8 +116,8 @@ def make_cfp_corpus(root: Path, n_good: int = 24) -> tuple[dict, dict[str, str]]
     os.symlink(root / "farm" / "target.png", img_dir / "linked.png")
     rows.append({"image": "linked.png", "patient": "F", "eye": "R", "label": "1", "split": ""})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    spec = {"modality": "cfp", "role": "labelled", "source": "csv", "id_column": "image",
-            "patient_column": "patient", "eye_column": "eye", "label_columns": ["label"]}
+    spec = dataset_spec(modality="cfp", role="labelled", source="csv", id_column="image",
+                        patient_column="patient", eye_column="eye", label_columns=["label"])
     return spec, expected
 
 
@@ -157,6 +159,6 @@ def make_volume_corpus(root: Path, n_good: int = 12) -> tuple[dict, dict[str, st
     bad("nopixels.dcm", "no_pixel_data", _dicom_without_pixels)
     bad("zero.e2e", "zero_bytes", lambda p: p.write_bytes(b""))
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    spec = {"modality": "oct", "role": "labelled", "source": "volumes", "id_column": "volume",
-            "patient_column": "patient", "label_columns": ["label"]}
+    spec = dataset_spec(modality="oct", role="labelled", source="volumes", id_column="volume",
+                        patient_column="patient", label_columns=["label"])
     return spec, expected

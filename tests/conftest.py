@@ -86,3 +86,24 @@ def job_counts(stdout: str) -> dict:
             if len(parts) == 2 and parts[1].isdigit():
                 counts[parts[0]] = int(parts[1])
     return counts
+
+
+# ------------------------------------------------------ data-stage inputs, as the workflow passes them
+def dataset_spec(**fields) -> dict:
+    """A ``datasets.<name>`` entry as the validated config holds it (every schema default filled):
+    ``fields`` (modality, role, source, ...) validated inside the demo config."""
+    import yaml
+
+    from retflow.settings import validate
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["datasets"] = {"toy": fields}
+    return validate(cfg)["datasets"]["toy"]
+
+
+def preprocess_section(given: dict | None = None) -> dict:
+    """The ``preprocess`` section as rule prepare_dataset passes it: ``given`` with the schema's
+    defaults filled in, without the pre-flight gate's thresholds (``max_*``: the gate judges them)."""
+    from retflow.settings import section_defaults
+
+    return {k: v for k, v in section_defaults("preprocess", given).items() if not k.startswith("max_")}

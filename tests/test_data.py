@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from bad_inputs import make_cfp_corpus, make_volume_corpus
-from conftest import ROOT
+from conftest import ROOT, dataset_spec, preprocess_section
 from retflow.data.dataset import encode_labels
 from retflow.data.ingest import DatasetError
 from retflow.data.io import UnreadableInput, read_image
@@ -21,10 +21,13 @@ from retflow.data.preprocess import preprocess_cfp
 from retflow.data.splits import label_fraction_indices, patient_split
 from retflow.data.store import ImageStore
 from retflow.data.volumes import read_volume
+from retflow.settings import section_defaults
 
-PREP = {"cfp": {"size": 32, "crop_border": True}, "oct": {"size": 32, "bscans": 1}, "min_side": 16,
-        "max_quarantine_fraction": 0.5}
-SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0}
+# the sections rule prepare_dataset passes, schema defaults filled (small images for speed)
+SMALL = {"cfp": {"size": 32}, "oct": {"size": 32}, "min_side": 16}
+PREP = preprocess_section(SMALL)
+SPLITS = section_defaults("splits")
+LEAKAGE = section_defaults("leakage")
 
 
 def fundus_like(h=60, w=80, cx=40, cy=30, r=25, seed=0):
@@ -40,7 +43,7 @@ def fundus_like(h=60, w=80, cx=40, cy=30, r=25, seed=0):
 
 
 def test_preprocess_cfp_crops_pads_and_resizes():
-    out, info = preprocess_cfp(fundus_like(), 32)
+    out, info = preprocess_cfp(fundus_like(), 32, PREP["cfp"]["crop_border"], PREP["cfp"]["enhance"])
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert info["field_fraction"] < 1.0
     assert out[16, 16, 0] > 100  # centre is fundus, not border
@@ -67,14 +70,14 @@ def make_csv_dataset(root, n_patients=10, bad=()):
         (img_dir / name).write_bytes(content)
         rows.append({"image": name, "patient_id": f"X{name}", "eye": "R", "grade": 0})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    return {"modality": "cfp", "role": "labelled", "source": "csv", "id_column": "image",
-            "patient_column": "patient_id", "eye_column": "eye"}
+    return dataset_spec(modality="cfp", role="labelled", source="csv", id_column="image",
+                        patient_column="patient_id", eye_column="eye")
 
 
 def test_prepare_quarantines_bad_files_and_splits_by_patient(tmp_path):
     spec = make_csv_dataset(tmp_path / "raw", bad=[("empty.png", b""), ("text.png", b"not an image"),
                                                    ("trunc.png", png_bytes()[:300])])
-    qc = prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS,
+    qc = prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, LEAKAGE,
                  tmp_path / "out")
     assert qc["n_images"] == 20 and qc["quarantined_inputs"] == 3
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
@@ -93,7 +96,7 @@ def test_quarantine_limit_fails_at_the_gate_naming_the_dataset(tmp_path):
     from retflow.preflight_data import run_gate
 
     spec = make_csv_dataset(tmp_path / "raw", n_patients=10, bad=[(f"e{i}.png", b"") for i in range(3)])
-    qc = prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS,
+    qc = prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, LEAKAGE,
                  tmp_path / "toy")
     assert qc["quarantined_inputs"] == 3 and qc["n_sources"] == 23
     leak = tmp_path / "leakage.json"
@@ -108,9 +111,10 @@ def test_quarantine_limit_fails_at_the_gate_naming_the_dataset(tmp_path):
 
 def test_missing_csv_column_is_named(tmp_path):
     spec = make_csv_dataset(tmp_path / "raw", n_patients=2)
-    spec["patient_column"] = "subject"
+    spec = dataset_spec(**{**spec, "patient_column": "subject"})
     with pytest.raises(DatasetError, match="patient_column.*'subject'"):
-        prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, tmp_path / "out")
+        prepare("toy", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, LEAKAGE,
+                tmp_path / "out")
 
 
 def test_leakage_within_dataset_lists_patients_files_and_near_duplicates():
@@ -120,12 +124,27 @@ def test_leakage_within_dataset_lists_patients_files_and_near_duplicates():
     manifest = pd.DataFrame({"image_id": ["a", "b", "c", "d", "e"], "patient_id": ["p1", "p1", "p2", "p3", "p4"],
                              "split": ["train", "test", "val", "test", "train"], "sha256": ["x", "y", "x", "z", "w"],
                              "phash": [phash(base), phash(other), phash(other), phash(noisy), phash(other[::-1])]})
-    findings = within_dataset(manifest, "toy", {"perceptual": "warn"})
+    findings = within_dataset(manifest, "toy", section_defaults("leakage", {"perceptual": "warn"}))
     kinds = {(f.kind, f.action, tuple(sorted(f.ids))) for f in findings}
     assert ("patient", "error", ("a", "b")) in kinds
     assert ("exact", "error", ("a", "c")) in kinds
     assert ("perceptual", "warn", ("a", "d")) in kinds  # re-noised copy in another split
     assert not any(f.kind == "perceptual" and "e" in f.ids for f in findings)
+
+
+def test_leakage_settings_come_from_the_schema_and_a_dataset_overrides_only_what_it_names():
+    import yaml
+
+    from retflow.settings import validate
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["leakage"] = {"perceptual": "warn"}  # a partial section: the schema fills the other keys
+    cfg["datasets"]["cfp_clinic"]["leakage"] = {"patient": "warn"}
+    full = validate(cfg)
+    assert full["leakage"] == {"patient": "error", "exact": "error", "perceptual": "warn", "phash_distance": 12,
+                               "across_datasets": True}
+    assert full["datasets"]["cfp_clinic"]["leakage"] == {"patient": "warn"}  # no defaults: an override
+    assert "leakage" not in full["datasets"]["cfp_pool"]
 
 
 def test_near_duplicate_search_matches_brute_force():
@@ -148,7 +167,7 @@ def test_pool_versus_test_leakage_across_datasets():
                          "phash": [phash(img), phash(img[::-1])]})
     clinic = pd.DataFrame({"image_id": ["c0", "c1"], "split": ["test", "train"], "sha256": ["s", "u"],
                            "phash": [phash(img), phash(img[::-1])]})
-    findings = across_datasets({"pool": pool, "clinic": clinic}, {})
+    findings = across_datasets({"pool": pool, "clinic": clinic}, LEAKAGE)
     assert [(f.kind, f.ids) for f in findings] == [("exact", ["p0", "c0"])]  # c1 is train: no leak
 
 
@@ -217,8 +236,8 @@ def test_jpeg_draft_decoding_keeps_enough_pixels(tmp_path):
 def test_bad_input_corpus_every_kind_gets_its_reason(tmp_path):
     spec, expected = make_cfp_corpus(tmp_path / "raw")
     assert len(set(expected.values()) | set(make_volume_corpus(tmp_path / "v")[1].values())) >= 25
-    qc = prepare("corpus", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", {**PREP, "max_quarantine_fraction": 1.0},
-                 SPLITS, tmp_path / "out", allowed_labels={"label": ["0", "1"]}, workers=2)
+    qc = prepare("corpus", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, LEAKAGE,
+                 tmp_path / "out", allowed_labels={"label": ["0", "1"]}, workers=2)
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv", keep_default_na=False)
     got = {}
     for rec in q.to_dict("records"):
@@ -239,8 +258,8 @@ def test_bad_input_corpus_every_kind_gets_its_reason(tmp_path):
 
 def test_bad_volume_corpus_every_kind_gets_its_reason(tmp_path):
     spec, expected = make_volume_corpus(tmp_path / "raw")
-    prep = {**PREP, "max_quarantine_fraction": 1.0, "oct": {"size": 32, "bscans": 3}}
-    qc = prepare("vols", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "volumes", prep, SPLITS,
+    prep = preprocess_section({**SMALL, "oct": {"size": 32, "bscans": 3}})
+    qc = prepare("vols", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "volumes", prep, SPLITS, LEAKAGE,
                  tmp_path / "out", allowed_labels={"label": ["0", "1"]})
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     assert dict(zip(q.image_id, q.reason)) == expected
@@ -255,7 +274,8 @@ def test_cli_reports_errors_without_traceback(tmp_path):
         [sys.executable, str(ROOT / "workflow_scripts" / "prepare_dataset.py"), "--name", "corpus",
          "--spec", json.dumps(spec), "--location", str(tmp_path / "raw" / "labels.csv"),
          "--images", str(tmp_path / "raw" / "images"),
-         "--preprocess", json.dumps(PREP), "--splits", json.dumps(SPLITS), "--out-dir", str(tmp_path / "out")],
+         "--preprocess", json.dumps(PREP), "--splits", json.dumps(SPLITS), "--leakage", json.dumps(LEAKAGE),
+         "--out-dir", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "dataset 'corpus': no usable images among 2 inputs" in proc.stderr
@@ -271,8 +291,8 @@ def test_given_splits_are_kept_and_val_carved_from_train(tmp_path):
             for i in range(n):
                 seed += 1
                 Image.fromarray(fundus_like(seed=seed)).save(root / split / cls / f"{i}.png")
-    spec = {"modality": "cfp", "role": "labelled", "source": "imagefolder"}
-    prepare("folder", spec, root, None, PREP, SPLITS, tmp_path / "out")
+    spec = dataset_spec(modality="cfp", role="labelled", source="imagefolder")
+    prepare("folder", spec, root, None, PREP, SPLITS, LEAKAGE, tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     test_ids = set(manifest.loc[manifest.split == "test", "image_id"])
     assert test_ids == {i for i in manifest.image_id if i.startswith("test/")}
@@ -284,9 +304,9 @@ def test_multilabel_columns_accept_only_zero_and_one(tmp_path):
     table = pd.read_csv(tmp_path / "raw" / "labels.csv")
     table["drusen"] = ["1", "0", "yes", None, "1", "0", "1.0", "0"]
     table.to_csv(tmp_path / "raw" / "labels.csv", index=False)
-    spec = {**spec, "label_columns": ["grade"], "multilabel_columns": ["drusen"]}
-    prepare("ml", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", {**PREP, "max_quarantine_fraction": 1},
-            {"train": 0.5, "val": 0.25, "test": 0.25}, tmp_path / "out",
+    spec = dataset_spec(**{**spec, "label_columns": ["grade"], "multilabel_columns": ["drusen"]})
+    prepare("ml", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP,
+            section_defaults("splits", {"train": 0.5, "val": 0.25, "test": 0.25}), LEAKAGE, tmp_path / "out",
             allowed_labels={"drusen": ["0", "1"]})
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     assert sorted(q.reason) == ["missing_label", "unknown_label"], q.to_string()
@@ -295,10 +315,10 @@ def test_multilabel_columns_accept_only_zero_and_one(tmp_path):
 
 
 def test_hrf_prepares_with_bounds_in_source_pixels(real_data, tmp_path):
-    spec = {"modality": "cfp", "role": "labelled", "source": "csv", "id_column": "file",
-            "label_columns": ["class", "glaucoma"]}
-    prep = {**PREP, "cfp": {"size": 64}}
-    qc = prepare("hrf", spec, real_data / "hrf" / "labels.csv", None, prep, SPLITS, tmp_path / "out",
+    spec = dataset_spec(modality="cfp", role="labelled", source="csv", id_column="file",
+                        label_columns=["class", "glaucoma"])
+    prep = preprocess_section({**SMALL, "cfp": {"size": 64}})
+    qc = prepare("hrf", spec, real_data / "hrf" / "labels.csv", None, prep, SPLITS, LEAKAGE, tmp_path / "out",
                  allowed_labels={"glaucoma": ["0", "1"]}, workers=2)
     assert qc["n_images"] == 45 and qc["quarantined_inputs"] == 0 and qc["unlisted_files"] == 0
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
@@ -309,13 +329,15 @@ def test_hrf_prepares_with_bounds_in_source_pixels(real_data, tmp_path):
 
 
 def test_jhu_volumes_as_a_toy_task(real_data, tmp_path):
-    spec = {"modality": "oct", "role": "labelled", "source": "volumes", "id_column": "stack_npz",
-            "patient_column": "volume", "label_columns": ["label"]}
-    prep = {**PREP, "oct": {"size": 32, "bscans": 9}}
+    spec = dataset_spec(modality="oct", role="labelled", source="volumes", id_column="stack_npz",
+                        patient_column="volume", label_columns=["label"])
+    prep = preprocess_section({**SMALL, "oct": {"size": 32, "bscans": 9}})
     with pytest.raises(DatasetError, match="cannot split 2 patients"):
-        prepare("jhu", spec, real_data / "jhu_oct_volumes" / "labels.csv", None, prep, SPLITS, tmp_path / "a")
-    toy = {**spec, "group_by": "image", "leakage": {"patient": "warn", "exact": "warn", "perceptual": "warn"}}
-    qc = prepare("jhu", toy, real_data / "jhu_oct_volumes" / "labels.csv", None, prep, SPLITS, tmp_path / "b")
+        prepare("jhu", spec, real_data / "jhu_oct_volumes" / "labels.csv", None, prep, SPLITS, LEAKAGE, tmp_path / "a")
+    toy = dataset_spec(**{**spec, "group_by": "image", "leakage": {"patient": "warn", "exact": "warn",
+                                                                   "perceptual": "warn"}})
+    qc = prepare("jhu", toy, real_data / "jhu_oct_volumes" / "labels.csv", None, prep, SPLITS, LEAKAGE,
+                 tmp_path / "b")
     assert qc["n_images"] == 18 and qc["leakage_warnings"]
     manifest = pd.read_parquet(tmp_path / "b" / "manifest.parquet")
     assert manifest.frame.tolist()[:9] == list(range(20, 29))
@@ -337,10 +359,11 @@ def test_leakage_rule_writes_every_finding_for_the_gate(tmp_path):
                       "phash": [phash(img)]}).to_parquet(tmp_path / name / "manifest.parquet")
     out = tmp_path / "leakage.json"
     stores = [str(tmp_path / "pool"), str(tmp_path / "clinic")]
-    assert leakage_main(["--stores", *stores, "--out", str(out)]) == 0  # rule preflight stops on the errors
+    assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", json.dumps(LEAKAGE)]) == 0  # the gate stops on errors
     report = json.loads(out.read_text())
     assert report["n_errors"] == 1 and report["findings"][0]["action"] == "error"
-    assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", '{"exact": "warn"}']) == 0
+    warn = section_defaults("leakage", {"exact": "warn"})
+    assert leakage_main(["--stores", *stores, "--out", str(out), "--leakage", json.dumps(warn)]) == 0
     report = json.loads(out.read_text())
     assert report["n_warnings"] == 1 and report["findings"][0]["ids"] == ["pool_0", "clinic_0"]
 
@@ -350,9 +373,9 @@ def test_split_column_is_kept_with_aliases_and_bad_values_quarantined(tmp_path):
     table = pd.read_csv(tmp_path / "raw" / "labels.csv")
     table["part"] = ["Training"] * 6 + ["valid"] * 2 + ["test"] * 3 + ["holdout"]
     table.to_csv(tmp_path / "raw" / "labels.csv", index=False)
-    spec = {**spec, "split_column": "part", "label_columns": ["grade"]}
-    prepare("given", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images",
-            {**PREP, "max_quarantine_fraction": 0.2}, SPLITS, tmp_path / "out")
+    spec = dataset_spec(**{**spec, "split_column": "part", "label_columns": ["grade"]})
+    prepare("given", spec, tmp_path / "raw" / "labels.csv", tmp_path / "raw" / "images", PREP, SPLITS, LEAKAGE,
+            tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert manifest.split.value_counts().to_dict() == {"train": 6, "test": 3, "val": 2}
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")

@@ -76,7 +76,8 @@ def test_paper_dry_run_with_profile_slurm_prints_gpu_and_time_per_rule(tmp_path)
     paper = yaml.safe_load((ROOT / "config/retfound_paper.yaml").read_text())["resources"]
     assert set(threads["pretrain"]) == {f"threads: {paper['pretrain']['threads']}"}, threads["pretrain"]
     assert all(f"--threads {paper['pretrain']['threads']} " in s for s in shells["pretrain"])
-    for rule, stage in (("finetune", "finetune"), ("prepare_dataset", "data"), ("predict_external", "evaluate")):
+    # predict_external runs the fine-tuned model with fine-tuning's resources (GPU)
+    for rule, stage in (("finetune", "finetune"), ("prepare_dataset", "data"), ("predict_external", "finetune")):
         n = paper[stage]["threads"]
         assert set(threads[rule]) == {f"threads: {n}"}, (rule, threads[rule])
         assert all(f"cpus_per_task={n}" in r for r in blocks[rule]), (rule, blocks[rule])

@@ -14,18 +14,19 @@ import yaml
 from PIL import Image
 
 from bad_inputs import fundus
-from conftest import ROOT
+from conftest import ROOT, dataset_spec, preprocess_section
 from retflow.config import semantic_errors
 from retflow.data.ingest import DatasetError, list_records
 from retflow.data.io import UnreadableInput, read_image, sha256_file
 from retflow.data.labels import label_specs
 from retflow.data.prepare import prepare
 from retflow.data.volumes import read_volume
-from retflow.settings import validate
+from retflow.settings import section_defaults, validate
 
-PREP = {"cfp": {"size": 32, "crop_border": True}, "oct": {"size": 32, "bscans": 1}, "min_side": 16,
-        "max_quarantine_fraction": 0.5}
-SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0}
+# the sections rule prepare_dataset passes, schema defaults filled (small images for speed)
+PREP = preprocess_section({"cfp": {"size": 32}, "oct": {"size": 32}, "min_side": 16})
+SPLITS = section_defaults("splits")
+LEAKAGE = section_defaults("leakage")
 
 
 def demo_config(edit=None) -> dict:
@@ -103,7 +104,7 @@ def test_segmentation_csv_keeps_no_unread_column_and_does_not_stratify_on_fov(tm
     cfg = demo_config(edit)
     allowed = label_specs(cfg, "drive")
     assert allowed == {}
-    qc = prepare("drive", cfg["datasets"]["drive"], csv, root / "images", PREP, SPLITS, tmp_path / "out",
+    qc = prepare("drive", cfg["datasets"]["drive"], csv, root / "images", PREP, SPLITS, LEAKAGE, tmp_path / "out",
                  allowed_labels=allowed)
     assert qc["label_columns"] == [] and qc["n_images"] == 20
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
@@ -153,7 +154,8 @@ def test_eye_map_adds_values_and_an_unknown_one_names_eye_map(tmp_path):
     table = pd.read_csv(csv, dtype=str)
     table["eye"] = ["OD", "OI"] * 9 + ["oi", "X"]
     table.to_csv(csv, index=False)
-    qc = prepare("toy", csv_spec(eye_map={"OI": "L"}), csv, tmp_path / "images", PREP, SPLITS, tmp_path / "out")
+    qc = prepare("toy", csv_spec(eye_map={"OI": "L"}), csv, tmp_path / "images", PREP, SPLITS, LEAKAGE,
+                 tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert manifest.eye.tolist() == ["R", "L"] * 9 + ["L", ""]
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
@@ -209,7 +211,8 @@ def test_files_differing_only_by_extension_are_both_read_csv(tmp_path):
     ])
     Image.fromarray(fundus(500)).save(tmp_path / "images" / "x.jpg")
     Image.fromarray(fundus(501)).save(tmp_path / "images" / "x.png")
-    prepare("toy", csv_spec(label_columns=["grade"]), csv, tmp_path / "images", PREP, SPLITS, tmp_path / "out")
+    prepare("toy", csv_spec(label_columns=["grade"]), csv, tmp_path / "images", PREP, SPLITS, LEAKAGE,
+            tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert {"x.jpg", "x.png", "P0_R"} <= set(manifest.index)  # other ids keep dropping the extension
     assert manifest.loc["x.jpg", "sha256"] != manifest.loc["x.png", "sha256"]
@@ -226,8 +229,8 @@ def test_files_differing_only_by_extension_are_both_read_imagefolder(tmp_path):
             seed += 1
             Image.fromarray(fundus(seed)).save(tmp_path / "root" / cls / f"{i}.png")
     Image.fromarray(fundus(600)).save(tmp_path / "root" / "a" / "0.jpg")
-    spec = {"modality": "cfp", "role": "labelled", "source": "imagefolder"}
-    qc = prepare("folder", spec, tmp_path / "root", None, PREP, SPLITS, tmp_path / "out")
+    spec = dataset_spec(modality="cfp", role="labelled", source="imagefolder")
+    qc = prepare("folder", spec, tmp_path / "root", None, PREP, SPLITS, LEAKAGE, tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert qc["n_images"] == 13 and qc["quarantined_inputs"] == 0
     assert {"a/0.jpg", "a/0.png", "a/1", "b/0"} <= set(manifest.image_id)
@@ -243,7 +246,7 @@ def test_symlink_to_a_regular_image_is_read_csv_with_link_source_and_target_hash
                                               {"image": "../store/real.png", "patient": "Y", "eye": "R", "grade": "1"}])
     link = tmp_path / "ds" / "images" / "link.png"
     os.symlink(farm / "real.png", link)
-    prepare("toy", csv_spec(label_columns=["grade"]), csv, tmp_path / "ds" / "images", PREP, SPLITS,
+    prepare("toy", csv_spec(label_columns=["grade"]), csv, tmp_path / "ds" / "images", PREP, SPLITS, LEAKAGE,
             tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert manifest.loc["link", "source"] == str(link)
@@ -266,8 +269,8 @@ def test_symlink_to_a_regular_image_is_read_imagefolder(tmp_path):
         Image.fromarray(fundus(850 + i)).save(tmp_path / "more" / f"m{i}.png")
     os.symlink(tmp_path / "more", tmp_path / "root" / "b" / "more")  # a linked folder: its files are listed too
     os.symlink(tmp_path / "root" / "a", tmp_path / "root" / "a" / "self")  # a loop is walked once
-    spec = {"modality": "cfp", "role": "labelled", "source": "imagefolder"}
-    qc = prepare("farm", spec, tmp_path / "root", None, PREP, SPLITS, tmp_path / "out")
+    spec = dataset_spec(modality="cfp", role="labelled", source="imagefolder")
+    qc = prepare("farm", spec, tmp_path / "root", None, PREP, SPLITS, LEAKAGE, tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert qc["n_images"] == 12 + 3 and qc["quarantined_inputs"] == 0
     assert manifest.loc["a/3", "source"] == str(tmp_path / "root" / "a" / "3.png")
@@ -303,10 +306,9 @@ def test_device_and_fifo_in_an_imagefolder_are_quarantined(tmp_path):
             Image.fromarray(fundus(900 + 10 * (cls == "b") + i)).save(tmp_path / "root" / cls / f"{i}.png")
     os.symlink("/dev/zero", tmp_path / "root" / "a" / "zero.png")
     os.mkfifo(tmp_path / "root" / "b" / "pipe.png")
-    spec = {"modality": "cfp", "role": "labelled", "source": "imagefolder"}
+    spec = dataset_spec(modality="cfp", role="labelled", source="imagefolder")
     with deadline(60):
-        prepare("folder", spec, tmp_path / "root", None, {**PREP, "max_quarantine_fraction": 0.2}, SPLITS,
-                tmp_path / "out")
+        prepare("folder", spec, tmp_path / "root", None, PREP, SPLITS, LEAKAGE, tmp_path / "out")
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     assert dict(zip(q.image_id, q.reason)) == {"a/zero": "not_a_file", "b/pipe": "not_a_file"}
 
@@ -325,10 +327,10 @@ def test_symlinked_volumes_are_read_with_link_source_and_target_hash(tmp_path):
     os.symlink("/dev/zero", tmp_path / "ds" / "volumes" / "zero.npy")
     rows.append({"volume": "zero.npy", "patient": "Z", "label": "0"})
     pd.DataFrame(rows).to_csv(tmp_path / "ds" / "labels.csv", index=False)
-    spec = {"modality": "oct", "role": "labelled", "source": "volumes", "id_column": "volume",
-            "patient_column": "patient", "label_columns": ["label"]}
+    spec = dataset_spec(modality="oct", role="labelled", source="volumes", id_column="volume",
+                        patient_column="patient", label_columns=["label"])
     with deadline(60):
-        prepare("vols", spec, tmp_path / "ds" / "labels.csv", tmp_path / "ds" / "volumes", PREP, SPLITS,
+        prepare("vols", spec, tmp_path / "ds" / "labels.csv", tmp_path / "ds" / "volumes", PREP, SPLITS, LEAKAGE,
                 tmp_path / "out")
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("image_id")
     assert manifest.loc["v3", "source"] == str(tmp_path / "ds" / "volumes" / "v3.npy")

@@ -16,14 +16,14 @@ import yaml
 from PIL import Image
 
 from bad_inputs import fundus
-from conftest import ROOT, make_workdir, snakemake, write_config
+from conftest import ROOT, dataset_spec, make_workdir, snakemake, write_config
 from retflow.data import cross_dataset_leakage
 from retflow.data.labels import label_specs
 from retflow.data.leakage import pooled_test_images
 from retflow.data.pools import pool_indices, pool_splits
 from retflow.data.prepare import prepare
 from retflow.preflight_data import gate_checks, pool_note, run_gate, task_names
-from retflow.settings import validate
+from retflow.settings import section_defaults, validate
 
 GLAUCOMA = {"dataset": "clinic", "label": "diagnosis", "type": "binary", "classes": ["0", "1"]}
 
@@ -77,8 +77,8 @@ def prepare_all(cfg, root):
     prep = {k: v for k, v in cfg["preprocess"].items() if not k.startswith("max_")}
     stores = []
     for name, ds in cfg["datasets"].items():
-        prepare(name, ds, Path(ds["path"]), Path(ds["images"]), prep, cfg["splits"], root / name,
-                label_specs(cfg, name), cfg["leakage"])
+        prepare(name, ds, Path(ds["path"]), Path(ds["images"]), prep, cfg["splits"], cfg["leakage"], root / name,
+                label_specs(cfg, name))
         stores.append(str(root / name))
     leak = root / "leakage.json"
     assert cross_dataset_leakage.main(["--stores", *stores, "--out", str(leak), "--leakage", json.dumps(cfg["leakage"]),
@@ -151,6 +151,32 @@ def test_a_split_without_labels_fails_at_the_gate_not_in_the_finetune_job(tmp_pa
                         f"{tmp_path / 'data/clinic/quarantine.csv'})"], problems
 
 
+def test_startup_names_each_missing_task_column_by_its_key_and_reads_what_the_data_stage_keeps(tmp_path):
+    """The startup header check (retflow.preflight.task_columns) and the data stage
+    (retflow.data.labels.label_specs) take the task columns from one place: label_reads."""
+    from retflow.preflight import startup_errors, task_columns
+
+    clinic = {**csv_dataset(tmp_path / "clinic", n_patients=2, labels=good_labels), "role": "labelled"}
+    ext = {**csv_dataset(tmp_path / "ext", n_patients=2, labels=good_labels), "role": "external",
+           "multilabel_columns": ["drusen"]}
+    tasks = {"glaucoma": {**GLAUCOMA, "external": [{"dataset": "ext", "label": "dx", "classes": ["a", "b"],
+                                                    "map": {"0": "a", "1": "b"}}]},
+             "grade": {"dataset": "clinic", "label": "grade", "type": "multiclass", "classes": ["0", "1", "2"],
+                       "external": ["ext"]}}
+    cfg = validate(demo_with(tmp_path, {"clinic": clinic, "ext": ext}, tasks, pools={"cfp": ["clinic"]}))
+    header = "image, patient, eye, diagnosis"
+    where = {name: tmp_path / name / "labels.csv" for name in ("clinic", "ext")}
+    assert startup_errors(cfg) == [
+        f"tasks.grade.label: column 'grade' is not in {where['clinic']} (its columns: {header})",
+        f"datasets.ext.multilabel_columns: column 'drusen' is not in {where['ext']} (its columns: {header})",
+        f"tasks.glaucoma.external.ext.label: column 'dx' is not in {where['ext']} (its columns: {header})",
+        f"tasks.grade.label: column 'grade' is not in {where['ext']} (its columns: {header})"]
+    assert task_columns(cfg, "ext") == [("tasks.glaucoma.external.ext.label", "dx"), ("tasks.grade.label", "grade")]
+    assert label_specs(cfg, "ext") == {"dx": ["a", "b"], "grade": ["0", "1", "2"], "drusen": ["0", "1"]}
+    assert label_specs(cfg, "clinic") == {"diagnosis": ["0", "1"], "grade": ["0", "1", "2"]}
+    assert [c for _, c in task_columns(cfg, "clinic")] == list(label_specs(cfg, "clinic"))
+
+
 def demo_preprocess() -> dict:
     """The demo's preprocess section with every schema default, as rule prepare_dataset passes it."""
     prep = validate(yaml.safe_load((ROOT / "config.yaml").read_text()))["preprocess"]
@@ -158,12 +184,13 @@ def demo_preprocess() -> dict:
 
 
 def test_a_failed_prepare_keeps_quarantine_and_qc_and_names_them(tmp_path):
-    spec = {**csv_dataset(tmp_path / "raw", n_patients=0, labels=good_labels, broken=3), "role": "labelled"}
+    spec = dataset_spec(**csv_dataset(tmp_path / "raw", n_patients=0, labels=good_labels, broken=3), role="labelled")
     out, keep = tmp_path / "results/data/bad", tmp_path / "logs/data/prepare_bad.failed"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "workflow_scripts/prepare_dataset.py"), "--name", "bad", "--spec", json.dumps(spec),
          "--location", spec["path"], "--images", spec["images"], "--preprocess", json.dumps(demo_preprocess()),
-         "--splits", json.dumps({"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0}), "--out-dir", str(out),
+         "--splits", json.dumps(section_defaults("splits")), "--leakage", json.dumps(section_defaults("leakage")),
+         "--out-dir", str(out),
          "--keep-on-failure", str(keep)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
@@ -236,7 +263,8 @@ def test_a_dataset_against_itself_in_the_leakage_check(tmp_path):
     # through the rule's entry point: the pool member's test images are a finding in leakage.json
     clinic = make_store(tmp_path, "clinic", ["train", "val", "test"])
     out = tmp_path / "leakage.json"
-    assert cross_dataset_leakage.main(["--stores", clinic, "--out", str(out),
+    assert cross_dataset_leakage.main(["--stores", clinic, "--out", str(out), "--leakage",
+                                       json.dumps(section_defaults("leakage")),
                                        "--pool-splits", json.dumps({"clinic": ["train", "test"]})]) == 0
     report = json.loads(out.read_text())
     assert report["pool_splits"] == {"clinic": ["train", "test"]}

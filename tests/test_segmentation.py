@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import job_counts, make_workdir, snakemake, write_config
+from conftest import dataset_spec, job_counts, make_workdir, preprocess_section, snakemake, write_config
 from retflow.data.prepare import prepare
 from retflow.data.store import MASK_SHARD_DIR, ImageStore, ShardWriter
 from retflow.evaluate.segmentation_metrics import (
@@ -22,7 +22,7 @@ from retflow.evaluate.segmentation_metrics import (
 from retflow.models.seg_decoder import SegViT, decoder_levels, skip_blocks
 from retflow.models.vit import ViTSpec
 from retflow.phantoms.generate import generate_dataset
-from retflow.settings import build, validate
+from retflow.settings import build, section_defaults, validate
 from retflow.settings.stages import TaskSettings
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -135,8 +135,10 @@ def test_phantom_masks(tmp_path):
 
 # ---------------------------------------------------------------- preparation
 
-PREP = {"cfp": {"size": 32, "crop_border": True}, "oct": {"size": 32}, "min_side": 16, "max_quarantine_fraction": 0.5}
-SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 0}
+# the sections rule prepare_dataset passes, schema defaults filled (small images for speed)
+PREP = preprocess_section({"cfp": {"size": 32}, "oct": {"size": 32}, "min_side": 16})
+SPLITS = section_defaults("splits")
+LEAKAGE = section_defaults("leakage")
 MARK = (slice(20, 34), slice(40, 54))  # a blue patch inside the off-centre field, and its mask
 
 
@@ -173,9 +175,9 @@ def test_prepare_crops_masks_like_their_images(tmp_path):
         Image.fromarray(fundus_with_mark(100 + k)[0]).save(root / "images" / f"{name}.png")
         rows.append({"image": f"{name}.png", "patient_id": f"X{k}", "eye": "R", "seg": entry})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    spec = {"modality": "cfp", "role": "labelled", "source": "csv", "id_column": "image",
-            "patient_column": "patient_id", "eye_column": "eye", "mask_column": "seg"}
-    qc = prepare("seg", spec, root / "labels.csv", root / "images", PREP, SPLITS, tmp_path / "out")
+    spec = dataset_spec(modality="cfp", role="labelled", source="csv", id_column="image",
+                        patient_column="patient_id", eye_column="eye", mask_column="seg")
+    qc = prepare("seg", spec, root / "labels.csv", root / "images", PREP, SPLITS, LEAKAGE, tmp_path / "out")
     assert qc["n_images"] == 20 and qc["mask_shape"] == [20, 32, 32, 1]
     q = pd.read_csv(tmp_path / "out" / "quarantine.csv")
     assert dict(zip(q.image_id, q.reason)) == {"nomask": "bad_mask", "small": "mask_shape_mismatch",
@@ -196,9 +198,9 @@ def test_prepare_crops_masks_like_their_images(tmp_path):
 
 def test_prepare_phantom_oct_layer_masks(tmp_path):
     table = generate_dataset("oct", tmp_path / "raw", n=16, seed=3, size=48, masks=True, labelled=False)
-    spec = {"modality": "oct", "role": "labelled", "source": "phantom", "group_by": "image",
-            "phantom": {"kind": "oct", "n": 16, "seed": 3, "masks": True}}
-    qc = prepare("octseg", spec, tmp_path / "raw", None, PREP, SPLITS, tmp_path / "out")
+    spec = dataset_spec(modality="oct", role="labelled", source="phantom", group_by="image",
+                        phantom={"kind": "oct", "n": 16, "seed": 3, "masks": True})
+    qc = prepare("octseg", spec, tmp_path / "raw", None, PREP, SPLITS, LEAKAGE, tmp_path / "out")
     assert qc["shape"] == [16, 32, 32, 1] and qc["mask_shape"] == [16, 32, 32, 1] and qc["label_columns"] == []
     masks = ImageStore(tmp_path / "out", MASK_SHARD_DIR)
     first = table["image"][0]

@@ -121,8 +121,9 @@ def test_resources_come_from_the_schema_default_entry():
     config = minimal_config()
     config["resources"] = {"pretrain": {"threads": 8, "gpu": 1}}
     config = validate(config)
-    assert rfc.resources(config, "pretrain") == {"threads": 8, "mem_mb": 2000, "runtime": 30, "gpu": 1}
-    assert rfc.resources(config, "evaluate") == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0}
+    rest = {"nodes": 1, "cpus_per_gpu": 0, "checkpoint_signal_s": 300}
+    assert rfc.resources(config, "pretrain") == {"threads": 8, "mem_mb": 2000, "runtime": 30, "gpu": 1, **rest}
+    assert rfc.resources(config, "evaluate") == {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0, **rest}
 
 
 # ------------------------------------------------------------------ messages

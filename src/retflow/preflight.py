@@ -12,6 +12,7 @@ import difflib
 from pathlib import Path
 
 from retflow import config as rfc
+from retflow.data.labels import label_reads
 
 COLUMN_KEYS = ("id_column", "patient_column", "eye_column", "split_column", "mask_column")
 
@@ -24,20 +25,9 @@ def csv_header(path: Path) -> list[str]:
 
 
 def task_columns(config: dict, dataset: str) -> list[tuple[str, str]]:
-    """``(key, column)`` for every label column a task reads from ``dataset``."""
-    out = []
-    for name, task in config["tasks"].items():
-        if task["type"] == "segmentation":
-            continue
-        if task["dataset"] == dataset:
-            labels = task["label"] if isinstance(task["label"], list) else [task["label"]]
-            out += [(f"tasks.{name}.label", c) for c in labels]
-        for ext in rfc.external_sets(task):
-            if ext["dataset"] == dataset:
-                label = ext.get("label", task["label"])
-                key = f"tasks.{name}.external.{dataset}.label" if "label" in ext else f"tasks.{name}.label"
-                out += [(key, c) for c in (label if isinstance(label, list) else [label])]
-    return out
+    """``(key, column)`` for every label column a task reads from ``dataset`` (its own label, an
+    external set's): the task part of :func:`retflow.data.labels.label_reads`."""
+    return [(key, col) for key, col, _ in label_reads(config, dataset) if key.startswith("tasks.")]
 
 
 def _missing(key: str, column: str, header: list[str], path: Path) -> str:
@@ -63,7 +53,7 @@ def startup_errors(config: dict) -> list[str]:
         wanted = [(f"datasets.{name}.{key}", ds[key]) for key in COLUMN_KEYS if ds[key]]
         for key in ("label_columns", "multilabel_columns"):
             wanted += [(f"datasets.{name}.{key}", c) for c in ds[key] or []]
-        wanted += [(f"datasets.{name}.label_map", c) for c in ds.get("label_map") or {}]
+        wanted += [(f"datasets.{name}.label_map", c) for c in ds["label_map"]]
         wanted += task_columns(config, name)
         for key, column in dict.fromkeys(wanted):
             if column not in header:

@@ -23,7 +23,7 @@ COLUMNS = ["image_id", "split", "sha256", "phash"]
 
 
 def check(stores: list[str], cfg: dict, pool_splits: dict | None = None) -> dict:
-    cfg = {**leakage.DEFAULTS, **cfg}
+    """The leakage report of ``stores``; ``cfg``: the validated ``leakage`` section."""
     manifests = {}
     for store in stores:
         df = pd.read_parquet(Path(store) / "manifest.parquet", columns=COLUMNS)
@@ -40,7 +40,7 @@ def check(stores: list[str], cfg: dict, pool_splits: dict | None = None) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Leakage between datasets (pool/train vs test).")
     ap.add_argument("--stores", nargs="+", required=True)
-    ap.add_argument("--leakage", default="{}", help="leakage config, JSON")
+    ap.add_argument("--leakage", required=True, help="the validated leakage section, JSON")
     ap.add_argument("--pool-splits", default="{}",
                     help="JSON {dataset: labelled splits it gives a pretraining pool} for every pool member")
     ap.add_argument("--out", required=True)

@@ -118,13 +118,13 @@ def _read_labels_csv(csv_path: Path, spec: dict, name: str) -> pd.DataFrame:
         raise DatasetError(f"datasets.{name}: cannot read CSV {csv_path}: {type(exc).__name__}: {exc}") from None
     table.columns = [str(c).strip() for c in table.columns]
     for key in ("id_column", "patient_column", "eye_column", "split_column", "mask_column"):
-        col = spec.get(key, "image" if key == "id_column" else None)
+        col = spec[key]
         if col and col not in table.columns:
             raise DatasetError(
                 f"datasets.{name}.{key}: column '{col}' not in {csv_path} (columns: {list(table.columns)})"
             )
     for key in ("label_columns", "multilabel_columns", "label_map"):
-        for col in spec.get(key) or []:
+        for col in spec[key] or []:  # label_columns: null when unset
             if col not in table.columns:
                 raise DatasetError(f"datasets.{name}.{key}: column '{col}' not in {csv_path} "
                                    f"(columns: {list(table.columns)})")
@@ -156,23 +156,24 @@ def _entry(entry: str) -> tuple[str, bool]:
 def _label_columns(table: pd.DataFrame, spec: dict, task_columns) -> list[str]:
     """``label_columns`` (in their order), then the columns the config reads from the dataset and
     ``multilabel_columns`` (in the CSV's order); never the id / patient / eye / split / mask columns."""
-    given = spec.get("label_columns")
-    structural = {spec.get(k) for k in ("id_column", "patient_column", "eye_column", "split_column",
-                                        "mask_column")} | set(BASE_COLUMNS)
-    read = set(task_columns) | set(spec.get("multilabel_columns") or [])
+    given = spec["label_columns"]
+    structural = {spec[k] for k in ("id_column", "patient_column", "eye_column", "split_column",
+                                    "mask_column")} | set(BASE_COLUMNS)
+    read = set(task_columns) | set(spec["multilabel_columns"])
     derived = [c for c in table.columns if c in read and c not in structural]
     return list(dict.fromkeys([*(given or []), *derived]))
 
 
 def records_from_csv(csv_path: Path, image_dir: Path, spec: dict, name: str,
                      task_columns=()) -> pd.DataFrame:
-    """Records of a labels CSV; ``task_columns``: the label columns the config reads from it."""
+    """Records of a labels CSV (``spec``: a validated dataset entry); ``task_columns``: the label
+    columns the config reads from it."""
     table = _read_labels_csv(csv_path, spec, name)
-    id_col = spec.get("id_column", "image")
-    patient_col = spec.get("patient_column")
-    eye_col = spec.get("eye_column")
-    split_col = spec.get("split_column")
-    mask_col = spec.get("mask_column")
+    id_col = spec["id_column"]
+    patient_col = spec["patient_column"]
+    eye_col = spec["eye_column"]
+    split_col = spec["split_column"]
+    mask_col = spec["mask_column"]
     labels = _label_columns(table, spec, task_columns)
     id_entries = table[id_col].fillna("").astype(str).str.strip()
     entries = [_entry(e) for e in id_entries]
@@ -195,7 +196,7 @@ def records_from_csv(csv_path: Path, image_dir: Path, spec: dict, name: str,
     if patient_col:
         _flag(out, out["patient_id"] == "", "missing_patient_id", f"empty '{patient_col}'")
     if eye_col:
-        eye_map = spec.get("eye_map") or {}
+        eye_map = spec["eye_map"]
         eyes = table[eye_col].map(lambda v: normalise_eye(v, eye_map))
         out["eye"] = [e for e, _ in eyes]
         unknown = pd.Series([not ok for _, ok in eyes], index=out.index)
@@ -213,7 +214,7 @@ def records_from_csv(csv_path: Path, image_dir: Path, spec: dict, name: str,
               [f"'{mask_col}' entry {m!r} leaves {csv_path.parent} ('..')" for m in given])
     for col in labels:
         out[col] = table[col]
-    apply_label_map(out, {c: m for c, m in (spec.get("label_map") or {}).items() if c in labels}, name)
+    apply_label_map(out, {c: m for c, m in spec["label_map"].items() if c in labels}, name)
     _flag_duplicates(out, labels, id_col)
     return out
 
@@ -261,11 +262,12 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
-def records_from_imagefolder(root: Path, name: str, label_map: dict | None = None) -> pd.DataFrame:
-    """``root/<class>/*`` or ``root/{train,val,test}/<class>/*`` (any of the split names)."""
+def records_from_imagefolder(root: Path, name: str, label_map: dict) -> pd.DataFrame:
+    """``root/<class>/*`` or ``root/{train,val,test}/<class>/*`` (any of the split names);
+    ``label_map``: the dataset's (``{label: {folder name: class}}``)."""
     if not root.is_dir():
         raise DatasetError(f"datasets.{name}.path: folder not found: {root}")
-    unknown = [c for c in label_map or {} if c != "label"]
+    unknown = [c for c in label_map if c != "label"]
     if unknown:
         raise DatasetError(f"datasets.{name}.label_map: an imagefolder dataset has one label column, 'label' "
                            f"(its class folder names), not {unknown}")
@@ -283,7 +285,7 @@ def records_from_imagefolder(root: Path, name: str, label_map: dict | None = Non
     out = pd.DataFrame(rows)
     out.insert(0, "image_id", unique_ids(out["rel"].tolist()))
     out.insert(2, "patient_id", out["rel"].map(file_id))
-    return apply_label_map(out.drop(columns="rel"), label_map or {}, name)
+    return apply_label_map(out.drop(columns="rel"), label_map, name)
 
 
 def unlisted_files(records: pd.DataFrame, image_dir: Path | None) -> list[str]:
@@ -305,30 +307,30 @@ def unlisted_files(records: pd.DataFrame, image_dir: Path | None) -> list[str]:
 
 def list_records(name: str, spec: dict, location: Path, image_dir: Path | None = None,
                  task_columns=()) -> pd.DataFrame:
-    """Records of dataset ``name``.
+    """Records of dataset ``name`` (``spec``: its validated entry, every schema default filled).
 
     ``location`` is its raw folder (phantom) or its resolved ``path``; ``image_dir`` the resolved
     ``images`` folder (default: the CSV's folder); ``task_columns`` the label columns the config
     reads from the dataset (the keys of :func:`retflow.data.labels.label_specs`).
     """
-    if spec.get("label_columns") == []:  # an explicit empty list, never "every other column"
+    if spec["label_columns"] == []:  # an explicit empty list, never "every other column"
         raise DatasetError(empty_label_columns(name))
     source = spec["source"]
     if source == "phantom":
         kind = spec["phantom"]["kind"]
         id_col = "volume" if kind == "oct_volume" else "image"
         sub = "volumes" if kind == "oct_volume" else "images"
-        phantom_spec = {"id_column": id_col, "patient_column": "patient_id", "eye_column": "eye",
-                        "mask_column": spec.get("mask_column") or ("mask" if spec["phantom"].get("masks") else None),
-                        **{k: spec[k] for k in ("label_columns", "multilabel_columns", "label_map", "eye_map")
-                           if k in spec}}
+        # the generator's labels.csv columns; label columns and maps as the dataset declares them
+        phantom_spec = {**spec, "id_column": id_col, "patient_column": "patient_id", "eye_column": "eye",
+                        "split_column": None,
+                        "mask_column": spec["mask_column"] or ("mask" if spec["phantom"]["masks"] else None)}
         return records_from_csv(location / "labels.csv", location / sub, phantom_spec, name, task_columns)
     if source in ("csv", "volumes"):
         return records_from_csv(location, image_dir or location.parent, spec, name, task_columns)
     if source == "imagefolder":
-        if spec.get("mask_column"):
+        if spec["mask_column"]:
             raise DatasetError(f"datasets.{name}.mask_column: needs a labels CSV (source csv or phantom)")
-        return records_from_imagefolder(location, name, spec.get("label_map"))
+        return records_from_imagefolder(location, name, spec["label_map"])
     raise DatasetError(f"datasets.{name}.source: unknown source '{source}'")
 
 

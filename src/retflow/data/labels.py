@@ -1,16 +1,19 @@
 """Label validation: every label value either names a task class or is quarantined with a reason.
 
-:func:`label_specs` names the label columns the config reads from a dataset -- the data stage
-keeps exactly these (plus an explicit ``label_columns``), never "every other column" -- and
-what each may hold: the ``classes`` of each task that reads the column; 0/1 for multilabel
-tasks and ``multilabel_columns``; None for a column that is kept but not checked here (a
-regression target, checked numerically when the task runs; a synthetic generator's conditioning
-label, whose other values train it unconditionally). A bad label does not discard the image --
-it may still serve pretraining or another task's column -- the cell is blanked and the problem
-is listed in ``quarantine.csv`` (``missing_label`` or ``unknown_label``, with the raw value).
+:func:`label_specs` (built on :func:`label_reads`, which the startup column check shares) names
+the label columns the config reads from a dataset -- the data stage keeps exactly these (plus an
+explicit ``label_columns``), never "every other column" -- and what each may hold: the
+``classes`` of each task that reads the column; 0/1 for multilabel tasks and
+``multilabel_columns``; None for a column that is kept but not checked here (a regression target,
+checked numerically when the task runs; a synthetic generator's conditioning label, whose other
+values train it unconditionally). A bad label does not discard the image -- it may still serve
+pretraining or another task's column -- the cell is blanked and the problem is listed in
+``quarantine.csv`` (``missing_label`` or ``unknown_label``, with the raw value).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -28,19 +31,16 @@ def normalise_label(value) -> str | None:
     return text
 
 
-def label_specs(config: dict, dataset: str) -> dict[str, list[str] | None]:
-    """The label columns the config reads from ``dataset``, each with its allowed values (None:
-    kept, not checked against classes)."""
+def label_reads(config: dict, dataset: str) -> Iterator[tuple[str, str, list | None]]:
+    """``(config key, column, allowed values)`` for every label column the config reads from
+    ``dataset``, in config order: the tasks' labels (key ``tasks.<task>.label``) and external labels
+    (``tasks.<task>.external.<dataset>.label`` when the external set names its own), then
+    ``multilabel_columns`` and a synthetic generator's conditioning label. Allowed values: the
+    classes of a classification task, 0/1 for multilabel, None for a column kept but not checked
+    here (a regression target, a conditioning label). The key names where the column is set,
+    for messages (:func:`retflow.preflight.startup_errors`)."""
     spec = config["datasets"][dataset]
-    allowed: dict[str, set[str] | None] = {}
-
-    def use(col: str, classes) -> None:
-        if classes is None:
-            allowed.setdefault(col, None)
-        else:
-            allowed[col] = (allowed.get(col) or set()) | {str(c) for c in classes}
-
-    for task in config.get("tasks", {}).values():
+    for name, task in config["tasks"].items():
         kind = task["type"]
         if kind == "segmentation":
             continue  # masks, no label column
@@ -49,22 +49,34 @@ def label_specs(config: dict, dataset: str) -> dict[str, list[str] | None]:
         if dataset == task["dataset"]:
             cols = task["label"] if isinstance(task["label"], list) else [task["label"]]
             for col in cols:
-                use(col, binary or (task["classes"] if checked else None))
-        for ext in task.get("external", []):
+                yield f"tasks.{name}.label", col, binary or (task["classes"] if checked else None)
+        for ext in task["external"]:
             ext = {"dataset": ext} if isinstance(ext, str) else ext
             if ext["dataset"] != dataset:
                 continue
-            label = ext.get("label", task["label"])
-            classes = ext["classes"] if ext.get("map") else task.get("classes")
+            label = ext.get("label", task["label"])  # optional: the task's column
+            key = f"tasks.{name}.external.{dataset}.label" if "label" in ext else f"tasks.{name}.label"
+            classes = ext["classes"] if ext.get("map") else task.get("classes")  # both optional
             for col in label if isinstance(label, list) else [label]:
-                use(col, binary or (classes if checked else None))
-    for col in spec.get("multilabel_columns", []) or []:
-        use(col, ["0", "1"])
-    _conditioning_labels(config, dataset, use)
+                yield key, col, binary or (classes if checked else None)
+    for col in spec["multilabel_columns"]:
+        yield f"datasets.{dataset}.multilabel_columns", col, ["0", "1"]
+    yield from _conditioning_labels(config, dataset)
+
+
+def label_specs(config: dict, dataset: str) -> dict[str, list[str] | None]:
+    """The label columns the config reads from ``dataset`` (:func:`label_reads`), each with its
+    allowed values (None: kept, not checked against classes)."""
+    allowed: dict[str, set[str] | None] = {}
+    for _, col, classes in label_reads(config, dataset):
+        if classes is None:
+            allowed.setdefault(col, None)
+        else:
+            allowed[col] = (allowed.get(col) or set()) | {str(c) for c in classes}
     return {col: None if values is None else sorted(values) for col, values in allowed.items()}
 
 
-def _conditioning_labels(config: dict, dataset: str, use) -> None:
+def _conditioning_labels(config: dict, dataset: str) -> Iterator[tuple[str, str, None]]:
     """A synthetic generator's conditioning label: read from its pools and its TSTR dataset."""
     from retflow.synth import settings as synth
 
@@ -73,7 +85,7 @@ def _conditioning_labels(config: dict, dataset: str, use) -> None:
     for modality in synth.modalities(config):
         cond = synth.condition(config, modality)
         if cond and (dataset in synth.pools(config, modality) or dataset == synth.tstr_dataset(config, modality)):
-            use(cond["label"], None)
+            yield f"synth.condition.{modality}.label", cond["label"], None
 
 
 def usable_labels(manifest: pd.DataFrame, kind: str, columns: list[str], classes: list[str]) -> np.ndarray:

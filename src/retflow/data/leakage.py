@@ -36,8 +36,6 @@ from retflow.data.pools import pool_mask
 
 HASH_SIZE = 16  # 256-bit hashes: distinct fundus photos measured >= 24 bits apart
 TRAINING_SPLITS = ("pool", "train", "val")
-DEFAULTS = {"patient": "error", "exact": "error", "perceptual": "error", "phash_distance": 12,
-            "across_datasets": True}
 
 
 @dataclass
@@ -64,10 +62,11 @@ def _bits(hexes) -> np.ndarray:
     return np.unpackbits(raw.reshape(len(hexes), -1), axis=1).astype(bool)
 
 
-def near_duplicates(hex_a, hex_b=None, max_distance: int = 12) -> list[tuple[int, int, int]]:
+def near_duplicates(hex_a, hex_b, max_distance: int) -> list[tuple[int, int, int]]:
     """Pairs ``(i, j, distance)`` with Hamming distance <= ``max_distance``.
 
-    With one list, pairs ``i < j`` within it; with two, pairs across them.
+    ``hex_b`` None: pairs ``i < j`` within ``hex_a``; else pairs across the two lists.
+    ``max_distance``: the ``leakage.phash_distance`` setting.
     """
     a = _bits(list(hex_a)) if len(hex_a) else np.zeros((0, HASH_SIZE**2), bool)
     same = hex_b is None
@@ -97,8 +96,8 @@ def near_duplicates(hex_a, hex_b=None, max_distance: int = 12) -> list[tuple[int
 
 
 def within_dataset(manifest: pd.DataFrame, name: str, cfg: dict) -> list[Finding]:
-    """Patients, identical files and near-identical images shared by two splits of one dataset."""
-    cfg = {**DEFAULTS, **cfg}
+    """Patients, identical files and near-identical images shared by two splits of one dataset;
+    ``cfg``: the validated ``leakage`` section (with the dataset's own overrides)."""
     findings = []
     splits = manifest["split"].to_numpy()
     per_patient = manifest.groupby("patient_id")["split"].nunique()
@@ -136,8 +135,8 @@ def across_datasets(manifests: dict[str, pd.DataFrame], cfg: dict,
     """Images used for training in one dataset that reappear in another dataset's test set.
     ``pool_splits``: the labelled splits each pool member gives its pool
     (:func:`retflow.data.pools.pool_splits`), which train the encoder too; none when no dataset
-    is in a pool. (A pool member against itself: :func:`pooled_test_images`.)"""
-    cfg = {**DEFAULTS, **cfg}
+    is in a pool. (A pool member against itself: :func:`pooled_test_images`.) ``cfg``: the
+    validated ``leakage`` section."""
     pool_splits = pool_splits or {}
     findings = []
     for train_name, train_df in manifests.items():

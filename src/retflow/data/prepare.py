@@ -40,24 +40,27 @@ QUARANTINE_COLUMNS = ["image_id", "source", "reason", "detail", "column", "scope
 
 
 def assign_splits(manifest: pd.DataFrame, spec: dict, labels: list[str], splits: dict) -> pd.Series:
+    """Each image's split: ``pool`` (pretraining), ``test`` (external), else by patient with the
+    ``splits`` section's ratios and seed (a dataset's own train/val/test kept)."""
     role = spec["role"]
     if role == "pretrain":
         return pd.Series("pool", index=manifest.index, name="split")
     if role == "external":
         return pd.Series("test", index=manifest.index, name="split")
     strata = manifest[labels[0]].astype(str) if labels else None
-    seed = splits.get("seed", 0)
+    seed = splits["seed"]
     if (manifest["given_split"] != "").all():
         return complete_given_splits(manifest["given_split"], manifest["patient_id"], strata, splits, seed)
     return patient_split(manifest["patient_id"], strata, splits, seed)
 
 
-def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False):
-    """Worker: ``("ok", rows, images[, masks])`` or ``("bad", reason, detail)``; never raises."""
+def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False, jpeg_draft: bool = True):
+    """Worker: ``("ok", rows, images[, masks])`` or ``("bad", reason, detail)``; never raises.
+    (``jpeg_draft=False``: the benchmark's full-decoding reference, never the workflow.)"""
     try:
         if masks:
-            return ("ok", *process_record_with_mask(rec, modality, prep, volume))
-        rows, images = process_record(rec, modality, prep, volume)
+            return ("ok", *process_record_with_mask(rec, modality, prep, volume, jpeg_draft=jpeg_draft))
+        rows, images = process_record(rec, modality, prep, volume, jpeg_draft=jpeg_draft)
         return "ok", rows, images
     except UnreadableInput as exc:
         return "bad", exc.reason, exc.detail
@@ -112,9 +115,16 @@ def label_values(problems: list[dict], allowed: dict) -> dict:
     return out
 
 
-def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep: dict,
-            splits: dict, out_dir: Path, allowed_labels: dict | None = None, leakage_cfg: dict | None = None,
-            workers: int = 1) -> dict:
+def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep: dict, splits: dict,
+            leakage_cfg: dict, out_dir: Path, allowed_labels: dict | None = None, workers: int = 1) -> dict:
+    """Prepare dataset ``name`` into ``out_dir``; returns its ``qc.json`` counts.
+
+    ``spec`` is the validated ``datasets.<name>`` entry, ``prep`` / ``splits`` / ``leakage_cfg``
+    the validated ``preprocess`` / ``splits`` / ``leakage`` sections (every schema default
+    filled: :func:`retflow.settings.validate`); the dataset's own ``leakage`` entry overrides the
+    keys it names. ``allowed_labels``: :func:`retflow.data.labels.label_specs` (None: the config
+    reads no label column from it).
+    """
     t0 = time.perf_counter()
     records = list_records(name, spec, location, image_dir, list(allowed_labels or {}))
     records, label_problems = check_labels(records, allowed_labels or {})
@@ -133,8 +143,8 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     if masks and is_volume_dataset(spec):
         raise DatasetError(f"dataset '{name}': mask_column is supported for 2-D image datasets only")
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out_dir, prep.get("shard_size", 4096))
-    mask_writer = _MaskWriter(out_dir, prep.get("shard_size", 4096), masks)
+    writer = ShardWriter(out_dir, prep["shard_size"])
+    mask_writer = _MaskWriter(out_dir, prep["shard_size"], masks)
     rows = []
     worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec), masks=masks)
     try:
@@ -174,14 +184,14 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         fail(f"dataset '{name}': no usable images among {n_total} inputs; reasons {counts}")
     manifest = pd.DataFrame(rows)
     manifest["bounds"] = manifest["bounds"].map(json.dumps)
-    if spec.get("group_by", "patient") == "image":  # toys only: B-scans of one eye may cross splits
+    if spec["group_by"] == "image":  # toys only: B-scans of one eye may cross splits
         manifest["patient_id"] = manifest["image_id"]
     try:
         manifest["split"] = assign_splits(manifest, spec, labels, splits).to_numpy()
     except ValueError as exc:
         fail(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients into train/val/test ({exc})")
     manifest["dataset"] = name
-    leak_cfg = {**(leakage_cfg or {}), **spec.get("leakage", {})}
+    leak_cfg = {**leakage_cfg, **(spec.get("leakage") or {})}  # a dataset's override is optional
     # findings set to `error` stop the workflow at the pre-flight gate (retflow.preflight_data), not here
     findings = leakage.within_dataset(manifest, name, leak_cfg)
     shape = writer.close()
@@ -208,13 +218,13 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Preprocess and split one dataset into a retflow store.")
     ap.add_argument("--name", required=True)
-    ap.add_argument("--spec", required=True, help="dataset config entry, JSON")
+    ap.add_argument("--spec", required=True, help="the validated datasets.<name> entry (schema defaults filled), JSON")
     ap.add_argument("--location", required=True, help="raw phantom folder, labels CSV, or image folder")
     ap.add_argument("--images", default=None)
-    ap.add_argument("--preprocess", required=True, help="preprocess config, JSON")
-    ap.add_argument("--splits", required=True, help="splits config, JSON")
+    ap.add_argument("--preprocess", required=True, help="the validated preprocess section, JSON")
+    ap.add_argument("--splits", required=True, help="the validated splits section, JSON")
     ap.add_argument("--labels", default="{}", help="allowed values per label column, JSON")
-    ap.add_argument("--leakage", default="{}", help="leakage config, JSON")
+    ap.add_argument("--leakage", required=True, help="the validated leakage section, JSON")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--keep-on-failure", default=None,
@@ -226,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         qc = prepare(args.name, json.loads(args.spec), Path(args.location),
                      Path(args.images) if args.images else None, json.loads(args.preprocess),
-                     json.loads(args.splits), Path(args.out_dir), json.loads(args.labels),
-                     json.loads(args.leakage), args.workers)
+                     json.loads(args.splits), json.loads(args.leakage), Path(args.out_dir),
+                     json.loads(args.labels), args.workers)
     except DatasetError as exc:
         print(f"ERROR: {exc}{keep_evidence(Path(args.out_dir), keep)}", file=sys.stderr)
         return 1

@@ -38,7 +38,7 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def preprocess_cfp(img: np.ndarray, size: int, crop_border: bool = True, enhance: str = "none",
+def preprocess_cfp(img: np.ndarray, size: int, crop_border: bool, enhance: str,
                    scale: float = 1.0) -> tuple[np.ndarray, dict]:
     """Crop the fundus field, pad to square, enhance, resize; returns (image, manifest fields).
 
@@ -86,10 +86,13 @@ def _check_picture(path: str, arr: np.ndarray, min_side: int, shape_hw) -> None:
         raise UnreadableInput(path, "blank_image", "no variation in pixel values")
 
 
-def preprocess_image(source: str | Path, modality: str, size: int, min_side: int, *, crop_border: bool = True,
-                     enhance: str = "none", jpeg_draft: bool = True) -> tuple[np.ndarray, dict, tuple[int, int]]:
+def preprocess_image(source: str | Path, modality: str, size: int, min_side: int, *, crop_border: bool,
+                     enhance: str, jpeg_draft: bool = True) -> tuple[np.ndarray, dict, tuple[int, int]]:
     """Read, check and preprocess one 2-D image as the data stage stores it: ``(image, manifest
     fields, source (h, w))``. Also what ``retflow predict`` / ``embed`` run on each input.
+    ``crop_border`` and ``enhance`` (``preprocess.cfp``) apply to CFP only. ``jpeg_draft`` is no
+    setting: the data stage always decodes JPEGs at a reduced scale (see below); False is the
+    full-decoding reference of ``bench/bench_preprocess.py``.
 
     Raises :class:`UnreadableInput` with the quarantine reason: the file checks of
     :func:`~retflow.data.io.read_image` (``missing_file``, ``not_a_file``, ``zero_bytes``,
@@ -111,16 +114,18 @@ def preprocess_image(source: str | Path, modality: str, size: int, min_side: int
     return img, info, orig
 
 
-def process_record(rec: dict, modality: str, prep: dict, volume: bool) -> tuple[list[dict], list[np.ndarray]]:
-    """Preprocess one record into stored images and their manifest rows."""
+def process_record(rec: dict, modality: str, prep: dict, volume: bool, *,
+                   jpeg_draft: bool = True) -> tuple[list[dict], list[np.ndarray]]:
+    """Preprocess one record into stored images and their manifest rows; ``prep`` is the validated
+    ``preprocess`` section (``jpeg_draft``: see :func:`preprocess_image`)."""
     source = rec["source"]
-    min_side = prep.get("min_side", 32)
+    min_side = prep["min_side"]
     rows, images = [], []
     if volume:
         vol = read_volume(source)
         data = vol.data
         _check_picture(source, data[data.shape[0] // 2], min_side, data.shape[1:])
-        k = prep["oct"].get("bscans", 1)
+        k = prep["oct"]["bscans"]
         for index, bscan in central_bscans(data, k):
             img, info = preprocess_oct(bscan, prep["oct"]["size"])
             suffix = f"_b{index:03d}" if k > 1 else ""
@@ -128,10 +133,9 @@ def process_record(rec: dict, modality: str, prep: dict, volume: bool) -> tuple[
                          "laterality": vol.meta.get("laterality", ""), **info})
             images.append(img)
     else:
-        size = prep["cfp"]["size"] if modality == "cfp" else prep["oct"]["size"]
-        cfp = prep["cfp"] if modality == "cfp" else {}
-        img, info, orig = preprocess_image(source, modality, size, min_side, crop_border=cfp.get("crop_border", True),
-                                           enhance=cfp.get("enhance", "none"), jpeg_draft=prep.get("jpeg_draft", True))
+        img, info, orig = preprocess_image(source, modality, prep[modality]["size"], min_side,
+                                           crop_border=prep["cfp"]["crop_border"], enhance=prep["cfp"]["enhance"],
+                                           jpeg_draft=jpeg_draft)
         rows.append({**rec, "frame": -1, "n_frames": 1, "laterality": "", **info})
         images.append(img)
     digest = source_digest(source)
@@ -188,13 +192,13 @@ def read_mask(path: str) -> np.ndarray:
 
 def preprocess_mask(mask: np.ndarray, row: dict, modality: str, prep: dict) -> np.ndarray:
     """The stored mask uint8 (size, size, 1) for a stored image's manifest ``row``."""
-    source = row.get("mask_source", "")
+    source = row["mask_source"]
     h, w = (int(s) for s in str(row["source_shape"]).split("x")[:2])
     if mask.shape != (h, w):
         raise UnreadableInput(source, "mask_shape_mismatch",
                               f"mask {mask.shape[1]}x{mask.shape[0]} vs image {w}x{h}")
     if modality == "cfp":
-        crop = prep["cfp"].get("crop_border", True) and row.get("field_found", True)
+        crop = prep["cfp"]["crop_border"] and row["field_found"]
         mask = crop_pad_square(mask, row["bounds"] if crop else (0, h, 0, w))
         size = prep["cfp"]["size"]
     else:
@@ -203,11 +207,11 @@ def preprocess_mask(mask: np.ndarray, row: dict, modality: str, prep: dict) -> n
     return np.asarray(out, dtype=np.uint8)[..., None]
 
 
-def process_record_with_mask(rec: dict, modality: str, prep: dict,
-                             volume: bool) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
+def process_record_with_mask(rec: dict, modality: str, prep: dict, volume: bool, *,
+                             jpeg_draft: bool = True) -> tuple[list[dict], list[np.ndarray], list[np.ndarray]]:
     """:func:`process_record` plus the record's mask (``rec["mask_source"]``), geometry-matched."""
     if volume:
         raise UnreadableInput(rec["source"], "bad_mask", "masks are supported for 2-D images only")
-    rows, images = process_record(rec, modality, prep, volume)
+    rows, images = process_record(rec, modality, prep, volume, jpeg_draft=jpeg_draft)
     mask = read_mask(rec["mask_source"])
     return rows, images, [preprocess_mask(mask, row, modality, prep) for row in rows]

@@ -31,7 +31,8 @@ def patient_split(
     """Assign train/val/test per patient (all images of a patient share one split).
 
     ``strata`` (e.g. the primary label) is reduced to one value per patient (the most severe /
-    largest value) and used to stratify where possible.
+    largest value) and used to stratify where possible. ``ratios``: the ``splits`` section's
+    ``train`` / ``val`` / ``test`` shares.
     """
     frame = pd.DataFrame({"patient": patients.astype(str).to_numpy()})
     if strata is not None:
@@ -41,8 +42,8 @@ def patient_split(
         per_patient = frame.groupby("patient")["patient"].first().map(lambda _: "all")
     groups = per_patient.index.to_numpy()
     strat = per_patient.to_numpy()
-    test_size = ratios.get("test", 0.2)
-    val_size = ratios.get("val", 0.2)
+    test_size = ratios["test"]
+    val_size = ratios["val"]
     rest, test = _split_groups(groups, strat, test_size, seed)
     rest_strata = per_patient.loc[rest].to_numpy()
     val_rel = val_size / max(1e-9, 1.0 - test_size)
@@ -75,10 +76,10 @@ def complete_given_splits(given: pd.Series, patients: pd.Series, strata: pd.Seri
     """Keep a dataset's own split names; when it ships only train/test, carve val out of train
     by patient (stratified, ratio ``val / (train + val)``)."""
     split = given.copy().rename("split")
-    if (split == "val").any() or not (split == "train").any() or ratios.get("val", 0.2) <= 0:
+    if (split == "val").any() or not (split == "train").any() or ratios["val"] <= 0:
         return split
     train = split == "train"
-    val_rel = ratios.get("val", 0.2) / max(1e-9, ratios.get("train", 0.6) + ratios.get("val", 0.2))
+    val_rel = ratios["val"] / max(1e-9, ratios["train"] + ratios["val"])
     sub = patient_split(patients[train], None if strata is None else strata[train],
                         {"train": 1 - val_rel, "val": val_rel, "test": 0.0}, seed)
     split.loc[train] = sub.to_numpy()

@@ -31,9 +31,8 @@ PORT_SPAN = 10000
 IGNORED_BY_TORCHRUN = ("SIGUSR1",)
 #: environment shown in the job log: proof of the GPUs SLURM granted
 LOGGED_ENV = ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
-#: sent by SLURM to every process of the job's steps this long before the time limit
+#: sent by SLURM to every process of the job's steps before the time limit (resources.<kind>.checkpoint_signal_s)
 PRE_TIMEOUT_SIGNAL = "TERM"
-DEFAULT_SIGNAL_S = 300
 
 
 class LaunchError(RuntimeError):
@@ -90,14 +89,14 @@ def rendezvous_port(job_id: str | int) -> int:
     return BASE_PORT + int(job_id) % PORT_SPAN
 
 
-def plan(script: str, script_args: Sequence[str], gpus: int, nodes: int = 1, threads: int = 1,
-         env: Mapping[str, str] | None = None, python: str | None = None,
-         shutdown_timeout: int = DEFAULT_SIGNAL_S) -> Plan:
-    """The torchrun argv (+ env additions) for ``gpus`` processes per node on ``nodes`` nodes."""
+def plan(script: str, script_args: Sequence[str], *, gpus: int, nodes: int, threads: int, shutdown_timeout: int,
+         env: Mapping[str, str] | None = None, python: str | None = None) -> Plan:
+    """The torchrun argv (+ env additions) for ``gpus`` processes per node on ``nodes`` nodes
+    (``env``: default this process's environment; ``python``: default this interpreter)."""
     env = os.environ if env is None else env
     python = python or sys.executable
     nproc = nproc_per_node(gpus)
-    nodes = int(nodes or 1)
+    nodes = int(nodes)
     # the node's threads shared by its processes (Snakemake sets OMP_NUM_THREADS to all of them)
     extra_env = {"OMP_NUM_THREADS": str(max(1, int(threads) // nproc))}
     head = [python, "-m", "torch.distributed.run", f"--shutdown-timeout={int(shutdown_timeout)}"]
@@ -126,9 +125,10 @@ def plan(script: str, script_args: Sequence[str], gpus: int, nodes: int = 1, thr
                 f"c10d rendezvous {endpoint} id {job_id}: node {node} of {nodes} x {nproc} process(es)")
 
 
-def srun_argv(nodes: int, gpus: int, cpus_per_gpu: int = 0, threads: int = 1, srun: str = "srun") -> list[str]:
-    """One launcher task per node for a multi-node job (empty for one node: no srun needed)."""
-    nodes = int(nodes or 1)
+def srun_argv(nodes: int, gpus: int, cpus_per_gpu: int, threads: int, srun: str = "srun") -> list[str]:
+    """One launcher task per node for a multi-node job (empty for one node: no srun needed);
+    its CPUs: ``cpus_per_gpu`` per process, or the job's ``threads`` where that is 0."""
+    nodes = int(nodes)
     if nodes == 1:
         return []
     nproc = nproc_per_node(gpus)
@@ -141,7 +141,8 @@ def srun_argv(nodes: int, gpus: int, cpus_per_gpu: int = 0, threads: int = 1, sr
 
 
 def slurm_resources(res: Mapping, checkpoint_signal: bool = True) -> dict:
-    """Resources of a GPU rule for Snakemake + the SLURM executor plugin.
+    """Resources of a GPU rule for Snakemake + the SLURM executor plugin; ``res``: a stage's
+    resources as :func:`retflow.config.resources` gives them (``resources.default`` filled in).
 
     One node: ``gpu`` (-> ``--gpus``) with ``cpus_per_gpu`` (``cpus_per_task=0`` keeps a
     profile default from overriding it), one task running torchrun; never ``tasks`` on a GPU rule.
@@ -150,16 +151,16 @@ def slurm_resources(res: Mapping, checkpoint_signal: bool = True) -> dict:
     ``checkpoint_signal``: ask SLURM for SIGTERM :func:`signal_seconds` before the time limit
     (for code that checkpoints on it, as pretraining does).
     """
-    gpus = int(res.get("gpu", 0) or 0)
-    nodes = int(res.get("nodes", 1) or 1)
+    gpus = int(res["gpu"])
+    nodes = int(res["nodes"])
     out = {"mem_mb": res["mem_mb"], "runtime": res["runtime"]}
-    secs = signal_seconds(res["runtime"], res.get("checkpoint_signal_s")) if checkpoint_signal else 0
+    secs = signal_seconds(res["runtime"], res["checkpoint_signal_s"]) if checkpoint_signal else 0
     if secs:
         out["slurm_extra"] = f"--signal={PRE_TIMEOUT_SIGNAL}@{secs}"
-    for key in ("slurm_partition", "slurm_account"):
+    for key in ("slurm_partition", "slurm_account"):  # optional: absent = the cluster's default
         if res.get(key):
             out[key] = res[key]
-    if res.get("cpus_per_gpu") and gpus:
+    if res["cpus_per_gpu"] and gpus:
         out.update(cpus_per_gpu=int(res["cpus_per_gpu"]), cpus_per_task=0)
     if nodes == 1:
         out["gpu"] = gpus
@@ -171,11 +172,11 @@ def slurm_resources(res: Mapping, checkpoint_signal: bool = True) -> dict:
     return out
 
 
-def signal_seconds(runtime_min: int, wanted: int | None = None) -> int:
-    """Seconds before the time limit for SLURM's checkpoint signal: ``wanted`` (default 300),
-    at most a quarter of the runtime so a short job is not stopped as soon as it starts."""
-    wanted = DEFAULT_SIGNAL_S if wanted is None else int(wanted)
-    return max(0, min(wanted, int(runtime_min) * 60 // 4))
+def signal_seconds(runtime_min: int, wanted: int) -> int:
+    """Seconds before the time limit for SLURM's checkpoint signal: ``wanted``
+    (``checkpoint_signal_s``; 0: none), at most a quarter of the runtime so a short job is not
+    stopped as soon as it starts."""
+    return max(0, min(int(wanted), int(runtime_min) * 60 // 4))
 
 
 def launcher_command(res: Mapping, threads: int, granted_gpus: int | None = None,
@@ -185,11 +186,11 @@ def launcher_command(res: Mapping, threads: int, granted_gpus: int | None = None
     ``granted_gpus``: the job's ``gpu`` resource as Snakemake granted it (one node: a
     workstation's ``--resources gpu=2`` caps a config asking for 8).
     """
-    gpus, nodes = int(res.get("gpu", 0) or 0), int(res.get("nodes", 1) or 1)
+    gpus, nodes = int(res["gpu"]), int(res["nodes"])
     if nodes == 1 and granted_gpus is not None:
         gpus = int(granted_gpus)
-    wait = max(30, signal_seconds(res["runtime"], res.get("checkpoint_signal_s")))
-    srun = srun_argv(nodes, gpus, res.get("cpus_per_gpu", 0), threads)
+    wait = max(30, signal_seconds(res["runtime"], res["checkpoint_signal_s"]))
+    srun = srun_argv(nodes, gpus, res["cpus_per_gpu"], threads)
     return " ".join(srun + ["python", entry, f"--gpus {gpus} --nodes {nodes} --threads {threads}",
                             f"--shutdown-timeout {wait}"])
 
@@ -206,17 +207,17 @@ def exec_torchrun(p: Plan) -> None:  # pragma: no cover - replaces the process
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Start a training script under torchrun (SLURM-aware).")
-    ap.add_argument("--gpus", type=int, default=0, help="GPUs per node (0: one CPU process)")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per node")
-    ap.add_argument("--shutdown-timeout", type=int, default=DEFAULT_SIGNAL_S,
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs per node (0: one CPU process)")
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True, help="CPU threads per node")
+    ap.add_argument("--shutdown-timeout", type=int, required=True,
                     help="s torchrun waits for signalled workers to checkpoint before killing them")
     ap.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     ap.add_argument("script")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     try:
-        p = plan(a.script, a.args, a.gpus, a.nodes, a.threads, shutdown_timeout=a.shutdown_timeout)
+        p = plan(a.script, a.args, gpus=a.gpus, nodes=a.nodes, threads=a.threads, shutdown_timeout=a.shutdown_timeout)
     except LaunchError as exc:
         print(f"launch: ERROR: {exc}", file=sys.stderr)
         return 2
