@@ -16,7 +16,9 @@ from retflow.settings import startup  # noqa: E402
 # that a YAML error names its line. Validated against config/schema.yaml (defaults filled in),
 # cross-references, paths and CSV headers: every problem is one line, then exit 1
 # (retflow.settings.startup).
-startup.apply(config, workflow.config_settings.configfiles, Path(workflow.basedir) / "config.yaml")
+startup.apply(
+    config, workflow.config_settings.configfiles, Path(workflow.basedir) / "config.yaml"
+)
 
 
 # CPU image for every rule that names none; GPU rules name config["containers"]["gpu"]

@@ -7,8 +7,7 @@ from pathlib import Path
 from retflow import config as rfc  # noqa: E402
 from retflow.layout import Layout  # noqa: E402
 from retflow.settings import build  # noqa: E402
-# retflow.settings.report as report_settings: `report` is Snakemake's report()
-from retflow.settings import report as report_settings  # noqa: E402
+from retflow.settings import report as report_settings  # noqa: E402 (`report`: Snakemake's)
 from retflow.train import launch  # noqa: E402
 from retflow.data.labels import label_specs  # noqa: E402
 
@@ -103,7 +102,9 @@ def images_option(wildcards):
 
 
 def pretrain_settings(wildcards):
-    return build.pretrain(config, wildcards.method, wildcards.modality, LAYOUT).to_json()
+    return build.pretrain(
+        config, wildcards.method, wildcards.modality, LAYOUT
+    ).to_json()
 
 
 def pretrain_stores(wildcards):
@@ -129,7 +130,8 @@ def pretrain_inputs(wildcards):
     ]
     if rfc.parse_pretrain_run(wildcards.method)[0] == "token_recon":
         own_run = config["pretrain"]["token_recon"]["teacher_checkpoint"]
-        if own_run in config["pretrain"]["methods"]:  # the DAG's own run, not a local file
+        # the DAG's own run (a method's name), not a local file
+        if own_run in config["pretrain"]["methods"]:
             out.append(teacher_checkpoint(wildcards))
     return out
 

@@ -9,9 +9,9 @@ rule pretrain:
         pretrain_inputs,
         preflight=preflight_report(),
     output:
-        checkpoint=f"{RESULTS}/pretrain/{{method}}/{{modality}}/checkpoint.pth",
-        log=f"{RESULTS}/pretrain/{{method}}/{{modality}}/log.csv",
-        figure=f"{RESULTS}/pretrain/{{method}}/{{modality}}/figure.png",
+        checkpoint=LAYOUT.pretrain_checkpoint("{method}", "{modality}"),
+        log=LAYOUT.pretrain_log("{method}", "{modality}"),
+        figure=LAYOUT.pretrain_figure("{method}", "{modality}"),
     log:
         "logs/pretrain/{method}_{modality}.log",
     benchmark:
@@ -43,4 +43,4 @@ rule pretrain:
 rule pretrain_all:
     """Every pretraining run that a downstream model needs."""
     input:
-        [f"{RESULTS}/pretrain/{m}/{mod}/checkpoint.pth" for m, mod in PRETRAIN],
+        [LAYOUT.pretrain_checkpoint(m, mod) for m, mod in PRETRAIN],

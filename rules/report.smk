@@ -10,7 +10,7 @@ rule report:
         metrics=all_metrics(),
         compare=COMPARE_JSONS,
         saliency=SALIENCY_PNGS,
-        pretrain=[f"{LAYOUT.pretrain_dir(m, mod)}/figure.png" for m, mod in PRETRAIN],
+        pretrain=[LAYOUT.pretrain_figure(m, mod) for m, mod in PRETRAIN],
         qc=[LAYOUT.qc(d) for d in DATASETS],
         synth=SYNTH_REPORT_INPUTS if config["synth"]["enabled"] else [],
     output:

@@ -186,7 +186,8 @@ def test_missing_blocks_raise(mae):
     with pytest.raises(ValueError, match="no transformer block"):
         load_encoder_weights(vit, {"fc.weight": torch.zeros(2, 2)}, strict_report=False)
     wrong = create_vit(ViTSpec("vit_tiny_patch16_224", 32, 8, model_kwargs=dict(embed_dim=16, depth=2, num_heads=2)), 3)
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match=r"^does not fit the configured ViT: \d+ tensor\(s\) differ in shape .*"
+                                         r"the checkpoint's embedding width is 32\); set vit: .*`retflow inspect"):
         load_encoder_weights(wrong, mae.encoder_state_dict())
 
 

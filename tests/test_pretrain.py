@@ -132,7 +132,7 @@ def test_entry_point_refuses_settings_with_an_unknown_or_missing_key(tmp_path, c
     data["epoch"] = data.pop("epochs")
     assert pt.main(["--settings", json.dumps(data), "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("ERROR: PretrainSettings: unknown keys ['epoch']; "
+    assert err.count("\n") == 1 and err.startswith("ERROR: --settings (PretrainSettings): unknown keys ['epoch']; "
                                                      "missing keys ['epochs']")
     assert not (tmp_path / "o").exists()  # nothing written before the settings are read
 

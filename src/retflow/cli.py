@@ -236,13 +236,13 @@ _COMMANDS = {"embed": _cmd_embed, "predict": _cmd_predict, "export": _cmd_export
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from retflow.models.checkpoint_layouts import CheckpointError
+    from retflow.errors import UserError  # CheckpointError, ConfigError, DatasetError (no torch import)
 
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise CliError("--batch-size must be >= 1")
         return _COMMANDS[args.command](args)
-    except (CliError, CheckpointError, FileNotFoundError) as exc:
+    except (CliError, UserError, FileNotFoundError) as exc:
         print(f"retflow: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError) as exc:  # e.g. a spec that does not fit, a bad device

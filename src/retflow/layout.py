@@ -9,6 +9,7 @@ concrete path::
     results/data/{dataset}/                              a prepared store (shards/, manifest.parquet,
                                                          quarantine.csv, qc.json)
     results/data/leakage.json, preflight.json            cross-dataset leakage, the pre-flight gate
+    results/data/weights.json                            the configured weights files checked against their ViT
     results/pretrain/{run}/{modality}/                   checkpoint.pth, log.csv, figure.png, settings.json
     results/{protocol}/{task}/{model}/frac{f}/seed{s}/    one downstream run (run_dir)
     results/compare/{task}/{protocol}/frac{f}/seed{s}.json
@@ -78,12 +79,22 @@ class Layout:
     def preflight(self) -> str:
         return self._p("data", "preflight.json")
 
+    def preflight_weights(self) -> str:
+        """Every configured weights file checked against its ViT (the gate reads its problems)."""
+        return self._p("data", "weights.json")
+
     # pretraining -----------------------------------------------------------------
     def pretrain_dir(self, run: str, modality: str) -> str:
         return self._p("pretrain", run, modality)
 
     def pretrain_checkpoint(self, run: str, modality: str) -> str:
         return f"{self.pretrain_dir(run, modality)}/checkpoint.pth"
+
+    def pretrain_log(self, run: str, modality: str) -> str:
+        return f"{self.pretrain_dir(run, modality)}/log.csv"
+
+    def pretrain_figure(self, run: str, modality: str) -> str:
+        return f"{self.pretrain_dir(run, modality)}/figure.png"
 
     # downstream runs -------------------------------------------------------------
     def run_dir(self, protocol: str, task: str, model: str, fraction, seed) -> str:

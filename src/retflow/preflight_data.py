@@ -301,8 +301,10 @@ def _segmentation_use(use: dict, tasks: list[str], store: Store, verdict: Verdic
     return entry
 
 
-def run_gate(stores: list[str | Path], leakage_report: str | Path, checks: dict, names: dict[str, list[str]]) -> Verdict:
-    """Every check of the gate over the prepared ``stores`` and the cross-dataset ``leakage_report``;
+def run_gate(stores: list[str | Path], leakage_report: str | Path, checks: dict, names: dict[str, list[str]],
+             weights_report: str | Path | None = None) -> Verdict:
+    """Every check of the gate over the prepared ``stores``, the cross-dataset ``leakage_report`` and
+    the weights files' check (:mod:`retflow.preflight_weights`, when the config names any);
     ``names``: the tasks of each label use (:func:`task_names`), for the messages."""
     columns = {c for use in checks["uses"] for c in use["columns"]}
     by_name = {Path(s).name: _read_store(Path(s), columns) for s in stores}
@@ -311,6 +313,8 @@ def run_gate(stores: list[str | Path], leakage_report: str | Path, checks: dict,
         verdict.problems += _dataset_problems(store, checks["max_quarantine_fraction"])
     report = json.loads(Path(leakage_report).read_text())
     verdict.problems += _leakage_problems(report, Path(leakage_report))
+    weights = json.loads(Path(weights_report).read_text()) if weights_report else {"checked": [], "problems": []}
+    verdict.problems += weights["problems"]
     pools = _pools(by_name, checks, verdict)
     tasks = []
     for use in checks["uses"]:
@@ -330,6 +334,7 @@ def run_gate(stores: list[str | Path], leakage_report: str | Path, checks: dict,
         "tasks": tasks,
         "leakage": {"errors": report["n_errors"], "warnings": report["n_warnings"],
                     "warnings_within_datasets": sum(len(s.qc["leakage_warnings"]) for s in by_name.values())},
+        "weights": [{k: c[k] for k in ("key", "path", "layout", "problem")} for c in weights["checked"]],
         "warnings": verdict.warnings,
     }
     return verdict
@@ -356,6 +361,8 @@ def summary_lines(summary: dict) -> list[str]:
             counts = (", ".join(f"{s} {k}" for s, k in t["usable_per_split"].items()) if t["scope"] == "internal"
                       else f"{t['usable']} of {t['images']}")
             lines.append(f"  {_who(t['tasks'])} ({t['scope']} {t['dataset']}: {'/'.join(t['columns'])}): usable labels {counts}")
+    for c in summary["weights"]:
+        lines.append(f"  weights {c['key']}: {c['path']} ({c['layout']}){': does not fit' if c['problem'] else ': fits'}")
     leak = summary["leakage"]
     lines.append(f"  leakage: {leak['errors']} errors, {leak['warnings']} warnings across datasets, "
                  f"{leak['warnings_within_datasets']} within datasets")
@@ -385,9 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leakage-report", required=True, help="the cross-dataset leakage report (leakage.json)")
     ap.add_argument("--checks", required=True, help="what to check, JSON (retflow.preflight_data.gate_checks)")
     ap.add_argument("--names", required=True, help="the tasks of each label use, JSON (task_names)")
+    ap.add_argument("--weights-report", default=None, help="weights.json (retflow.preflight_weights), when the "
+                                                               "config names weights files")
     ap.add_argument("--out", required=True, help="preflight.json, written when every check passes")
     args = ap.parse_args(argv)
-    verdict = run_gate(args.stores, args.leakage_report, json.loads(args.checks), json.loads(args.names))
+    verdict = run_gate(args.stores, args.leakage_report, json.loads(args.checks), json.loads(args.names),
+                       args.weights_report)
     for line in summary_lines(verdict.summary):
         print(line)
     for line in verdict.warnings:

@@ -494,7 +494,8 @@ def _as_checkpoint(source: str | Path | Checkpoint) -> Checkpoint:
     return source if isinstance(source, Checkpoint) else read_checkpoint(source)
 
 
-def load_encoder(model: VisionTransformer, source: str | Path | Checkpoint, *, strict: bool = True) -> LoadReport:
+def load_encoder(model: VisionTransformer, source: str | Path | Checkpoint, *, strict: bool = True,
+                 check_only: bool = False) -> LoadReport:
     """Load a pretrained encoder (any layout) into ``model`` with the RETFound recipe.
 
     Delegates to :func:`~retflow.models.vit.load_encoder_weights` (drops decoder / source head,
@@ -504,7 +505,10 @@ def load_encoder(model: VisionTransformer, source: str | Path | Checkpoint, *, s
     ck = _as_checkpoint(source)
     num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
     before = ck.state_dict.get("pos_embed")
-    result = load_encoder_weights(model, ck.state_dict, strict_report=strict)
+    try:
+        result = load_encoder_weights(model, ck.state_dict, strict_report=strict, check_only=check_only)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ck.path}: {exc}") from None
     resized = None
     if before is not None and model.pos_embed is not None and before.shape != model.pos_embed.shape:
         resized = (_pos_grid(before, num_prefix), tuple(model.patch_embed.grid_size))

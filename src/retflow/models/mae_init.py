@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from retflow.checkpoint_file import CheckpointError
+
 from .pos_embed import interpolate_pos_embed
 from .vit import load_checkpoint_file, load_encoder_weights, strip_prefixes
 
@@ -45,8 +47,8 @@ def init_mae_from_checkpoint(model, path: str | Path) -> dict[str, int | list[st
     encoder_sd = {k: v for k, v in stripped.items() if not k.startswith(_DECODER_PREFIXES)}
     try:
         load_encoder_weights(model.encoder, encoder_sd, strict_report=True)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     target = model.state_dict()
     decoder_keys = [k for k in target if k.startswith(_DECODER_PREFIXES)]
     loaded: dict[str, torch.Tensor] = {}

@@ -169,7 +169,8 @@ def _preview(keys: list[str], n: int = 8) -> str:
 
 
 def load_encoder_weights(
-    vit: VisionTransformer, state_dict: Mapping[str, torch.Tensor], strict_report: bool = True
+    vit: VisionTransformer, state_dict: Mapping[str, torch.Tensor], strict_report: bool = True,
+    check_only: bool = False,
 ) -> dict[str, list[str]]:
     """Load a pretrained encoder into ``vit`` following the RETFound recipe.
 
@@ -181,11 +182,13 @@ def load_encoder_weights(
     (timm ``adapt_input_conv``); then load and re-initialise the head
     (trunc-normal std 2e-5, bias 0).
 
-    Any shape mismatch raises ``ValueError``.  Missing keys other than
+    Any shape mismatch raises :class:`~retflow.checkpoint_file.CheckpointError` (one line: how
+    many tensors differ, the first few, what to set in ``vit:``).  Missing keys other than
     ``head.*`` / ``fc_norm.*`` mean a wrong checkpoint: with
-    ``strict_report=True`` (default) they raise ``ValueError`` naming them;
+    ``strict_report=True`` (default) they raise naming them;
     with ``False`` they are only reported, but a checkpoint that provides no
-    transformer-block weight at all still raises.
+    transformer-block weight at all still raises. ``check_only`` stops after these checks
+    (``vit`` may then live on the ``meta`` device: the pre-flight weights check).
 
     Returns ``{"missing": [...], "unexpected": [...], "dropped": [...]}``
     (``unexpected``: checkpoint keys with no place in the model, not loaded;
@@ -212,25 +215,35 @@ def load_encoder_weights(
         if old_c != new_c:
             sd[w_key] = adapt_input_conv(new_c, sd[w_key], base_chans=old_c)
 
+    from retflow.checkpoint_file import CheckpointError
+
     bad_shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
         for k, v in sd.items()
         if k in target and v.shape != target[k].shape
     ]
     if bad_shapes:
-        raise ValueError("checkpoint does not fit this ViT (shape mismatch): " + "; ".join(bad_shapes))
+        width = sd.get("cls_token", sd.get("patch_embed.proj.weight"))
+        hint = f" (the checkpoint's embedding width is {width.shape[-1] if width.ndim == 3 else width.shape[0]})" \
+            if width is not None else ""
+        raise CheckpointError(
+            f"does not fit the configured ViT: {len(bad_shapes)} tensor(s) differ in shape (checkpoint vs model), "
+            f"e.g. {'; '.join(bad_shapes[:3])}{hint}; set vit: (arch, model_kwargs embed_dim/depth/num_heads, "
+            f"patch_size) to the checkpoint's architecture (`retflow inspect --checkpoint FILE` shows it)")
 
     missing = sorted(k for k in target if k not in sd)
     required_missing = [k for k in missing if not (k.startswith("head.") or k.startswith("fc_norm."))]
     if not any(_BLOCK_KEY.match(k) and k in target for k in sd):
-        raise ValueError(
-            "checkpoint provides no transformer block weights - wrong file? "
+        raise CheckpointError(
+            "provides no transformer block weights - wrong file? "
             f"Its keys look like: {_preview(sorted(state_dict))}"
         )
     if required_missing and strict_report:
-        raise ValueError(
-            f"checkpoint is missing {len(required_missing)} encoder weights: {_preview(required_missing)}"
+        raise CheckpointError(
+            f"is missing {len(required_missing)} encoder weights of the configured ViT: {_preview(required_missing)}"
         )
+    if check_only:
+        return {"missing": missing, "unexpected": sorted(k for k in sd if k not in target), "dropped": sorted(dropped)}
 
     result = vit.load_state_dict(sd, strict=False)
     if isinstance(vit.head, nn.Linear):

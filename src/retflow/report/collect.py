@@ -166,8 +166,9 @@ def collect_pretrain(results_dir) -> pd.DataFrame:
     final_loss and seconds (total of the log's ``seconds`` column) from log.csv.
     """
     rows = []
+    layout = Layout(str(results_dir))
     for d in (p for p in _glob(_pattern(results_dir).pretrain_dir("*", "*")) if p.is_dir()):
-        log, figure = d / "log.csv", d / "figure.png"
+        log, figure = Path(layout.pretrain_log(d.parent.name, d.name)), Path(layout.pretrain_figure(d.parent.name, d.name))
         row = {
             "method": d.parent.name,
             "modality": d.name,

@@ -3,13 +3,13 @@
 ``s.method == "mae"`` builds :class:`~retflow.models.mae.MaskedAutoencoderViT`; the other methods come
 from :mod:`retflow.models.ssl`. ``init`` (a local file) starts MAE from ImageNet-MAE / RETFound /
 our own weights (encoder, and decoder when the file has one; see :mod:`retflow.models.mae_init`)
-and the other methods' student encoder from any layout ``load_encoder_weights`` reads.
+and the other methods' student encoder from any layout ``load_encoder`` reads.
 """
 from __future__ import annotations
 
 from retflow.models.mae import MaskedAutoencoderViT
 from retflow.models.mae_init import init_mae_from_checkpoint
-from retflow.models.vit import load_checkpoint_file, load_encoder_weights
+from retflow.models.checkpoint_layouts import load_encoder
 from retflow.settings.stages import PretrainSettings
 
 
@@ -29,7 +29,7 @@ def build_model(s: PretrainSettings, log=None):
     # token_recon: its teacher_checkpoint is a file (retflow.settings.build resolves a method name)
     model = build_ssl(s.method, spec, s.method_settings)
     if s.init:
-        load_encoder_weights(model.encoder, load_checkpoint_file(s.init))
+        load_encoder(model.encoder, s.init)  # any layout; a problem names the file
         for name in ("teacher_encoder", "momentum_encoder"):  # EMA teachers start as the student
             if hasattr(model, name):
                 getattr(model, name).load_state_dict(model.encoder.state_dict())

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 from retflow.settings.frozen import Frozen, plain
 from retflow.settings.stages import METHOD_SETTINGS
 
-from ..vit import ViTSpec, create_vit, load_checkpoint_file, load_encoder_weights
+from ..vit import ViTSpec, create_vit
 from .base import SSLModel, freeze
 from .dino import DINO
 from .mocov3 import MoCoV3
@@ -60,7 +60,7 @@ def load_teacher(path: str | Path, spec: ViTSpec | Mapping[str, Any]) -> VisionT
     """A frozen (``requires_grad=False``, eval mode) teacher encoder for ``token_recon``.
 
     ``spec`` describes the teacher (it may differ from the student's).  Any layout that
-    :func:`~retflow.models.vit.load_checkpoint_file` + :func:`~retflow.models.vit.load_encoder_weights`
+    :func:`~retflow.models.checkpoint_layouts.load_encoder`
     read is accepted (RETFound/MAE ``{'model': ...}``, our pretraining checkpoints with ``encoder.``
     keys, timm state dicts, DINOv2 hub / training files); missing encoder weights raise
     ``ValueError``, a missing file ``FileNotFoundError`` naming the path.
@@ -69,7 +69,9 @@ def load_teacher(path: str | Path, spec: ViTSpec | Mapping[str, Any]) -> VisionT
     if not path.exists():  # a file or a `retflow export` folder (load_checkpoint_file reads both)
         raise FileNotFoundError(f"token_recon teacher checkpoint not found: {path}")
     teacher = create_vit(_as_spec(spec), num_classes=0, global_pool="token")
-    load_encoder_weights(teacher, load_checkpoint_file(path))
+    from retflow.models.checkpoint_layouts import load_encoder
+
+    load_encoder(teacher, path)  # any layout; a problem names the file
     return freeze(teacher).eval()
 
 
