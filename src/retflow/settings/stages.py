@@ -78,31 +78,20 @@ class Schedule(Frozen):
 
 # ------------------------------------------------------------------------------ downstream
 @frozen
-class FinetuneSettings(Frozen):
-    """One fine-tuning or linear-probe run (``finetune`` / ``probe_*`` section + the run)."""
+class TrainingRun(Frozen):
+    """What a fine-tune / probe run and a segmentation run share: the recipe keys both schema
+    sections have, and the run itself."""
 
-    # the protocol's section (schema: finetune / probe_adamw / probe_lars / probe_logreg)
     epochs: int
     batch_size: int
     blr: float
     layer_decay: float
     weight_decay: float
     drop_path: float
-    label_smoothing: float
     warmup_epochs: int
     min_lr: float
     crop_scale: tuple[float, float]
     min_steps: int
-    select_by: str
-    augment: str
-    auto_augment: str
-    reprob: float
-    color_jitter: float
-    mixup: float
-    cutmix: float
-    mixup_prob: float
-    mixup_switch_prob: float
-    class_weights: str
     num_workers: int
     # the run
     protocol: str
@@ -118,35 +107,31 @@ class FinetuneSettings(Frozen):
 
 
 @frozen
-class SegmentSettings(Frozen):
+class FinetuneSettings(TrainingRun):
+    """One fine-tuning or linear-probe run (``finetune`` / ``probe_*`` section + the run)."""
+
+    label_smoothing: float
+    select_by: str
+    augment: str
+    auto_augment: str
+    reprob: float
+    color_jitter: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_switch_prob: float
+    class_weights: str
+
+
+@frozen
+class SegmentSettings(TrainingRun):
     """One segmentation run (``segment`` section + the run)."""
 
-    epochs: int
-    batch_size: int
-    blr: float
-    layer_decay: float
-    weight_decay: float
-    drop_path: float
-    warmup_epochs: int
-    min_lr: float
-    crop_scale: tuple[float, float]
     hflip: bool
-    min_steps: int
     feature_size: int
     n_overlay: int
-    num_workers: int
-    protocol: str
     model: str
-    task: TaskSettings
-    vit: ViTSettings
-    normalize: NormalizeSettings
-    fraction: float
-    seed: int
-    device: str
     evaluate: EvaluateSettings
-
-    def schedule(self, batch: int) -> Schedule:
-        return Schedule.of(self, batch)
 
 
 # ------------------------------------------------------------------------------ pretraining
