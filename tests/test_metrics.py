@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from retflow.evaluate.metrics import (
     LOWER_IS_BETTER,
     METRICS_BY_TYPE,
     PRIMARY_METRIC,
+    RANKING_CONVENTION,
     absent_classes,
     compute_metrics,
     confusion,
@@ -235,6 +237,8 @@ def test_evaluate_predictions_writes_json(tmp_path):
     assert data["per_class"]["0"]["auroc"]["value"] == pytest.approx(skm.roc_auc_score(y == 0, p[:, 0]))
     assert list(data["retfound_v1"]) == V1_KEYS and list(data["retfound_current"]) == CURRENT_KEYS
     assert data["retfound_current"]["score"] == pytest.approx(retfound_current(y, p, "ordinal")["score"])
+    assert set(data["conventions"]) == {"auroc_aupr", "retfound_v1", "retfound_current"}
+    assert data["conventions"]["auroc_aupr"] == RANKING_CONVENTION["ordinal"]
 
 
 def eval_config() -> dict:
@@ -453,6 +457,141 @@ def test_retfound_definitions_binary_worked_example():
         },
         abs=1e-12,
     )
+
+
+# Worked 5-class example with class 3 absent from the test set (but predicted once). y_pred = arg-max:
+#   case    0  1  2  3  4  5  6  7  8  9
+#   y_true  0  0  1  1  1  2  2  4  4  4
+#   y_pred  0  1  1  1  3  0  4  4  4  2
+# one-vs-rest (TP, FP, FN, TN): class 0 (1, 1, 1, 7), class 1 (2, 1, 1, 6), class 2 (0, 1, 2, 7),
+# class 3 (0, 1, 0, 9), class 4 (2, 1, 1, 6). Probabilities: 0.6 on the predicted class, 0.1 elsewhere, so
+# a class's scores take two values and (npos positives of n = 10)
+#   AP_c    = (TP / npos) (TP / (TP + FP)) + (1 - TP / npos) (npos / n)
+#   AUROC_c = (TP TN + (TP FP + FN TN) / 2) / (npos (n - npos)):
+# AP: class 0 1/4 + 1/10 = 7/20, class 1 4/9 + 1/10 = 49/90, class 2 0 + 1/5 = 1/5, class 4 = 49/90, sum 59/36;
+# AUROC: class 0 11/16, class 1 16/21, class 2 7/16, class 4 16/21 -> mean over the present classes 445/672.
+# Class 3 has no positive case: sklearn's average_precision_score scores it 0 (with a warning).
+ABSENT_Y = np.array([0, 0, 1, 1, 1, 2, 2, 4, 4, 4])
+ABSENT_PRED = np.array([0, 1, 1, 1, 3, 0, 4, 4, 4, 2])
+ABSENT_P = np.full((10, 5), 0.1)
+ABSENT_P[np.arange(10), ABSENT_PRED] = 0.6
+ABSENT_AUROC = 445 / 672
+ABSENT_AP_SUM = 59 / 36
+
+
+def misc_measures_reference(y, pred, k):
+    """RETFound's paper-era per-class measures, written from their definition (not the code): for each
+    class c = 1..K-1 of "c vs rest", plain ratios that are NaN when 0/0; F1 = 2PR / (P + R); then the mean
+    of each measure over the classes where it is not NaN (the original's plain mean would be NaN)."""
+
+    def ratio(a, b):
+        return a / b if b != 0 else float("nan")
+
+    values = {name: [] for name in ("acc", "sensitivity", "specificity", "precision", "g_mean", "f1", "mcc")}
+    for c in range(1, k):
+        tp = int(np.sum((y == c) & (pred == c)))
+        fp = int(np.sum((y != c) & (pred == c)))
+        fn = int(np.sum((y == c) & (pred != c)))
+        tn = int(np.sum((y != c) & (pred != c)))
+        sens, spec, prec = ratio(tp, tp + fn), ratio(tn, tn + fp), ratio(tp, tp + fp)
+        values["acc"].append((tp + tn) / len(y))
+        values["sensitivity"].append(sens)
+        values["specificity"].append(spec)
+        values["precision"].append(prec)
+        values["g_mean"].append(math.sqrt(sens * spec) if not math.isnan(sens * spec) else float("nan"))
+        values["f1"].append(ratio(2 * prec * sens, prec + sens) if not math.isnan(prec + sens) else float("nan"))
+        values["mcc"].append(ratio(tp * tn - fp * fn, math.sqrt((tn + fp) * (tn + fn) * (tp + fn) * (tp + fp))))
+    return {name: float(np.mean([v for v in vals if not math.isnan(v)])) for name, vals in values.items()}
+
+
+def test_sklearn_scores_a_class_without_positives_ap_zero():
+    """The convention the RETFound aupr keeps (and retflow's own aupr does not): AP 0, averaged in."""
+    onehot = np.eye(5)[ABSENT_Y]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No positive class found in y_true"
+        assert skm.average_precision_score(onehot[:, 3], ABSENT_P[:, 3]) == 0.0
+        macro = skm.average_precision_score(onehot, ABSENT_P, average="macro")
+    assert macro == pytest.approx(ABSENT_AP_SUM / 5, abs=1e-12)
+
+
+def test_retfound_v1_absent_class_worked_example():
+    got = retfound_v1(ABSENT_Y, ABSENT_P, "multiclass")
+    expected = {
+        "acc": (0.8 + 0.7 + 0.9 + 0.8) / 4,
+        "sensitivity": (2 / 3 + 0 + 2 / 3) / 3,  # class 3: 0/0, skipped
+        "specificity": (6 / 7 + 7 / 8 + 9 / 10 + 6 / 7) / 4,
+        "precision": (2 / 3 + 0 + 0 + 2 / 3) / 4,
+        "g_mean": (math.sqrt(4 / 7) + 0 + math.sqrt(4 / 7)) / 3,
+        "f1": 2 / 3,  # classes 2 and 3 have TP = 0: 2PR/(P+R) is 0/0 (2TP/(2TP+FP+FN) averaged in would give 1/3)
+        "mcc": (11 / 21 - 1 / 6 + 11 / 21) / 3,  # class 3: a zero margin, 0/0
+        "auroc": ABSENT_AUROC,  # over the present classes (RETFound's roc_auc_score raises or gives NaN)
+        "aupr": ABSENT_AP_SUM / 5,  # over all five classes, class 3 scored 0, as sklearn does
+    }
+    assert got == pytest.approx(expected, abs=1e-12)
+    reference = misc_measures_reference(ABSENT_Y, ABSENT_PRED, 5)
+    assert {k: got[k] for k in reference} == pytest.approx(reference, abs=1e-12)
+    onehot = np.eye(5)[ABSENT_Y]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert got["aupr"] == pytest.approx(skm.average_precision_score(onehot, ABSENT_P, average="macro"), abs=1e-12)
+    # the same reference on random data with an absent class and TP = 0 classes
+    y, p = fake_predictions(60, 6, seed=4, signal=0.3)
+    y[y == 2] = 5
+    v1 = retfound_v1(y, p, "multiclass")
+    ref = misc_measures_reference(y, p.argmax(1), 6)
+    assert {k: v1[k] for k in ref} == pytest.approx(ref, abs=1e-12)
+
+
+def test_retfound_current_absent_class_worked_example():
+    got = retfound_current(ABSENT_Y, ABSENT_P, "multiclass")
+    onehot, pred_onehot = np.eye(5)[ABSENT_Y], np.eye(5)[ABSENT_PRED]
+    kappa = skm.cohen_kappa_score(ABSENT_Y, ABSENT_PRED)
+    f1 = (1 / 2 + 2 / 3 + 0 + 0 + 2 / 3) / 5  # 11/30: absent class 3 and class 2 count as 0
+    assert got == pytest.approx(
+        {
+            "accuracy": 1 / 2,
+            "f1": f1,
+            "precision": 11 / 30,
+            "recall": 11 / 30,
+            "kappa": kappa,
+            "auroc": ABSENT_AUROC,
+            "aupr": ABSENT_AP_SUM / 5,
+            "score": (f1 + ABSENT_AUROC + kappa) / 3,
+        },
+        abs=1e-12,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert got["f1"] == pytest.approx(skm.f1_score(onehot, pred_onehot, average="macro", zero_division=0))
+        assert got["precision"] == pytest.approx(
+            skm.precision_score(onehot, pred_onehot, average="macro", zero_division=0))
+        assert got["recall"] == pytest.approx(skm.recall_score(onehot, pred_onehot, average="macro", zero_division=0))
+        assert got["aupr"] == pytest.approx(skm.average_precision_score(onehot, ABSENT_P, average="macro"))
+
+
+def test_macro_aupr_leaves_absent_classes_out_everywhere():
+    """retflow's own aupr: one convention in the point value, the bootstrap replicates and the per-class table."""
+    got = compute_metrics(ABSENT_Y, ABSENT_P, "multiclass")
+    assert got["aupr"] == pytest.approx(ABSENT_AP_SUM / 4, abs=1e-12)  # classes 0, 1, 2, 4
+    assert got["auroc"] == pytest.approx(ABSENT_AUROC, abs=1e-12)
+    pc = per_class_metrics(ABSENT_Y, ABSENT_P, "multiclass")
+    assert math.isnan(pc["aupr"][3])
+    assert pc["aupr"][:3] + pc["aupr"][4:] == pytest.approx([7 / 20, 49 / 90, 1 / 5, 49 / 90], abs=1e-12)
+    assert replicate_metrics(ABSENT_Y, ABSENT_P, "multiclass", np.ones((1, 10)))["aupr"][0] == pytest.approx(
+        ABSENT_AP_SUM / 4, abs=1e-12)
+    # a replicate without class 2 either: the mean over classes 0, 1 and 4, as compute_metrics on the resample
+    w = np.array([[1, 2, 1, 1, 0, 0, 0, 1, 2, 1]])
+    idx = np.repeat(np.arange(10), w[0])
+    rep = replicate_metrics(ABSENT_Y, ABSENT_P, "multiclass", w)
+    direct = compute_metrics(ABSENT_Y[idx], ABSENT_P[idx], "multiclass")
+    ap = [skm.average_precision_score(ABSENT_Y[idx] == c, ABSENT_P[idx, c]) for c in (0, 1, 4)]
+    assert rep["aupr"][0] == pytest.approx(direct["aupr"], abs=1e-12) == pytest.approx(np.mean(ap), abs=1e-12)
+    rep_pc = replicate_per_class(ABSENT_Y, ABSENT_P, "multiclass", w)
+    assert np.isnan(rep_pc["aupr"][0, [2, 3]]).all()
+    boot = bootstrap_all(ABSENT_Y, ABSENT_P, "multiclass", n_boot=50, seed=0)
+    assert boot["metrics"]["aupr"]["value"] == pytest.approx(ABSENT_AP_SUM / 4, abs=1e-12)
+    assert math.isnan(boot["per_class"]["aupr"][3]["value"]) and math.isnan(boot["per_class"]["aupr"][3]["ci_low"])
+    assert "not scored AP 0" in RANKING_CONVENTION["multiclass"]
 
 
 def test_retfound_definitions_match_sklearn_one_hot_code_path():

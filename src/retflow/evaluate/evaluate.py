@@ -32,12 +32,14 @@ from .metrics import (
     LOWER_IS_BETTER,
     METRICS_BY_TYPE,
     PRIMARY_METRIC,
+    RANKING_CONVENTION,
     TASK_TYPES,
     absent_classes,
     confusion,
     roc_curves,
 )
 from .multilabel_metrics import predict_labels
+from .retfound_metrics import CONVENTIONS as RETFOUND_CONVENTIONS
 from .retfound_metrics import retfound_current, retfound_v1
 from ..settings.load import ConfigError
 from ..settings.report import EvaluationSettings
@@ -168,7 +170,8 @@ def evaluate_predictions(pred_path, task_meta: dict, out_path, *, n_boot: int, s
     * classification and multilabel: ``class_counts`` (cases per class / positives per sign),
       ``per_class`` (``{class: {"n_positive", metric: {"value", "ci_low", "ci_high"}}}``, e.g.
       per-class one-vs-rest AUROC/AUPR), ``absent_classes`` (classes without positive cases:
-      left out of the macro ranking metrics) and ``roc`` curves;
+      left out of the macro ranking metrics), ``conventions`` (in words, how the macro AUROC/AUPR
+      and the RETFound definitions treat absent classes) and ``roc`` curves;
     * binary / multiclass / ordinal: ``ece_bins``, ``confusion_matrix``, and the two RETFound
       metric definitions ``retfound_v1`` and ``retfound_current`` (point values, see
       :mod:`.retfound_metrics`);
@@ -206,10 +209,14 @@ def evaluate_predictions(pred_path, task_meta: dict, out_path, *, n_boot: int, s
         }
     else:
         counts = np.bincount(y_true, minlength=k).astype(int).tolist()
+    conventions = {"auroc_aupr": RANKING_CONVENTION[task_type]}
+    if task_type in CLASSIFICATION_TYPES:
+        conventions.update(RETFOUND_CONVENTIONS)
     result.update(
         class_counts=counts,
         absent_classes=[classes[c] for c in absent_classes(y_true, probs, task_type)],
         per_class=_per_class_by_name(boot["per_class"], classes, counts),
+        conventions=conventions,
     )
     if task_type in CLASSIFICATION_TYPES:
         result.update(

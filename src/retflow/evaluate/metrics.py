@@ -12,7 +12,12 @@ Classification conventions (every value is checked against scikit-learn in the t
 * Ranking metrics (``auroc``, ``aupr`` = average precision) of a binary task are of class 1; of a
   multiclass/ordinal task they are macro one-vs-rest averages over the classes *present* in
   ``y_true``. A class missing from the test set is skipped (and listed by
-  :func:`absent_classes`) rather than crashing; fewer than two present classes gives NaN.
+  :func:`absent_classes`) rather than crashing; fewer than two present classes gives NaN. This
+  differs from ``average_precision_score(one_hot, probs, average="macro")``, which scores an
+  absent class AP 0 and averages it in (the RETFound definitions, :mod:`.retfound_metrics`, keep
+  that); the bootstrap replicates (:mod:`.bootstrap`) skip classes absent from the replicate in
+  the same way, and the per-class tables hold NaN for them. ``RANKING_CONVENTION`` says so in
+  words (metrics.json ``conventions``).
 * ``f1`` and ``precision``: of class 1 (binary) or sklearn's macro average (multiclass/ordinal:
   over the classes in ``y_true`` or ``y_pred``, ``zero_division=0``).
 * ``sensitivity`` (= recall) and ``specificity``: of class 1 (binary) or macro one-vs-rest
@@ -73,6 +78,20 @@ LOWER_IS_BETTER = frozenset({"ece"} | _reg.LOWER_IS_BETTER)
 PER_CLASS_METRICS = ["auroc", "aupr", "sensitivity", "specificity", "precision", "f1"]
 ECE_BINS = 15
 MAX_CURVE_POINTS = 200
+_PRESENT = (
+    "auroc, aupr (average precision): macro one-vs-rest means over the classes present in the test set; "
+    "a class without test cases is left out (not scored AP 0 and averaged in, as sklearn's "
+    "average_precision_score(one-hot, average='macro') does), in the value, in every bootstrap replicate "
+    "(classes absent from the replicate) and in the per-class table (null)."
+)
+# how the ranking metrics treat absent classes, per task type (metrics.json "conventions")
+RANKING_CONVENTION = {
+    "binary": "auroc, aupr (average precision): of class 1; null when the test set (or a bootstrap "
+    "replicate) has one class only.",
+    "multiclass": _PRESENT,
+    "ordinal": _PRESENT,
+    "multilabel": _ml.RANKING_CONVENTION,
+}
 
 
 def check_inputs(y_true, probs, task_type: str) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,9 @@ A sign is predicted present when its probability is >= ``THRESHOLD`` (0.5).
 Summary metrics (``METRICS``), each computed with scikit-learn:
 
 * ``auroc``, ``aupr``: macro averages of the per-sign AUROC / average precision over the signs
-  with both positive and negative cases in ``y_true`` (others are undefined and skipped);
+  with both positive and negative cases in ``y_true`` (others are undefined and skipped, where
+  sklearn's ``average="macro"`` over all signs would score a sign without positives AP 0);
+  bootstrap replicates skip them the same way (``RANKING_CONVENTION``);
 * ``f1``, ``precision``, ``sensitivity`` (recall): macro averages at the 0.5 threshold over the
   signs with at least one positive case (a sign never predicted has precision 0);
 * ``specificity``: macro average of TN / (TN + FP) over the signs with at least one negative case;
@@ -37,6 +39,11 @@ METRICS = [
 ]
 PRIMARY = "auroc"
 PER_CLASS = ["auroc", "aupr", "f1", "precision", "sensitivity", "specificity"]
+RANKING_CONVENTION = (
+    "auroc, aupr (average precision): macro means over the signs with both positive and negative test "
+    "cases; other signs are left out (not scored AP 0 as sklearn's average='macro' over all signs does), "
+    "in the value, in every bootstrap replicate and in the per-sign table (null)."
+)
 
 
 def check_multilabel_inputs(y_true, probs) -> tuple[np.ndarray, np.ndarray]:

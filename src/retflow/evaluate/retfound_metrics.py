@@ -12,14 +12,17 @@ c = 1..K-1 (**class 0 is skipped**), the binary measures with TP/FP/FN/TN of "cl
 * ``acc``         = (TP + TN) / n, the binary accuracy of class c;
 * ``sensitivity`` = TP / (TP + FN);   ``specificity`` = TN / (TN + FP);
 * ``precision``   = TP / (TP + FP);   ``g_mean`` = sqrt(sensitivity * specificity);
-* ``f1``          = 2 precision sensitivity / (precision + sensitivity) (computed as the equal
-  2 TP / (2 TP + FP + FN));
+* ``f1``          = 2 precision sensitivity / (precision + sensitivity), as the code computes it: it
+  is 0/0 (undefined) whenever TP = 0, since precision and sensitivity are then 0 or undefined
+  (``2 TP / (2 TP + FP + FN)`` would give 0 there);
 * ``mcc``         = (TP TN - FP FN) / sqrt((TN+FP)(TN+FN)(TP+FN)(TP+FP));
 
-and reports each as the arithmetic mean over c = 1..K-1. So for a binary task they are the
-measures of class 1, and ``acc`` of a multiclass task is the mean one-vs-rest binary accuracy,
-*not* top-1 accuracy (it is higher). The ranking metrics are *not* restricted to classes 1..K-1:
-the code passes one-hot labels and the softmax to ``roc_auc_score(..., average="macro")`` and
+and reports each as the arithmetic mean over c = 1..K-1 of the classes where it is defined (the
+original ``np.mean`` turns any 0/0 class into a NaN result; here that class is skipped, so e.g.
+``f1`` is the mean over the classes with TP > 0). So for a binary task they are the measures of
+class 1, and ``acc`` of a multiclass task is the mean one-vs-rest binary accuracy, *not* top-1
+accuracy (it is higher). The ranking metrics are *not* restricted to classes 1..K-1: the code
+passes one-hot labels and the softmax to ``roc_auc_score(..., average="macro")`` and
 ``average_precision_score(..., average="macro")``, i.e. ``auroc`` / ``aupr`` are the macro means
 of the one-vs-rest AUROC / average precision over **all** K classes, class 0 included (for a
 binary task ``auroc`` equals the class-1 AUROC, while ``aupr`` is the mean of the class-0 and
@@ -33,14 +36,23 @@ class-1 average precisions).
   classes with ``zero_division=0`` (a class absent from the test set and never predicted counts
   as 0);
 * ``kappa``     = unweighted Cohen's kappa of ``y_true`` vs ``y_pred``;
-* ``auroc``, ``aupr`` = macro one-vs-rest AUROC / average precision over the classes (one-hot
-  columns, as in v1);
+* ``auroc``, ``aupr`` = macro one-vs-rest AUROC / average precision over the one-hot columns of
+  all K classes, as in v1;
 * ``score``     = (``f1`` + ``auroc`` + ``kappa``) / 3, the model-selection score of that code.
 
-Deviations, only where the original code would crash or return NaN: ranking metrics average over
-the classes present in ``y_true`` (sklearn raises for an absent class), and a v1 per-class value
-that is 0/0 (e.g. precision of a class never predicted, MCC with an empty margin) is left out of
-its mean instead of turning it into NaN. ``absent_classes`` of :mod:`.metrics` lists such classes.
+A class absent from ``y_true`` (listed by ``absent_classes`` of :mod:`.metrics`), in both
+definitions:
+
+* ``aupr`` is exactly the code's ``average_precision_score(one_hot, probs, average="macro")`` as
+  current scikit-learn computes it: the absent class has AP 0 (sklearn warns "No positive class
+  found") and is averaged in over all K classes. This is *not* retflow's own ``aupr``, which
+  leaves absent classes out; older scikit-learn (e.g. the 0.24 the paper-era code pinned)
+  returned NaN here.
+* ``auroc`` averages over the classes present in ``y_true`` (the code's ``roc_auc_score`` raises
+  or returns NaN for an absent class); fewer than two present classes give NaN.
+
+Those are the only deviations from the code: ``auroc`` where the original crashes or is NaN, and
+the v1 means that skip 0/0 classes where the original mean is NaN.
 """
 
 from __future__ import annotations
@@ -54,6 +66,16 @@ from .metrics import CLASSIFICATION_TYPES, check_inputs
 
 V1_KEYS = ["acc", "sensitivity", "specificity", "precision", "g_mean", "f1", "mcc", "auroc", "aupr"]
 CURRENT_KEYS = ["accuracy", "f1", "precision", "recall", "kappa", "auroc", "aupr", "score"]
+# what metrics.json says of these definitions (its "conventions"); the module docstring has the detail
+CONVENTIONS = {
+    "retfound_v1": "RETFound's paper-era misc_measures, means over classes 1..K-1 that leave out a class "
+    "whose value is 0/0 (the original's mean is NaN then; f1 = 2PR/(P+R) is 0/0 whenever TP = 0); "
+    "auroc: macro over the classes present; aupr: sklearn's average_precision_score(one-hot, average='macro') "
+    "over all K classes, an absent class counting as AP 0.",
+    "retfound_current": "RETFound's current evaluate: f1/precision/recall macro over all K classes with "
+    "zero_division=0; auroc: macro over the classes present; aupr: over all K classes, an absent class "
+    "counting as AP 0 (sklearn's convention, as that code computes it).",
+}
 
 
 def _validate(y_true, probs, task_type):
@@ -71,15 +93,17 @@ def _nanmean(values) -> float:
 
 
 def _ovr_rank_means(y_true: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    """Macro one-vs-rest AUROC and average precision over the classes present in ``y_true``."""
+    """Macro one-vs-rest AUROC over the classes present in ``y_true`` (NaN below two) and the
+    code's macro average precision over all K one-hot columns (an absent class has AP 0)."""
     present = np.unique(y_true)
-    if present.size < 2:
-        return float("nan"), float("nan")
+    onehot = np.eye(probs.shape[1], dtype=np.int64)[y_true]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # "No positive class found": sklearn's AP 0 is the convention kept
+        ap = float(skm.average_precision_score(onehot, probs, average="macro"))
+        if present.size < 2:
+            return float("nan"), ap
         auc = [skm.roc_auc_score(y_true == c, probs[:, c]) for c in present]
-        ap = [skm.average_precision_score(y_true == c, probs[:, c]) for c in present]
-    return float(np.mean(auc)), float(np.mean(ap))
+    return float(np.mean(auc)), ap
 
 
 def retfound_v1(y_true, probs, task_type: str | None = None) -> dict[str, float]:
@@ -93,13 +117,14 @@ def retfound_v1(y_true, probs, task_type: str | None = None) -> dict[str, float]
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = tp / (tp + fn)
         spec = tn / (tn + fp)
+        precision = tp / (tp + fp)
         per_class = {
             "acc": (tp + tn) / y_true.size,
             "sensitivity": sens,
             "specificity": spec,
-            "precision": tp / (tp + fp),
+            "precision": precision,
             "g_mean": np.sqrt(sens * spec),
-            "f1": 2 * tp / (2 * tp + fp + fn),
+            "f1": 2 * precision * sens / (precision + sens),  # the code's formula: 0/0 when TP = 0
             "mcc": (tp * tn - fp * fn) / np.sqrt((tn + fp) * (tn + fn) * (tp + fn) * (tp + fp)),
         }
     out = {key: _nanmean(values) for key, values in per_class.items()}

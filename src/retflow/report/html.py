@@ -641,7 +641,10 @@ def _retfound_table(info: TaskInfo) -> str:
     means = info.order(frame.groupby(["protocol", "fraction", "model"], as_index=False)[cols].mean())
     rows = [[r["protocol"], _frac(r["fraction"]), r["model"]] + [r[c] for c in cols] for _, r in means.iterrows()]
     return ("<details><summary>RETFound metric definitions (v1 paper-era and current code; mean over seeds) "
-            "for comparison with published numbers</summary>"
+            "for comparison with published numbers</summary><p>As RETFound's code computes them: v1 measures "
+            "are means over classes 1..K-1 that skip a class where the measure is 0/0; <code>aupr</code> "
+            "averages all K classes, an absent class counting as AP 0; <code>auroc</code> averages the "
+            "classes present.</p>"
             + _scroll(_table(["protocol", "fraction", "model"] + cols, rows)) + "</details>")
 
 
@@ -917,7 +920,11 @@ on the same test images, so they are compared pairwise: DeLong's test for a bina
 for every other metric. The p vs best column gives, per seed, the p-value of the best model of that seed against
 this model; overlapping intervals alone do not show two models are equal, and no correction for multiple
 comparisons is applied.</p>
-<p><b>Metrics.</b> Multiclass AUROC/AUPR are macro one-vs-rest averages over the classes present in the test set;
+<p><b>Metrics.</b> Multiclass AUROC/AUPR are macro one-vs-rest averages over the classes present in the test set
+(multilabel: over the signs with positive and negative cases): a class without test cases is left out of the value
+and of every bootstrap replicate (blank in the per-class tables), not counted as AP 0 as scikit-learn's macro
+average precision does (the RETFound <code>aupr</code> columns keep that AP-0 convention; metrics.json
+<code>conventions</code>);
 QWK (quadratic-weighted kappa) is the primary metric for ordinal grading; ECE (expected calibration error, 15
 bins of top-1 confidence) is lower-is-better. External sets come from a different device and show how well a
 model transfers; the drop is internal minus external.</p></div>
