@@ -5,7 +5,7 @@ CORES  ?= 2
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lint dryrun-paper dryrun-slurm clean
+.PHONY: demo showcase test lint dryrun-paper dryrun-slurm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	snakemake --cores $(CORES) --rerun-incomplete
+	@echo "open results/report.html"
+
+# everything a reader should see (SimCLR, every protocol x 3 label fractions x 2 seeds): ~25 min on 2 cores
+showcase: $(VENV)/.installed
+	snakemake --cores $(CORES) --rerun-incomplete --configfile config/showcase.yaml
 	@echo "open results/report.html"
 
 test: $(VENV)/.installed

@@ -23,7 +23,8 @@ PRETRAIN_TARGET = "results/pretrain/mae/cfp/checkpoint.pth"
 
 
 def reduced_config(path: Path) -> Path:
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    """The showcase (every protocol, SimCLR next to MAE) at a size that runs in about two minutes."""
+    cfg = yaml.safe_load((ROOT / "config/showcase.yaml").read_text())
     sizes = {"cfp_pool": 240, "oct_pool": 240, "cfp_clinic": 160, "oct_clinic": 120,
              "cfp_device_b": 60, "oct_device_b": 60}
     for name, n in sizes.items():

@@ -104,17 +104,18 @@ def test_two_process_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_weights(p
 
 # ------------------------------------------------------------------ settings in, settings.json out
 def test_the_workflow_passes_the_settings_the_library_builds(tmp_path):
-    """``build.pretrain`` on the demo config is the recipe the rule hands the entry point."""
+    """``build.pretrain`` on the showcase config is the recipe the rule hands the entry point."""
     work = make_workdir(tmp_path)
-    result = snakemake(work, "-n", "-p", "--cores", "1", "results/pretrain/simclr/cfp/checkpoint.pth")
+    result = snakemake(work, "-n", "-p", "--cores", "1", "--configfile", "config/showcase.yaml",
+                       "results/pretrain/simclr/cfp/checkpoint.pth")
     assert result.returncode == 0, result.stderr
     lines = [ln for ln in result.stdout.splitlines() if "workflow_scripts/pretrain.py" in ln]
     assert len(lines) == 1, result.stdout
     argv = shlex.split(lines[0])
     passed = PretrainSettings.from_json(argv[argv.index("--settings") + 1])
-    expected = build.pretrain(load_config(ROOT / "config.yaml"), "simclr", "cfp")
+    expected = build.pretrain(load_config(ROOT / "config/showcase.yaml"), "simclr", "cfp")
     assert passed == expected and passed.to_dict() == expected.to_dict()
-    # the demo's simclr recipe and section reached the run; the other methods' sections did not
+    # the showcase's simclr recipe and section reached the run; the other methods' sections did not
     assert (passed.epochs, passed.blr, passed.simclr.proj_dim, passed.simclr.color_jitter) == (10, 1e-3, 64, 0)
     assert passed.method_settings is passed.simclr and passed.dino is passed.mocov3 is passed.token_recon is None
 

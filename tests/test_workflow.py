@@ -14,6 +14,21 @@ def test_demo_dry_run_fans_out_every_stage(tmp_path):
     result = snakemake(work, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
+    # per model (mae, scratch): dr_grading 1, glaucoma 2 protocols x 2 fractions, cup_disc_ratio 1,
+    # oct_diagnosis 2 fractions, oct_signs 1 = 9 runs; externals: dr_grading + oct_diagnosis
+    assert counts["finetune"] == 18 and counts["evaluate_internal"] == 18
+    assert counts["predict_external"] == 6 and counts["evaluate_external"] == 6
+    assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
+    assert counts["segment"] == 2  # vessel_seg: mae and scratch, fraction 1
+    assert counts["saliency"] >= 1 and counts["compare"] >= 1 and counts["report"] == 1
+    assert counts["total"] <= 90  # a demo of few, full jobs (each job pays ~6 s of imports)
+
+
+def test_showcase_dry_run_fans_out_every_protocol_fraction_and_seed(tmp_path):
+    work = make_workdir(tmp_path)
+    result = snakemake(work, "-n", "--cores", "1", "--configfile", "config/showcase.yaml")
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
     # per model: dr_grading 2 fractions, glaucoma 4 protocols x 3 fractions x 2 seeds, cup_disc_ratio 1,
     # oct_diagnosis 2, oct_signs 1 = 30 runs; x 3 models (mae, simclr, scratch), except glaucoma's
     # 24 (mae and scratch only) = 66; externals: dr_grading + oct_diagnosis
@@ -27,13 +42,13 @@ def test_demo_dry_run_fans_out_every_stage(tmp_path):
 
 def test_single_run_target_and_task_rule(tmp_path):
     work = make_workdir(tmp_path)
-    one = snakemake(work, "-n", "--cores", "1", "results/finetune/dr_grading/mae/frac0.1/seed0/metrics.json")
+    one = snakemake(work, "-n", "--cores", "1", "results/finetune/dr_grading/mae/frac1/seed0/metrics.json")
     assert one.returncode == 0, one.stderr
     counts = job_counts(one.stdout)
     assert counts["finetune"] == 1 and counts["pretrain"] == 1 and "report" not in counts
     task = snakemake(work, "-n", "--cores", "1", "task_oct_diagnosis")
     assert task.returncode == 0, task.stderr
-    assert job_counts(task.stdout)["finetune"] == 6
+    assert job_counts(task.stdout)["finetune"] == 4  # mae and scratch at fractions 0.1 and 1
 
 
 def test_paper_config_dry_run_reports_missing_data_and_full_job_count(tmp_path):
