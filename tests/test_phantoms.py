@@ -85,6 +85,26 @@ def test_lesion_amount_increases_with_grade():
     assert (amounts[:, 1] > 0).mean() > 0.8  # grade 1 almost always shows microaneurysms
 
 
+def test_lesions_survive_the_demo_resolution():
+    """At the demo's stored size (96 px photos, field cropped and resized to 64 px by the data
+    stage) the lesion area still grows with grade and grade 1's microaneurysms stay visible."""
+    from retflow.data.preprocess import preprocess_cfp
+
+    def stored(seed, grade):
+        return preprocess_cfp(make_cfp(rng(seed), 96, grade, 0.4), 64, True, "none")[0].astype(int)
+
+    area = np.zeros((10, 5))
+    for seed in range(10):
+        base = stored(seed, 0)
+        for g in range(1, 5):
+            area[seed, g] = (np.abs(stored(seed, g) - base).sum(-1) > 40).sum()
+    means = area.mean(0)
+    assert np.all(np.diff(means) > 0), means
+    assert (area[:, 1] >= 5).mean() >= 0.8, area[:, 1]  # microaneurysms cover stored pixels in most eyes
+    assert means[1] < 0.01 * 64 * 64 < means[2]  # grade 1 is subtle, grade 2 is not
+    assert means[4] > means[3] + 50, means  # neovascular tufts (+ pre-retinal blood) add visible area
+
+
 def test_lesion_colours_on_independent_eyes():
     def counts(img):
         r, g, b = (img[..., c].astype(int) for c in range(3))

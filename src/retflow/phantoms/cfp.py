@@ -273,13 +273,18 @@ class _Masks:
 
 
 def _lesion_counts(rng, grade: int) -> dict:
-    """Random lesion counts for an ICDR grade; neighbouring grades overlap."""
+    """Random lesion counts for an ICDR grade; neighbouring grades overlap a little.
+
+    1: microaneurysms only (at least 2); 2: + a few blot / flame haemorrhages and usually
+    hard exudates; 3: haemorrhages in all four quadrants, exudates, cotton-wool spots;
+    4: grade 3's background + 1-3 neovascular tufts and often a pre-retinal haemorrhage.
+    """
     p = rng.poisson
     c = dict(ma=0, blot=0, flame=0, quadrant_blots=0, ex_clusters=0, ex_size=0, cws=0, nv=0, prh=0)
     if grade == 1:
-        c.update(ma=1 + p(3))
+        c.update(ma=2 + p(4))
     elif grade == 2:
-        c.update(ma=2 + p(5), blot=p(3), flame=p(0.8), ex_clusters=int(rng.random() < 0.6)
+        c.update(ma=3 + p(5), blot=p(3), flame=p(0.8), ex_clusters=int(rng.random() < 0.6)
                  + int(rng.random() < 0.2), ex_size=3 + p(4), cws=p(0.4))
         if c["blot"] + c["flame"] + c["ex_clusters"] == 0:
             c["blot"] = 1
@@ -288,7 +293,7 @@ def _lesion_counts(rng, grade: int) -> dict:
         c.update(ma=5 + p(8 * sev), quadrant_blots=2 + p(2 * sev), flame=p(2 * sev),
                  ex_clusters=1 + p(1), ex_size=4 + p(5 * sev), cws=1 + p(2 * sev))
         if grade == 4:
-            c.update(nv=1 + rng.binomial(2, 0.4), prh=int(rng.random() < 0.35))
+            c.update(nv=1 + rng.binomial(2, 0.5), prh=int(rng.random() < 0.5))
     return c
 
 
@@ -303,13 +308,19 @@ def _field_points(rng, e: _Eye, n: int, rmin=0.0, rmax=0.88, angles=None) -> np.
 
 
 def _lesions(rng, e: _Eye, grade: int, masks: _Masks, trunks: list) -> None:
-    """Draw the lesions of ``grade`` into the masks."""
+    """Draw the lesions of ``grade`` into the masks.
+
+    Sizes are in pixels at 128 px (``e.s`` units).  They are chosen so that every kind still
+    covers a pixel after the demo's data stage (96 px photos, field cropped and resized to 64 px:
+    one unit ~0.53 stored px): a microaneurysm has a diameter of >= 1 stored px, a hard exudate
+    nearly so, and a neovascular tuft is a tangle of ~1.3 unit wide loops a few stored px across.
+    """
     if grade <= 0:
         return
     c = _lesion_counts(rng, grade)
     s = e.s
     for x, y in _field_points(rng, e, c["ma"], 0.05):
-        masks.spot("blood", x, y, rng.uniform(0.55, 0.95) * s)
+        masks.spot("blood", x, y, rng.uniform(1.0, 1.4) * s)
     blots = [_field_points(rng, e, c["blot"], 0.1, 0.75)]
     for q in range(4 if c["quadrant_blots"] else 0):
         a0 = np.pi / 4 + q * np.pi / 2
@@ -333,22 +344,23 @@ def _lesions(rng, e: _Eye, grade: int, masks: _Masks, trunks: list) -> None:
         jit = rng.normal(0, 0.12 * e.dd, (c["ex_size"], 2))
         for k in range(c["ex_size"]):
             masks.spot("exudate", ccx + ring * np.cos(t[k]) + jit[k, 0],
-                       ccy + ring * np.sin(t[k]) + jit[k, 1], rng.uniform(0.5, 1.3) * s)
+                       ccy + ring * np.sin(t[k]) + jit[k, 1], rng.uniform(0.8, 1.5) * s)
     all_trunk = np.concatenate(trunks)
     for _ in range(c["cws"]):  # cotton-wool spots: fluffy, near the arcades
         x, y = all_trunk[rng.integers(len(all_trunk))] + rng.normal(0, 0.4 * e.dd, 2)
         masks.spot("cotton", x, y, rng.uniform(1.8, 3.2) * s, rng.uniform(1.4, 2.6) * s)
-    for _ in range(c["nv"]):  # neovascular tufts on the disc or on an arcade
-        if rng.random() < 0.5:
-            ox, oy = e.dx, e.dy
+    for _ in range(c["nv"]):  # neovascular tufts: at the disc margin (NVD) or on an arcade (NVE)
+        k = int(rng.integers(12, 19))
+        if rng.random() < 0.5:  # NVD grows outwards from the rim, so the cup stays visible
+            a = rng.uniform(0, 2 * np.pi)
+            ox, oy = e.dx + 1.1 * e.rx * np.cos(a), e.dy + 1.1 * e.ry * np.sin(a)
+            heads = a + rng.uniform(-0.8, 0.8, k)
         else:
-            ox, oy = all_trunk[rng.integers(len(all_trunk))]
-        ox, oy = ox + rng.normal(0, 0.25 * e.dd), oy + rng.normal(0, 0.25 * e.dd)
-        k = int(rng.integers(8, 15))
-        tuft = _walks(rng, np.full((k, 2), (ox, oy)), rng.uniform(0, 2 * np.pi, k), 6,
-                      0.09 * e.dd, 0.9, pull=0.0)
+            ox, oy = all_trunk[rng.integers(len(all_trunk))] + rng.normal(0, 0.15 * e.dd, 2)
+            heads = rng.uniform(0, 2 * np.pi, k)
+        tuft = _walks(rng, np.full((k, 2), (ox, oy)), heads, 8, 0.1 * e.dd, 0.9, pull=0.0)
         for sq in tuft:
-            masks.polyline("blood", sq, 0.55 * s, 0.45 * s, chunks=1)
+            masks.polyline("blood", sq, 1.3 * s, 0.9 * s, chunks=1)
     if c["prh"]:  # pre-retinal (boat-shaped) haemorrhage with a flat fluid level
         x, y = all_trunk[rng.integers(len(all_trunk))]
         hw = e.dd * rng.uniform(0.5, 0.9)
