@@ -172,7 +172,12 @@ def init_option(wildcards):
 
 def finetune_settings(wildcards):
     return build.finetune(
-        config, wildcards.protocol, wildcards.task, wildcards.frac, wildcards.seed
+        config,
+        wildcards.protocol,
+        wildcards.task,
+        wildcards.frac,
+        wildcards.seed,
+        model=wildcards.model,
     ).to_json()
 
 

@@ -5,7 +5,8 @@ report: "captions/workflow.rst"
 
 
 rule report:
-    """Aggregate metrics, comparisons, figures, saliency maps, QC and compute cost into results/report.html."""
+    """Aggregate metrics, comparisons, figures, saliency maps, QC and compute cost into results/report.html;
+    the script reads exactly the declared input files (passed file by file)."""
     input:
         metrics=all_metrics(),
         compare=COMPARE_JSONS,
@@ -35,4 +36,6 @@ rule report:
         results=lambda w, output: str(Path(output.html).parent),  # LAYOUT.root
     shell:
         "python workflow_scripts/report.py --settings {params.settings:q} --results {params.results}"
+        " --metrics {input.metrics:q} --compare {input.compare:q} --saliency {input.saliency:q}"
+        " --pretrain {input.pretrain:q} --qc {input.qc:q}"
         " --benchmarks benchmarks --out {output.html} --settings-out {output.settings} > {log} 2>&1"

@@ -42,11 +42,11 @@ def snakemake(workdir: Path, *args: str, timeout: float = 600):
     )
 
 
-def write_config(path: Path, edit) -> Path:
-    """The demo config.yaml changed by ``edit(cfg)``, written to ``path``."""
+def write_config(path: Path, edit, base: str = "config.yaml") -> Path:
+    """The demo config.yaml (or ``base``, e.g. config/showcase.yaml) changed by ``edit(cfg)``, written to ``path``."""
     import yaml
 
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / base).read_text())
     edit(cfg)
     path.write_text(yaml.safe_dump(cfg))
     return path

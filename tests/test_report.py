@@ -17,7 +17,9 @@ from retflow.evaluate.compare import delong_test
 from retflow.layout import Layout
 from retflow.report import figures, pairwise, saliency, targets
 from retflow.report.cli import main
+from retflow.report import model as rmodel
 from retflow.report.collect import (
+    ReportInputs,
     collect_benchmarks,
     collect_compare,
     collect_pretrain,
@@ -27,6 +29,8 @@ from retflow.report.collect import (
     job_step,
 )
 from retflow.report.html import build_report, mapped_internal
+from retflow.report.model import summarise
+from retflow.report.view import summary_text
 from retflow.settings import ConfigError, validate
 from retflow.settings import report as report_settings
 
@@ -197,6 +201,8 @@ def build_fake_tree(root: Path) -> tuple[Path, Path]:
     )
     Path(layout.store("oct_clinic")).mkdir()
     Path(layout.quarantine("oct_clinic")).write_text("source,reason\n")
+    for dataset in ("cfp_clinic", "oct_clinic"):  # the data stage writes both (the report declares qc.json)
+        Path(layout.qc(dataset)).write_text(json.dumps({"dataset": dataset, "n_images": 10}))
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     run_bench = bench / "finetune" / "dr_grading" / "mae" / "frac0.1" / "seed0"
     run_bench.mkdir(parents=True)
@@ -223,7 +229,7 @@ def html(tree, tmp_path_factory):
 
 
 def section(text: str, task: str) -> str:
-    start = text.index(f"<h2 id='task-{task}'>")
+    start = text.index(f'<h2 id="task-{task}">')
     end = text.find("<h2 ", start + 5)
     return text[start:end]
 
@@ -269,15 +275,25 @@ def test_cost_frame_gpu_hours_from_config(tree):
 
 
 # ---------------------------------------------------------------- statistics
-def test_seed_summary_t_interval_and_bootstrap_fallback():
-    df = pd.DataFrame({"model": ["a", "a", "b"], "auroc": [0.8, 0.9, 0.7], "auroc_lo": [0.7, 0.8, 0.6],
-                       "auroc_hi": [0.9, 0.95, 0.75]})
+def test_seed_summary_t_interval_from_three_seeds_per_seed_values_below():
+    """The seed/CI rule: 1 seed -> its bootstrap CI; 2 seeds -> every seed's value and bootstrap CI, never
+    a t interval (t_1 = 12.7); 3+ seeds -> mean +- t interval."""
+    df = pd.DataFrame({"model": ["a", "a", "b", "c", "c", "c"], "seed": [1, 0, 0, 0, 1, 2],
+                       "auroc": [0.8, 0.9, 0.7, 0.5, 0.6, 0.7], "auroc_lo": [0.7, 0.8, 0.6, 0.4, 0.5, 0.6],
+                       "auroc_hi": [0.9, 0.95, 0.75, 0.6, 0.7, 0.8], "n": 100})
     s = figures.seed_summary(df, "auroc", ["model"]).set_index("model")
-    half = stats.t.ppf(0.975, 1) * np.std([0.8, 0.9], ddof=1) / np.sqrt(2)
-    assert s.loc["a", "value"] == pytest.approx(0.85)
-    assert s.loc["a", "lo"] == pytest.approx(0.85 - half) and s.loc["a", "hi"] == pytest.approx(0.85 + half)
-    assert s.loc["a", "ci"] == "seeds" and s.loc["b", "ci"] == "bootstrap"
-    assert (s.loc["b", "lo"], s.loc["b", "hi"]) == (0.6, 0.75)
+    assert s.loc["a", "value"] == pytest.approx(0.85) and s.loc["a", "ci"] == "per_seed"
+    assert np.isnan(s.loc["a", "half"])  # no t interval from two seeds
+    assert s.loc["a", "per_seed"] == ((0, 0.9, 0.8, 0.95), (1, 0.8, 0.7, 0.9))  # seed order, bootstrap CIs
+    assert (s.loc["a", "lo"], s.loc["a", "hi"]) == (0.7, 0.95)  # the span of the runs' bootstrap CIs
+    assert s.loc["b", "ci"] == "bootstrap" and (s.loc["b", "lo"], s.loc["b", "hi"]) == (0.6, 0.75)
+    half = stats.t.ppf(0.975, 2) * np.std([0.5, 0.6, 0.7], ddof=1) / np.sqrt(3)
+    assert s.loc["c", "ci"] == "seeds" and s.loc["c", "half"] == pytest.approx(half)
+    assert s.loc["c", "lo"] == pytest.approx(0.6 - half) and s.loc["c", "hi"] == pytest.approx(0.6 + half)
+    two = summarise(df[df["model"] == "a"], ["auroc"], ["model"]).iloc[0]
+    assert summary_text(two, "auroc") == "0.900 [0.800, 0.950] · 0.800 [0.700, 0.900]"
+    three = summarise(df[df["model"] == "c"], ["auroc"], ["model"]).iloc[0]
+    assert summary_text(three, "auroc") == f"0.600 ± {half:.3f}"
 
 
 def test_pairwise_best_vs_rest(tmp_path):
@@ -429,11 +445,12 @@ def test_build_report(html):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
     assert "<script" not in html.lower()
     assert "data/&lt;oct&gt;.csv" in html  # config text is escaped
-    assert re.search(r"0\.\d{3} ± 0\.\d{3}", html)  # several seeds: mean +- CI half-width
+    assert "±" not in section(html, "dr_grading")  # two seeds: no t interval ...
+    assert re.search(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\] · 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", html)  # ... per seed
     assert re.search(r"0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]", html)  # one seed: bootstrap CI
     assert "112.5" not in html and "118.1" in html  # timings total (12.5 + 3.6 + 100 + 2)
     assert "finetune train" in html and "GPU-hours" in html and "0.0556" in html  # 100 s x 2 GPUs
-    assert "id='summary'" in html and "p vs best" in html
+    assert 'id="summary"' in html and "p vs best" in html
     assert "100 times, seed 0: <code>evaluate</code> in the config" in html  # the bootstrap, from the settings
     assert "<h3>probe_lars settings</h3>" in html and "<h3>probe_adamw settings</h3>" not in html  # protocols run
 
@@ -449,7 +466,9 @@ def test_task_sections(html):
     assert "RETFound metric definitions" in dr
     seg = section(html, "vessels")
     assert "dice" in seg and "iou" in seg and "Calibration" not in seg and "p vs best" not in seg
-    assert "mae ↓" in section(html, "cdr") and "Confusion matrices" in section(html, "oct_signs")
+    cdr = section(html, "cdr")  # the metric mae is "abs. error", the model stays "mae"
+    assert "abs. error ↓" in cdr and "mae ↓" not in cdr and ">mae<" in cdr
+    assert "Confusion matrices" in section(html, "oct_signs")
 
 
 def test_report_robust_to_empty_inputs(tmp_path):
@@ -587,3 +606,164 @@ def test_workflow_dry_run_fans_out_compare_and_saliency(tmp_path):
     assert counts["compare"] == len(targets.compare_groups(config)) > 0
     assert counts["saliency"] == len(targets.saliency_tasks(config)) > 0
     assert counts["report"] == 1
+
+
+# ---------------------------------------------------------------- the report model (hand-written inputs)
+HAND_CONFIG = validate({
+    "datasets": {"fundus": {"modality": "cfp", "role": "labelled", "source": "csv", "path": "f.csv"},
+                 "ext_b": {"modality": "cfp", "role": "external", "source": "csv", "path": "e.csv"}},
+    "tasks": {
+        "glaucoma": {"dataset": "fundus", "label": "g", "type": "binary", "classes": ["0", "1"], "external": ["ext_b"],
+                     "fractions": [0.1, 0.5, 1.0], "reference": {"auroc": 0.943, "source": "Zhou et al. 2023"}},
+        "cdr": {"dataset": "fundus", "label": "cdr", "type": "regression"},
+        "oct": {"dataset": "fundus", "label": "d", "type": "binary", "classes": ["0", "1"], "seeds": [0, 1]},
+    },
+    "models": {"mae": {"init": "pretrained", "method": "mae"}, "scratch": {"init": "random"}},
+    "vit": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8},
+    "pretrain": {"methods": ["mae"], "pools": {"cfp": ["fundus"]}},
+    "fractions": [1.0], "seeds": [0],
+})
+HAND_SETTINGS = report_settings.report(HAND_CONFIG)
+
+
+def _hand_metrics(layout, task, model, frac, seed, value, metric="auroc", eval_set="internal", ci=0.05,
+                  summary=None) -> str:
+    run = layout.run_dir("finetune", task, model, frac, seed)
+    folder = Path(run if eval_set == "internal" else layout.external_dir(run, eval_set))
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "regression" if metric == "mae" else "binary"
+    (folder / "metrics.json").write_text(json.dumps({
+        "task": task, "task_type": kind, "protocol": "finetune", "model": model, "fraction": frac, "seed": seed,
+        "eval_set": eval_set, "classes": [] if kind == "regression" else ["0", "1"], "n": 100,
+        "primary_metric": metric, "lower_is_better": ["mae"] if kind == "regression" else [],
+        "metrics": {metric: {"value": value, "ci_low": value - ci, "ci_high": value + ci}}}))
+    if summary is not None:
+        Path(run, "train_summary.json").write_text(json.dumps(summary))
+    return str(folder / "metrics.json")
+
+
+def _hand_compare(layout, task, frac, seed, a, b, difference, lo, hi, p, metric="auroc") -> str:
+    path = Path(layout.compare_json(task, "finetune", frac, seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pair = {"a": a, "b": b, "method": "delong", "difference": difference, "ci_low": lo, "ci_high": hi,
+            "p_value": p, "n": 100}
+    path.write_text(json.dumps({"task": task, "protocol": "finetune", "fraction": frac, "seed": seed,
+                                "metric": metric, "models": [a, b], "best": a, "pairs": [pair],
+                                "best_vs_rest": [pair]}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory):
+    """Metrics, compare JSONs and train summaries with known values; only the listed files are inputs."""
+    results = tmp_path_factory.mktemp("hand") / "results"
+    lay = Layout(results)
+    metrics = []
+    for frac, mae, scratch in ((0.1, 0.70, 0.60), (0.5, 0.85, 0.70), (1.0, 0.90, 0.80)):
+        metrics.append(_hand_metrics(lay, "glaucoma", "mae", frac, 0, mae, summary={"best_epoch": 4, "epochs": 8}))
+        chance = {"best_epoch": 0, "epochs": 8, "chance_loss": 0.693, "min_train_loss": 0.690} if frac == 1.0 else None
+        metrics.append(_hand_metrics(lay, "glaucoma", "scratch", frac, 0, scratch, summary=chance))
+    metrics.append(_hand_metrics(lay, "glaucoma", "mae", 1.0, 0, 0.75, eval_set="ext_b"))
+    metrics.append(_hand_metrics(lay, "glaucoma", "scratch", 1.0, 0, 0.70, eval_set="ext_b"))
+    metrics += [_hand_metrics(lay, "cdr", "mae", 1.0, 0, 0.15, metric="mae", ci=0.01),
+                _hand_metrics(lay, "cdr", "scratch", 1.0, 0, 0.10, metric="mae", ci=0.01)]
+    for seed, (mae, scratch) in enumerate(((0.80, 0.70), (0.78, 0.75))):
+        metrics += [_hand_metrics(lay, "oct", "mae", 1.0, seed, mae, summary={"best_epoch": 3, "epochs": 8,
+                                                                          "chance_loss": 0.693,
+                                                                          "min_train_loss": 0.2}),
+                    _hand_metrics(lay, "oct", "scratch", 1.0, seed, scratch)]
+    compare = [
+        _hand_compare(lay, "glaucoma", 0.1, 0, "mae", "scratch", 0.10, 0.02, 0.18, 0.01),
+        _hand_compare(lay, "glaucoma", 0.5, 0, "mae", "scratch", 0.15, 0.05, 0.25, 0.002),
+        _hand_compare(lay, "glaucoma", 1.0, 0, "scratch", "mae", -0.10, -0.20, 0.01, 0.30),  # b - a: flipped
+        _hand_compare(lay, "cdr", 1.0, 0, "mae", "scratch", 0.05, 0.03, 0.07, 0.0004, metric="mae"),
+        _hand_compare(lay, "oct", 1.0, 0, "mae", "scratch", 0.10, 0.03, 0.17, 0.01),
+        _hand_compare(lay, "oct", 1.0, 1, "mae", "scratch", 0.03, -0.04, 0.10, 0.20),
+    ]
+    # a file in the folder that the rule did not declare is not read
+    _hand_metrics(lay, "glaucoma", "scratch", 0.5, 7, 0.99)
+    return ReportInputs.of(results, metrics=metrics, compare=compare)
+
+
+def test_report_reads_exactly_the_declared_inputs(hand):
+    df = collect_results(hand)
+    assert len(df) == len(hand.metrics) and 7 not in set(df["seed"])
+    assert len(collect_results(ReportInputs.found(hand.results))) == len(hand.metrics) + 1  # by hand: the folder
+    row = df[(df["task"] == "glaucoma") & (df["model"] == "mae") & (df["fraction"] == 0.1)].iloc[0]
+    assert row["best_epoch"] == 4 and np.isnan(row["chance_loss"])
+    old = df[(df["task"] == "glaucoma") & (df["model"] == "scratch") & (df["fraction"] == 0.1)].iloc[0]
+    assert np.isnan(old["best_epoch"])  # no train_summary.json: written before it existed
+
+
+def test_headline_numbers_from_known_metrics_and_compare_files(hand):
+    report = rmodel.build(collect_results(hand), collect_compare(hand), HAND_SETTINGS)
+    h = {x.task: x for x in report.headlines}
+    g = h["glaucoma"]
+    assert (g.pretrained, g.baseline, g.protocol, g.metric) == ("mae", "scratch", "finetune", "auroc")
+    assert g.smallest.fraction == 0.1 and g.smallest.verdict == rmodel.HELPS
+    assert g.smallest.difference.value == pytest.approx(0.10) and g.smallest.difference.kind == "bootstrap"
+    assert (g.smallest.difference.lo, g.smallest.difference.hi) == pytest.approx((0.02, 0.18))
+    assert g.smallest.verdict_text == "pretraining helps (p=0.010)"
+    big = g.largest  # the compare file has scratch - mae: restated as mae - scratch
+    assert big.fraction == 1.0 and big.difference.value == pytest.approx(0.10)
+    assert (big.difference.lo, big.difference.hi) == pytest.approx((-0.01, 0.20))
+    assert big.verdict_text == "no difference at this compute (p=0.300)"
+    assert g.matching_fraction == 0.5 and g.baseline_full == pytest.approx(0.80)  # 0.85 >= 0.80 at 0.5
+    assert [(e.dataset, e.metric) for e in g.external] == [("ext_b", "auroc")]
+    assert g.external[0].change == pytest.approx(0.75 - 0.90)  # external minus internal
+    assert big.never_left_chance == ("scratch: 1 of 1 runs",)  # 0.690 > 0.693 x (1 - 0.02)
+    assert g.smallest.never_left_chance == ()
+    ref = g.references[0]
+    assert (ref.metric, ref.value, ref.source) == ("auroc", 0.943, "Zhou et al. 2023")
+    assert ref.ours.value == pytest.approx(0.90)
+    cdr = h["cdr"]  # lower is better: mae - scratch = +0.05 abs. error is worse
+    assert cdr.lower_is_better and cdr.largest is None and cdr.matching_fraction is None
+    assert cdr.smallest.verdict_text == "scratch better (p<0.001)"
+    oct_ = h["oct"].smallest  # two seeds: per-seed differences, verdict needs both
+    assert oct_.difference.kind == "per_seed" and [s.seed for s in oct_.seeds] == [0, 1]
+    assert oct_.verdict_text == "no difference at this compute (p=0.010, p=0.200)"
+    runs = {(r.model, r.fraction): r for r in report.runs["glaucoma"]}
+    assert runs[("scratch", 1.0)].chance is True and runs[("scratch", 1.0)].best_epoch == 0
+    assert runs[("mae", 0.1)].chance is None and runs[("mae", 0.1)].best_epoch == 4
+    assert np.isnan(runs[("scratch", 0.1)].best_epoch)
+    assert all(r.chance is False for r in report.runs["oct"] if r.model == "mae")
+
+
+def test_never_left_chance_uses_the_configured_margin():
+    assert rmodel.never_left_chance(0.690, 0.693, 0.02) is True
+    assert rmodel.never_left_chance(0.690, 0.693, 0.0) is False
+    assert rmodel.never_left_chance(float("nan"), 0.693, 0.02) is None
+    assert HAND_SETTINGS.chance_margin == 0.02  # the schema default
+    assert report_settings.report(validate({**HAND_CONFIG, "report": {"chance_margin": 0.1}})).chance_margin == 0.1
+
+
+def test_rendered_page_opens_with_the_headline(hand, tmp_path):
+    text = build_report(hand, None, HAND_SETTINGS, tmp_path / "r.html").read_text()
+    body = text[text.index("<body>"):]
+    assert body.index('id="headline"') < body.index("<nav>") < body.index('id="summary"') < body.index('id="task-')
+    head = body[body.index('id="headline"'):body.index("<nav>")]
+    assert "pretraining helps (p=0.010)" in head and "scratch better (p&lt;0.001)" in head
+    assert "no difference at this compute (p=0.300)" in head
+    assert "Δ auroc +0.100 [+0.020, +0.180]" in head  # difference with its CI
+    assert "50% of the labels" in head  # the matching fraction
+    assert "ext_b: −0.150" in head  # external - internal
+    assert "auroc 0.943" in head and "Zhou et al. 2023" in head  # the published reference next to ours
+    assert "seed 0: +0.100 [+0.030, +0.170]; seed 1: +0.030 [−0.040, +0.100]" in head  # 2 seeds: per seed
+    assert "±" not in head[:head.index('<p class="caption">')]  # no t interval from two seeds
+    assert "never left chance: scratch: 1 of 1 runs" in head
+    assert "Δ abs. error +0.050" in head  # the metric mae is named so it cannot be read as the model
+    glaucoma = section(text, "glaucoma")
+    assert "1 run(s) never left chance level" in glaucoma and "kept epoch" in glaucoma
+    assert ">0 of 8<" in glaucoma and ">–<" in glaucoma  # kept epochs; – where not recorded
+    assert "auroc 0.943" in text[text.index('id="config"'):]  # and in the configuration's task table
+
+
+def test_reference_values_and_chance_margin_are_checked_by_the_schema():
+    bad = {**HAND_CONFIG, "tasks": {"t": {**HAND_CONFIG["tasks"]["oct"], "reference": {"auroc": "high"}}},
+           "report": {"chance_margin": 2}}
+    with pytest.raises(ConfigError) as err:
+        validate(bad)
+    lines = str(err.value).splitlines()
+    assert "config: report.chance_margin: 2 is greater than the maximum of 1" in lines
+    assert "config: tasks.t.reference.source: required key is missing" in lines
+    assert "config: tasks.t.reference.auroc: 'high' is not a number" in lines

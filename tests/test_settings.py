@@ -180,7 +180,8 @@ def test_dry_run_with_a_yaml_error_in_the_default_config_names_its_line(tmp_path
     assert result.returncode == 1
     out = result.stdout + result.stderr
     assert "Traceback" not in out and 'File "' not in out
-    assert "config.yaml:9:1: YAML syntax error: expected ',' or ']'" in out, out
+    after = next(i for i, t in enumerate(text.splitlines(), 1) if i > line and t.strip())  # where it gives up
+    assert f"config.yaml:{after}:1: YAML syntax error: expected ',' or ']'" in out, out
     assert f"(while parsing a flow sequence started at line {line}, column 9)" in out, out
 
 
@@ -215,3 +216,49 @@ def test_a_stage_without_a_gpu_runs_on_the_cpu_where_the_config_forces_cuda():
     assert saliency_settings(paper, task).device == "cpu"
     demo = load_config(ROOT / "config.yaml")
     assert rfc.stage_device(demo, "evaluate") == demo["device"] == "auto"
+
+
+# ------------------------------------------------------------------ per-model recipes
+def test_a_models_recipe_overrides_its_protocol_section_for_that_model_only():
+    config = minimal_config()
+    config["models"] = {"scratch": {"init": "random", "recipe": {
+                            "finetune": {"blr": 3.0e-3, "layer_decay": 1.0, "epochs": 12},
+                            "segment": {"epochs": 3, "layer_decay": 1.0}}},
+                        "mae": {"init": "pretrained", "method": "mae"}}
+    config = validate(config)
+    assert config["models"]["mae"]["recipe"] == {}
+    scratch = build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="scratch")
+    assert (scratch.blr, scratch.layer_decay, scratch.epochs, scratch.drop_path) == (3.0e-3, 1.0, 12, 0.2)
+    for other in (build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="mae"),
+                  build.finetune(config, "finetune", "glaucoma", 1.0, 0)):
+        assert (other.blr, other.layer_decay, other.epochs) == (5.0e-3, 0.65, 50)
+    probe = build.finetune(config, "probe_adamw", "glaucoma", 1.0, 0, model="scratch")
+    assert (probe.blr, probe.epochs) == (1.0e-3, 50)  # the recipe names finetune only
+    seg = build.segment(config, "vessels", "scratch", 1.0, 0)
+    assert (seg.epochs, seg.layer_decay, seg.blr) == (3, 1.0, 1.0e-2)
+    assert build.segment(config, "vessels", "mae", 1.0, 0).epochs == 50
+
+
+def test_recipe_keys_are_the_protocol_sections_keys_without_defaults():
+    recipe = schema()["properties"]["models"]["additionalProperties"]["properties"]["recipe"]
+    assert set(recipe["properties"]) == {"finetune", "probe_adamw", "probe_lars", "segment"}
+    for protocol, sub in recipe["properties"].items():
+        section = schema()["properties"][protocol]["properties"]
+        bare = {k: {f: v for f, v in p.items() if f not in ("default", "description")} for k, p in section.items()}
+        assert sub["properties"] == bare, protocol
+
+
+def test_a_misspelt_recipe_protocol_or_key_is_one_line_with_did_you_mean():
+    config = minimal_config()
+    config["models"]["scratch"]["recipe"] = {"finetune": {"blrr": 3.0e-3}}
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert str(err.value) == "config: models.scratch.recipe.finetune.blrr: unknown key (did you mean 'blr'?)"
+    config["models"]["scratch"]["recipe"] = {"finetuen": {"blr": 3.0e-3}}
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert str(err.value) == "config: models.scratch.recipe.finetuen: unknown key (did you mean 'finetune'?)"
+    config["models"]["scratch"]["recipe"] = {"segment": {"layer_decay": 2}}
+    with pytest.raises(ConfigError, match=r"^config: models.scratch.recipe.segment.layer_decay: 2 is greater than "
+                                          r"the maximum of 1$"):
+        validate(config)

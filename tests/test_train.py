@@ -136,6 +136,11 @@ def test_finetune_and_probes_from_mae_write_predictions(pool, tmp_path, protocol
     assert len(preds) == 12 and np.allclose(preds[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-5)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["n_train"] == 12  # half of 24 training images, stratified
+    if protocol == "probe_logreg":
+        assert summary["chance_loss"] is None and summary["min_train_loss"] is None
+    else:  # 6 + 6 labels: the best constant output scores ln 2, label smoothing or not
+        assert summary["chance_loss"] == pytest.approx(np.log(2), abs=1e-4)
+        assert summary["min_train_loss"] == pytest.approx(pd.read_csv(out / "train_log.csv").train_loss.min())
     best = load_state(out / "best.pth")
     assert best["classes"] == ["0", "1"] and best["probe_head"] == (protocol in ("probe_adamw", "probe_lars"))
     assert best["task_spec"] == settings.task.to_dict() and best["spec"] == settings.vit.to_dict()
@@ -186,6 +191,12 @@ def test_multilabel_and_regression_tasks_train_and_predict(tmp_path):
     assert set(preds.y_true) <= {1.0, 3.5} and preds.y_pred.between(-5, 10).all()
     best = load_state(tmp_path / "reg" / "best.pth")
     assert best["target_scale"][0] == pytest.approx(2.25, abs=0.3)  # training mean, stored
+    # chance: two complementary 0/1 signs, half positive each: BCE ln 2; z-scored target, MSE: variance 1
+    for run, chance in (("ml", np.log(2)), ("reg", 1.0)):
+        summary = json.loads((tmp_path / run / "train_summary.json").read_text())
+        log = pd.read_csv(tmp_path / run / "train_log.csv")
+        assert summary["min_train_loss"] == pytest.approx(log.train_loss.min())
+        assert summary["chance_loss"] == pytest.approx(chance, abs=1e-4), run
 
 
 def test_retfound_recipe_mixup_and_class_weights_run(tmp_path):
@@ -217,3 +228,59 @@ def test_finetune_missing_split_is_a_clear_error(tmp_path):
     manifest.to_parquet(store / "manifest.parquet")
     with pytest.raises(SystemExit, match="no labelled images in split 'val'"):
         ft.run(finetune_settings(), str(store), None, tmp_path / "o")
+
+
+# ------------------------------------------------------------------ chance level, model selection
+def test_chance_loss_is_the_training_losss_best_constant_output():
+    from retflow.train.targets import TargetScale, chance_loss, class_weights, make_loss
+
+    y = np.array([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)
+    pi, k, eps = np.bincount(y) / len(y), 4, 0.1
+    for kind in ("multiclass", "ordinal"):
+        task = TaskSettings(name="t", type=kind, label="l", classes=("a", "b", "c", "d"))
+        w = class_weights(task, y, "balanced")
+        # balanced class weights: every class weighs the same in total, chance is ln K
+        assert chance_loss(task, make_loss(task, w, 0.0, TargetScale()), y) == pytest.approx(np.log(k), abs=1e-4)
+        # ... with label smoothing (torch weights the smoothing term per class): the smoothed optimum
+        c = (1 - eps) / k + eps * w.numpy() / k
+        smoothed = -(c * np.log(c / c.sum())).sum()
+        assert chance_loss(task, make_loss(task, w, eps, TargetScale()), y) == pytest.approx(smoothed, abs=1e-4)
+        # unweighted: the entropy of the (smoothed) class frequencies
+        q = (1 - eps) * pi + eps / k
+        assert chance_loss(task, make_loss(task, None, eps, TargetScale()), y) == pytest.approx(
+            -(q * np.log(q)).sum(), abs=1e-4)
+    signs = np.stack([np.arange(100) % 5 == 0, np.arange(100) % 2 == 0], axis=1).astype(np.float32)  # 20 %, 50 %
+    ml = TaskSettings(name="s", type="multilabel", label=("a", "b"), classes=("a", "b"))
+    entropy = np.mean([-(p * np.log(p) + (1 - p) * np.log(1 - p)) for p in (0.2, 0.5)])
+    assert chance_loss(ml, make_loss(ml, None, 0.0, TargetScale()), signs) == pytest.approx(entropy, abs=1e-4)
+    # pos_weight = negatives / positives: -(1 - p)(log s + log(1 - s)), best at s = 1/2
+    weighted = make_loss(ml, class_weights(ml, signs, "balanced"), 0.0, TargetScale())
+    assert chance_loss(ml, weighted, signs) == pytest.approx(np.mean([0.8, 0.5]) * 2 * np.log(2), abs=1e-4)
+    reg = TaskSettings(name="r", type="regression", label="cdr", classes=("cdr",))
+    values = np.random.default_rng(0).gamma(2.0, 0.3, 80).astype(np.float32)
+    scale = TargetScale.fit(reg, values)
+    assert chance_loss(reg, make_loss(reg, None, 0.0, scale), values) == pytest.approx(1.0, abs=1e-4)
+    assert chance_loss(reg, make_loss(reg, None, 0.0, scale), values[:0]) is None
+
+
+def test_selection_keeps_an_epoch_after_warmup_and_the_later_of_a_tie():
+    from retflow.train.engine_finetune import keep_epoch
+
+    inf = float("inf")
+    assert not keep_epoch(0, 0.9, -inf, warmup_epochs=1, epochs=3)
+    assert keep_epoch(1, 0.5, -inf, 1, 3) and keep_epoch(2, 0.5, 0.5, 1, 3) and not keep_epoch(2, 0.4, 0.5, 1, 3)
+    assert keep_epoch(0, -inf, -inf, 0, 3)  # no warm-up: epoch 0 competes; an undefined score still keeps one
+    assert [keep_epoch(e, 1.0, -inf, 5, 3) for e in range(3)] == [False, False, True]  # warm-up fills the run
+
+
+def test_a_run_whose_epoch0_validation_is_best_does_not_keep_epoch0(tmp_path, monkeypatch):
+    store = str(make_store(tmp_path / "s"))
+    for warmup, scores, kept in ((1, [0.9, 0.5, 0.5], 2), (5, [0.9, 0.8, 0.1], 2)):
+        values = iter(scores)
+        monkeypatch.setattr(ft, "select_score", lambda *a, values=values: next(values))
+        out = tmp_path / f"w{warmup}"
+        assert ft.run(finetune_settings(epochs=3, warmup_epochs=warmup), store, None, out) == 0
+        assert json.loads((out / "train_summary.json").read_text())["best_epoch"] == kept, warmup
+        assert load_state(out / "best.pth")["epoch"] == kept
+        assert pd.read_csv(out / "train_log.csv").best.tolist() == [e == kept or (warmup == 1 and e == 1)
+                                                                     for e in range(3)]

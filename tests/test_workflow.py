@@ -120,7 +120,7 @@ def zoo(cfg):
 
 def test_ssl_zoo_fans_out_one_pretraining_per_method_and_modality(tmp_path):
     work = make_workdir(tmp_path)
-    cfg = write_config(tmp_path / "zoo.yaml", zoo)
+    cfg = write_config(tmp_path / "zoo.yaml", zoo, base="config/showcase.yaml")
     result = snakemake(work, "-n", "--cores", "1", "--configfile", str(cfg), "-p")
     assert result.returncode == 0, out(result)
     counts = job_counts(result.stdout)

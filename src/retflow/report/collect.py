@@ -1,17 +1,25 @@
-"""Gather workflow outputs (metrics.json, benchmarks, pretraining logs, quarantine lists) into tables.
+"""Gather workflow outputs (metrics.json, compare JSONs, benchmarks, pretraining logs, QC) into tables.
 
-Every path under the results folder comes from its :class:`retflow.layout.Layout`: files are found
-by globbing the Layout's own paths with ``*`` in place of names, and a run's protocol / task /
-model / fraction / seed / eval set are read back with :meth:`~retflow.layout.Layout.parse_run_file`.
+The report reads exactly the files its rule declares (rules/report.smk): a :class:`ReportInputs`
+holds those lists (``workflow_scripts/report.py --metrics ... --compare ...``). Files that sit beside
+a declared file are found through the :class:`retflow.layout.Layout` (a run's
+``train_summary.json`` and ``predictions.parquet``, a store's ``quarantine.csv`` beside its
+``qc.json``, a pretraining run's ``log.csv`` beside its ``figure.png``), and a run's protocol /
+task / model / fraction / seed / eval set are read back with
+:meth:`~retflow.layout.Layout.parse_run_file`.
+
+Only a caller that has no lists (a report built by hand from a results folder, the library's
+tests) asks :meth:`ReportInputs.found`, which lists what is in the folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +27,49 @@ import pandas as pd
 from ..layout import Layout
 
 RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
-EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions"]
+EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions",
+              "best_epoch", "epochs", "chance_loss", "min_train_loss"]
+#: train_summary.json keys the report shows (missing in results written before they existed: NaN)
+SUMMARY_KEYS = ("best_epoch", "epochs", "chance_loss", "min_train_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportInputs:
+    """The files the report reads: the report rule's declared inputs, under the Layout root ``results``."""
+
+    results: str
+    metrics: tuple[str, ...] = ()  # every run's metrics.json, internal and external
+    compare: tuple[str, ...] = ()  # compare JSONs
+    saliency: tuple[str, ...] = ()  # saliency PNGs (the JSON beside each is read when present)
+    pretrain: tuple[str, ...] = ()  # pretraining figure.png per run and modality
+    qc: tuple[str, ...] = ()  # a prepared store's qc.json per dataset
+
+    @classmethod
+    def of(cls, results, **lists: Sequence) -> ReportInputs:
+        return cls(str(results), **{k: tuple(str(p) for p in v or ()) for k, v in lists.items()})
+
+    @classmethod
+    def found(cls, results_dir) -> ReportInputs:
+        """What a results folder holds, for a report built by hand (the workflow passes its declared inputs)."""
+        layout, pattern = Layout(results_dir), _pattern(results_dir)
+        run = pattern.run_dir("*", "*", "*", "*", "*")
+        found = _glob(f"{run}/metrics.json") + _glob(f"{pattern.external_dir(run, '*')}/metrics.json")
+        metrics = sorted(p for p in found if layout.parse_run_file(p) is not None)  # not data/, compare/, ...
+        return cls.of(
+            results_dir, metrics=metrics,
+            compare=_glob(pattern.compare_json("*", "*", "*", "*")),
+            saliency=_glob(pattern.saliency_png("*")),
+            pretrain=[p for p in _glob(pattern.pretrain_figure("*", "*"))],
+            qc=_glob(pattern.qc("*")))
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.results)
+
+
+def inputs_of(given) -> ReportInputs:
+    """``given`` as :class:`ReportInputs` (a results folder: :meth:`ReportInputs.found`)."""
+    return given if isinstance(given, ReportInputs) else ReportInputs.found(given)
 
 
 def _num(value) -> float:
@@ -49,30 +99,38 @@ def _glob(pattern: str) -> list[Path]:
 
 
 def metrics_files(results_dir) -> list[Path]:
-    """Every run's metrics.json: the internal test set's and each external set's
-    (:meth:`~retflow.layout.Layout.run_dir`, :meth:`~retflow.layout.Layout.external_dir`)."""
-    layout, pattern = Layout(results_dir), _pattern(results_dir)
-    run = pattern.run_dir("*", "*", "*", "*", "*")
-    found = _glob(f"{run}/metrics.json") + _glob(f"{pattern.external_dir(run, '*')}/metrics.json")
-    return sorted(p for p in found if layout.parse_run_file(p) is not None)  # not data/, compare/, ...
+    """Every run's metrics.json in a results folder (:meth:`ReportInputs.found`)."""
+    return [Path(p) for p in ReportInputs.found(results_dir).metrics]
 
 
-def collect_results(results_dir) -> pd.DataFrame:
-    """One row per run's metrics.json under ``results_dir`` (internal test set and external sets).
+def train_summary(layout: Layout, where: Mapping) -> dict:
+    """The run's train_summary.json keys the report shows (:data:`SUMMARY_KEYS`; NaN where absent)."""
+    path = Path(layout.run_dir(where["protocol"], where["task"], where["model"], where["fraction"], where["seed"]),
+                "train_summary.json")
+    data = load_metrics_json(path) if path.is_file() else None
+    data = data if isinstance(data, dict) else {}
+    return {k: _num(data.get(k)) for k in SUMMARY_KEYS}
+
+
+def collect_results(inputs) -> pd.DataFrame:
+    """One row per declared metrics.json (internal test set and external sets).
 
     Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, primary_metric,
     lower_is_better (tuple), classes (tuple), absent_classes (tuple), path (the JSON file),
-    predictions (the predictions parquet beside it, None if absent) and, per metric, ``<metric>``,
-    ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined). Unknown metric names are kept.
-    Fields missing from a JSON file are taken from its path.
+    predictions (the predictions parquet beside it, None if absent), the run's train_summary.json
+    ``best_epoch`` / ``epochs`` / ``chance_loss`` / ``min_train_loss`` (NaN where absent) and, per
+    metric, ``<metric>``, ``<metric>_lo`` and ``<metric>_hi`` (NaN where undefined). Unknown metric
+    names are kept. Fields missing from a JSON file are taken from its path. ``inputs``: a
+    :class:`ReportInputs` (or a results folder: what it holds).
     """
-    layout = Layout(results_dir)
+    inputs = inputs_of(inputs)
+    layout = inputs.layout
     rows = []
-    for path in metrics_files(results_dir):
-        data = load_metrics_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
-            continue
+    for path in map(Path, inputs.metrics):
         where = layout.parse_run_file(path)
+        data = load_metrics_json(path) if path.is_file() else None
+        if where is None or not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+            continue
         row = {key: data.get(key) for key in RESULT_KEYS}
         for key, value in where.items():
             if row.get(key) is None:
@@ -84,6 +142,7 @@ def collect_results(results_dir) -> pd.DataFrame:
         row["path"] = str(path)
         pred = path.parent / "predictions.parquet"
         row["predictions"] = str(pred) if pred.is_file() else None
+        row.update(train_summary(layout, where))
         for name, m in data["metrics"].items():
             m = m if isinstance(m, dict) else {"value": m}
             row[name] = _num(m.get("value"))
@@ -104,13 +163,15 @@ def metric_names(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if f"{c}_lo" in cols and f"{c}_hi" in cols and not c.endswith(("_lo", "_hi"))]
 
 
-def collect_compare(results_dir) -> list[dict]:
-    """Every compare JSON (:meth:`~retflow.layout.Layout.compare_json`: pairwise model comparisons);
-    task, protocol, fraction and seed missing from a file are read from its path."""
-    layout = Layout(results_dir)
+def collect_compare(inputs) -> list[dict]:
+    """Every declared compare JSON (:meth:`~retflow.layout.Layout.compare_json`: pairwise model
+    comparisons); task, protocol, fraction and seed missing from a file are read from its path."""
+    inputs = inputs_of(inputs)
+    layout = inputs.layout
     out = []
-    for path in _glob(_pattern(results_dir).compare_json("*", "*", "*", "*")):
-        data, where = load_metrics_json(path), layout.parse_compare_file(path)
+    for path in map(Path, inputs.compare):
+        where = layout.parse_compare_file(path)
+        data = load_metrics_json(path) if path.is_file() else None
         if not isinstance(data, dict) or where is None:
             continue
         data.setdefault("task", where["task"])
@@ -122,11 +183,14 @@ def collect_compare(results_dir) -> list[dict]:
     return out
 
 
-def collect_saliency(results_dir) -> dict[str, tuple[Path, dict]]:
-    """``{task: (png path, meta dict)}`` from :meth:`~retflow.layout.Layout.saliency_png` (+ its JSON when present)."""
-    layout, out = Layout(results_dir), {}
-    for png in _glob(_pattern(results_dir).saliency_png("*")):
-        meta_path = Path(layout.saliency_json(png.stem))
+def collect_saliency(inputs) -> dict[str, tuple[Path, dict]]:
+    """``{task: (png path, meta dict)}`` of the declared saliency PNGs (+ the JSON beside each when present)."""
+    inputs = inputs_of(inputs)
+    out = {}
+    for png in map(Path, inputs.saliency):
+        if not png.is_file():
+            continue
+        meta_path = Path(inputs.layout.saliency_json(png.stem))
         meta = load_metrics_json(meta_path) if meta_path.is_file() else None
         out[png.stem] = (png, meta if isinstance(meta, dict) else {})
     return out
@@ -159,20 +223,23 @@ def collect_benchmarks(benchmarks_dir) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["job", "s", "max_rss_mb", "cpu_time"])
 
 
-def collect_pretrain(results_dir) -> pd.DataFrame:
-    """One row per pretraining folder (:meth:`~retflow.layout.Layout.pretrain_dir`: ``{run}/{modality}``).
+def collect_pretrain(inputs) -> pd.DataFrame:
+    """One row per declared pretraining figure (:meth:`~retflow.layout.Layout.pretrain_figure`:
+    ``{run}/{modality}/figure.png``).
 
     Columns: method (the run), modality, dir, log_csv / figure_png (paths, None when absent), epochs,
     final_loss and seconds (total of the log's ``seconds`` column) from log.csv.
     """
+    inputs = inputs_of(inputs)
     rows = []
-    layout = Layout(str(results_dir))
-    for d in (p for p in _glob(_pattern(results_dir).pretrain_dir("*", "*")) if p.is_dir()):
-        log, figure = Path(layout.pretrain_log(d.parent.name, d.name)), Path(layout.pretrain_figure(d.parent.name, d.name))
+    layout = inputs.layout
+    for figure in map(Path, inputs.pretrain):
+        run, modality = figure.parent.parent.name, figure.parent.name
+        log = Path(layout.pretrain_log(run, modality))
         row = {
-            "method": d.parent.name,
-            "modality": d.name,
-            "dir": str(d),
+            "method": run,
+            "modality": modality,
+            "dir": layout.pretrain_dir(run, modality),
             "log_csv": str(log) if log.is_file() else None,
             "figure_png": str(figure) if figure.is_file() else None,
             "epochs": math.nan,
@@ -195,13 +262,19 @@ def collect_pretrain(results_dir) -> pd.DataFrame:
     )
 
 
-def collect_quarantine(results_dir) -> pd.DataFrame:
-    """Counts of rejected inputs per dataset and reason from ``results/data/*/quarantine.csv``.
+def _quarantine_files(inputs: ReportInputs) -> list[Path]:
+    """The quarantine.csv beside each declared qc.json (the store of that dataset)."""
+    files = (Path(inputs.layout.quarantine(Path(qc).parent.name)) for qc in inputs.qc)
+    return [p for p in files if p.is_file()]
+
+
+def collect_quarantine(inputs) -> pd.DataFrame:
+    """Counts of rejected inputs per dataset and reason from each store's ``quarantine.csv``.
 
     Columns: dataset, reason, count (long format; empty frame when nothing was quarantined).
     """
     parts = []
-    for path in _glob(_pattern(results_dir).quarantine("*")):
+    for path in _quarantine_files(inputs_of(inputs)):
         try:
             tab = pd.read_csv(path)
         except pd.errors.EmptyDataError:
@@ -222,15 +295,15 @@ def collect_quarantine(results_dir) -> pd.DataFrame:
     )
 
 
-def collect_qc(results_dir) -> pd.DataFrame:
-    """Per-dataset summary from ``results/data/*/qc.json``.
+def collect_qc(inputs) -> pd.DataFrame:
+    """Per-dataset summary from the declared ``qc.json`` files.
 
     Columns: dataset, modality, role, n_sources, n_images, quarantined, splits (e.g.
     ``"train 300, val 100, test 100"``). Unreadable files are skipped with a warning.
     """
     rows = []
-    for path in _glob(_pattern(results_dir).qc("*")):
-        data = load_metrics_json(path)
+    for path in map(Path, inputs_of(inputs).qc):
+        data = load_metrics_json(path) if path.is_file() else None
         if not isinstance(data, dict):
             continue
         splits = data.get("split_counts") or {}
@@ -259,10 +332,10 @@ QC_COLUMNS = ["dataset", "modality", "role", "n_sources", "n_images", "quarantin
               "low_quality", "leakage_warnings", "splits"]
 
 
-def collect_quarantine_examples(results_dir, per_dataset: int = 20) -> pd.DataFrame:
+def collect_quarantine_examples(inputs, per_dataset: int = 20) -> pd.DataFrame:
     """The first quarantined entries of each dataset (what a user opens to fix the data)."""
     parts = []
-    for path in _glob(_pattern(results_dir).quarantine("*")):
+    for path in _quarantine_files(inputs_of(inputs)):
         try:
             tab = pd.read_csv(path, keep_default_na=False, nrows=per_dataset)
         except (OSError, ValueError):
@@ -274,14 +347,16 @@ def collect_quarantine_examples(results_dir, per_dataset: int = 20) -> pd.DataFr
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["dataset", "image_id", "reason"])
 
 
-def collect_leakage(results_dir) -> list[str]:
-    """Leakage findings (warnings; errors stop the workflow) within and across datasets."""
+def collect_leakage(inputs) -> list[str]:
+    """Leakage findings (warnings; errors stop the workflow) within and across datasets: each
+    declared qc.json's and the cross-dataset :meth:`~retflow.layout.Layout.leakage` file's."""
+    inputs = inputs_of(inputs)
     lines = []
-    for path in _glob(_pattern(results_dir).qc("*")):
-        data = load_metrics_json(path)
+    for path in map(Path, inputs.qc):
+        data = load_metrics_json(path) if path.is_file() else None
         if isinstance(data, dict):
             lines += list(data.get("leakage_warnings") or [])
-    path = Path(Layout(results_dir).leakage())
+    path = Path(inputs.layout.leakage())
     report = load_metrics_json(path) if path.exists() else None
     if isinstance(report, dict):
         for f in report.get("findings", []):

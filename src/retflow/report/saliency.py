@@ -16,8 +16,12 @@ Two complementary maps per image, both on the patch grid and upsampled to the im
   ReLU(sum_c weight_c * token_c). With average pooling every patch token gets the same gradient,
   so this is the linearised contribution of each token to the class logit (a CAM).
 
-Both maps are min-max scaled per image; they show where the model looks, not why, and say
-nothing about correctness (each panel title gives the true and the predicted class).
+On a colour fundus photograph both maps are cut to the fundus field (the data stage's detector,
+:func:`retflow.data.fundus.detect_field`, run on the stored image: the black surround carries no
+retina, and a map that is hot there would only show padding artefacts) and min-max scaled inside
+it; OCT B-scans (stored with one channel) and images without a detected field are not masked. The
+maps show where the model looks, not why, and say nothing about correctness (each panel title
+gives the true and the predicted class).
 
 Command line (``workflow_scripts/saliency.py`` is the same; the settings are
 :func:`retflow.settings.report.saliency` of the config: the task's label, the explained run, the device)::
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -42,16 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic import atomic_path, write_json
 from ..settings.report import SaliencySettings
+from . import figures
 
 METHOD = (
     "attention rollout (head mean, 0.5 identity for the residual, all blocks; "
     "avg-pool models: mean over all patch-token rows) and Grad-CAM of the predicted class "
-    "on the last block's patch tokens"
+    "on the last block's patch tokens; CFP maps cut to the fundus field and min-max scaled inside it"
 )
 
 
@@ -151,14 +154,38 @@ def grad_cam(model, x: torch.Tensor, target: torch.Tensor | None = None) -> torc
     return cam.reshape(x.shape[0], gh, gw)
 
 
-def _scale01(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-
-
 def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    up = F.interpolate(maps[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return np.stack([_scale01(m) for m in up.numpy()])
+    return F.interpolate(maps[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def field_masks(images: list[np.ndarray]) -> np.ndarray:
+    """(B, H, W) bool: the fundus field of each stored image (module docstring). A colour image
+    (the data stage stores CFP as RGB, OCT with one channel) gets the field that
+    :func:`retflow.data.fundus.detect_field` finds; OCT and images without a field: all True."""
+    from ..data.fundus import detect_field, mask_from_field
+
+    out = []
+    for img in images:
+        img = np.asarray(img)
+        full = np.ones(img.shape[:2], bool)
+        if img.ndim == 3 and img.shape[2] == 3:
+            field = detect_field(img)
+            out.append(mask_from_field(img.shape, field) if field.found else full)
+        else:
+            out.append(full)
+    return np.stack(out) if out else np.zeros((0, 1, 1), bool)
+
+
+def scale_in_field(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per map: min-max scaled to [0, 1] over the pixels inside its mask, 0 outside."""
+    out = np.zeros(maps.shape, dtype=np.float32)
+    for i, (m, inside) in enumerate(zip(maps, masks)):
+        if not inside.any():
+            continue
+        lo, hi = float(m[inside].min()), float(m[inside].max())
+        if hi > lo:
+            out[i][inside] = (m[inside] - lo) / (hi - lo)
+    return out
 
 
 def pick_examples(labels: np.ndarray, n_classes: int, n_per_class: int, seed: int = 0) -> list[list[int]]:
@@ -173,21 +200,26 @@ def pick_examples(labels: np.ndarray, n_classes: int, n_per_class: int, seed: in
     return out
 
 
+@figures._styled
 def saliency_grid(images: list[np.ndarray], rows: list[list[int]], class_names: list[str], labels: np.ndarray,
-                  probs: np.ndarray, rollout: np.ndarray, cam: np.ndarray, title: str) -> bytes:
-    """PNG: one row per class, per example three panels (image, rollout overlay, Grad-CAM overlay)."""
+                  probs: np.ndarray, rollout: np.ndarray, cam: np.ndarray, title: str,
+                  fields: np.ndarray | None = None) -> bytes:
+    """PNG: one row per class, per example three panels (image, rollout overlay, Grad-CAM overlay).
+
+    ``fields``: (B, H, W) bool, where the overlays are drawn (:func:`field_masks`); default everywhere."""
     rows_used = [(c, r) for c, r in enumerate(rows) if r]
     per_row = max((len(r) for _, r in rows_used), default=1)
     ncols = 3 * per_row
     nrows = max(len(rows_used), 1)
-    height = 1.75 * nrows + 0.9
-    fig = Figure(figsize=(1.55 * ncols + 0.6, height))
+    cell = min(1.55, (figures.MAX_WIDTH_PX / figures.DPI - 0.9) / ncols)  # inches per panel: fit the column
+    height = (cell + 0.2) * nrows + 0.9
+    fig = Figure(figsize=(cell * ncols + 0.6, height))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     for i, (c, positions) in enumerate(rows_used):
         axes[i, 0].text(-0.08, 0.5, f"class {class_names[c]}", rotation=90, ha="right", va="center",
-                        transform=axes[i, 0].transAxes, fontsize=9, fontweight="bold")
+                        transform=axes[i, 0].transAxes, fontsize=9.5, fontweight="bold")
         for j, p in enumerate(positions):
             img = images[p]
             gray = img.ndim == 2 or img.shape[-1] == 1
@@ -198,28 +230,31 @@ def saliency_grid(images: list[np.ndarray], rows: list[list[int]], class_names: 
                 ax = axes[i, 3 * j + k]
                 ax.imshow(shown, cmap="gray" if gray else None, vmin=0, vmax=255)
                 if overlay is not None:
-                    ax.imshow(overlay, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                    shown_map = overlay if fields is None else np.ma.masked_where(~fields[p], overlay)
+                    ax.imshow(shown_map, cmap="jet", alpha=0.45, vmin=0, vmax=1)
                 if k == 0:
                     ax.set_title(f"true {class_names[int(labels[p])]}\npred {class_names[pred]} "
-                                 f"({probs[p, pred]:.2f})", fontsize=7.5, color="black" if ok else "#b00020")
+                                 f"({probs[p, pred]:.2f})", fontsize=8.5, color="black" if ok else "#b00020")
                 else:
-                    ax.set_title(name if i == 0 else "", fontsize=7.5)
+                    ax.set_title(name if i == 0 else "", fontsize=8.5)
     if not rows_used:
         axes[0, 0].text(0.5, 0.5, "no labelled test images", ha="center", va="center")
-    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+    fig.suptitle(title, fontsize=10.5, y=1 - 0.08 / height, va="top")
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.01, top=1 - 0.75 / height, wspace=0.05,
-                        hspace=0.35)
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+                        hspace=0.4)
+    return figures._png(fig)
 
 
 def saliency_for_store(checkpoint, store, label: str, device, n_per_class: int = 2, seed: int = 0,
                        split: str = "test", title: str | None = None) -> tuple[bytes, dict]:
     """Load ``checkpoint`` (fine-tuned best.pth) on ``device``, pick ``n_per_class`` ``split`` images per
     class (seeded by ``seed``), return (PNG, meta)."""
-    from ..data.dataset import StoreDataset, encode_labels, eval_transform, load_manifest
+    from ..data.dataset import (
+        StoreDataset,
+        encode_labels,
+        eval_transform,
+        load_manifest,
+    )
     from ..train.predict import load_finetuned
 
     device = torch.device(device)
@@ -249,17 +284,20 @@ def saliency_for_store(checkpoint, store, label: str, device, n_per_class: int =
     probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
     cam = grad_cam(model, x, torch.as_tensor(probs.argmax(axis=1)))
     size = raw[0].shape[:2]
-    roll_up, cam_up = _upsample(roll, size), _upsample(cam, size)
+    fields = field_masks(raw)
+    roll_up, cam_up = scale_in_field(_upsample(roll, size), fields), scale_in_field(_upsample(cam, size), fields)
     labels = y[flat]
     positions, k = [], 0
     for r in picks:
         positions.append(list(range(k, k + len(r))))
         k += len(r)
-    png = saliency_grid(raw, positions, classes, labels, probs, roll_up, cam_up, title or Path(checkpoint).parent.name)
+    png = saliency_grid(raw, positions, classes, labels, probs, roll_up, cam_up, title or Path(checkpoint).parent.name,
+                        fields)
     ids = manifest["image_id"].to_numpy()[rows][flat]
     meta["images"] = [
-        {"image_id": str(i), "true": classes[int(t)], "pred": classes[int(p.argmax())], "prob": float(p.max())}
-        for i, t, p in zip(ids, labels, probs)
+        {"image_id": str(i), "true": classes[int(t)], "pred": classes[int(p.argmax())], "prob": float(p.max()),
+         "field_masked": bool(not f.all())}
+        for i, t, p, f in zip(ids, labels, probs, fields)
     ]
     return png, meta
 

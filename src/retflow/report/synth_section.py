@@ -9,8 +9,6 @@ output, so reports without the branch are unchanged.
 from __future__ import annotations
 
 import json
-from html import escape
-import glob
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,10 +27,8 @@ def _load(path: Path) -> dict:
         return {}
 
 
-def _modalities(layout: Layout, modalities: Iterable[str] | None) -> list[str]:
-    """The modalities (the given ones, else every synth folder) with a quality check or a merged store."""
-    if modalities is None:
-        modalities = [Path(p).name for p in glob.glob(Layout(glob.escape(layout.root)).synth_dir("*"))]
+def _modalities(layout: Layout, modalities: Iterable[str]) -> list[str]:
+    """The configured synthetic modalities with a quality check or a merged store."""
     return [m for m in sorted(modalities)
             if Path(layout.synth_quality_json(m)).is_file() or Path(layout.synth_store_qc(m)).is_file()]
 
@@ -57,15 +53,14 @@ def _scores(t: dict | None) -> list:
     return [t.get("accuracy"), t.get("balanced_accuracy"), t.get("auroc"), t.get("n_train")]
 
 
-def synth_section(results_dir, modalities: Iterable[str] | None = None) -> str:
-    """HTML of the section ('' without synthetic outputs) for ``modalities`` (None: every one found)."""
-    from .html import _img, _table  # the report's helpers; imported late (html imports this module)
+def synth_view(results_dir, modalities: Iterable[str]) -> dict | None:
+    """The section's tables and figures for the configured ``modalities`` (None without synthetic outputs)."""
+    from .view import figure, table
 
     layout = Layout(results_dir)
     mods = _modalities(layout, modalities)
     if not mods:
-        return ""
-    parts = [f"<h2 id='{ANCHOR}'>{TITLE}</h2>"]
+        return None
     rows, class_rows, tstr_rows, imgs = [], [], [], []
     for m in mods:
         qc, q = _load(Path(layout.synth_store_qc(m))), _load(Path(layout.synth_quality_json(m)))
@@ -93,35 +88,33 @@ def synth_section(results_dir, modalities: Iterable[str] | None = None) -> str:
                               (layout.synth_quality_png(m, "nearest"), "closest synthetic / real pairs"),
                               (layout.synth_recon(m), "autoencoder: real (top) vs reconstructed (bottom)")):
             if Path(path).is_file():
-                imgs.append(_img(Path(path).read_bytes(), f"{m}: {caption}"))
-    parts.append(_table(
-        ["modality", "images", "sampler", "images/s", "train s", "epochs AE + UNet", "FD real-synth", "FD real-real",
-         "n per FD set", "NN dist synth (median)", "NN dist real (median)", "near copies (pixel)", "exact copies",
-         "near copies (feature)"], rows))
-    if class_rows:
-        parts.append("<h3>Frechet distance per class</h3>" + _table(
-            ["modality", "class", "FD real-synth", "FD real-real", "n per FD set", "synthetic images"], class_rows))
-    if tstr_rows:
-        parts.append("<h3>Train on synthetic, test on real</h3>" + _table(
-            ["modality", "test set", "label", "trained on", "accuracy", "balanced accuracy", "AUROC", "n train"],
-            tstr_rows))
-    parts.append(
-        "<p class='caption'>A latent diffusion model (KL autoencoder + diffusion UNet, EMA weights, classifier-free "
-        "guidance when class-conditional) trained on the real pretraining pool; samples go into a store flagged "
-        "<code>synthetic</code>. FD: Frechet distance between Gaussian fits of features of our own pretrained "
-        "encoder; <i>real-synth</i> compares one random half of the real images with as many synthetic ones, "
-        "<i>real-real</i> the two real halves (the value a perfect generator would reach at this sample size). "
-        "Memorisation: RMS difference (pixels; standardised encoder features) of each synthetic image to its "
-        "nearest real training image vs each real image's nearest other real image; a near copy is closer than "
-        "99% of real pairs (blurry, average-looking samples can be close in pixel space without copying: see the "
-        "closest pairs). Train on synthetic: "
-        "a logistic regression on encoder features trained on synthetic images (their generating classes) and "
-        "tested on a real labelled test split, next to the same classifier trained on real images. Sampling "
-        "images/s over all sampling jobs (wall time, model loading included).</p>")
-    if imgs:
-        parts.append("<div class='figs'>" + "".join(imgs) + "</div>")
-    return "\n".join(parts)
+                imgs.append(figure(Path(path).read_bytes(), f"{m}: {caption}", "photo"))
+    return {
+        "title": TITLE, "anchor": ANCHOR,
+        "table": table(["modality", "images", "sampler", "images/s", "train s", "epochs AE + UNet", "FD real-synth",
+                        "FD real-real", "n per FD set", "NN dist synth (median)", "NN dist real (median)",
+                        "near copies (pixel)", "exact copies", "near copies (feature)"], rows),
+        "classes": table(["modality", "class", "FD real-synth", "FD real-real", "n per FD set", "synthetic images"],
+                         class_rows) if class_rows else None,
+        "tstr": table(["modality", "test set", "label", "trained on", "accuracy", "balanced accuracy", "AUROC",
+                       "n train"], tstr_rows) if tstr_rows else None,
+        "figures": imgs,
+    }
 
 
-def nav_item(results_dir, modalities: Iterable[str] | None = None) -> str:
-    return f"<li><a href='#{ANCHOR}'>{escape(TITLE)}</a></li>" if _modalities(Layout(results_dir), modalities) else ""
+def synth_section(results_dir, modalities: Iterable[str] | None = None) -> str:
+    """The section alone as HTML ('' without synthetic outputs); ``modalities`` None: every synth
+    folder found (a check by hand; the report passes the configured modalities to :func:`synth_view`)."""
+    from .html import environment
+
+    if modalities is None:
+        import glob
+
+        modalities = [Path(p).name for p in glob.glob(Layout(glob.escape(str(results_dir))).synth_dir("*"))]
+    view = synth_view(results_dir, modalities)
+    return environment().get_template("synth.html.j2").render(synth=view) if view else ""
+
+
+def nav_item(results_dir, modalities: Iterable[str]) -> bool:
+    """Whether the report lists the section (there are synthetic outputs of ``modalities``)."""
+    return bool(_modalities(Layout(results_dir), modalities))

@@ -4,7 +4,10 @@ The rules call these (``rules/common.smk``) and hand the result to the entry poi
 library user calls them on ``retflow.settings.load_config(path)`` and gets the same recipe::
 
     config = load_config("config.yaml")
-    s = build.finetune(config, "finetune", "glaucoma", 1.0, 0)   # s.drop_path == 0.2, as the workflow
+    s = build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="scratch")   # as the workflow
+
+A model's ``models.<name>.recipe.<protocol>`` overrides its protocol section's keys (applied
+here, once, so the rules and a library user get the same recipe).
 """
 
 from __future__ import annotations
@@ -47,13 +50,23 @@ def evaluate(config: dict) -> S.EvaluateSettings:
     return S.EvaluateSettings.from_dict(config["evaluate"], "evaluate")
 
 
-def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed: int) -> S.FinetuneSettings:
-    """One fine-tune / probe run: the protocol's section + the task, its modality's ViT, the run."""
+def model_recipe(config: dict, model: str | None, protocol: str) -> dict:
+    """The keys ``models.<model>.recipe.<protocol>`` overrides (none without a model)."""
+    if model is None:
+        return {}
+    return config["models"][model]["recipe"].get(protocol) or {}  # only the keys this model overrides
+
+
+def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed: int,
+             model: str | None = None) -> S.FinetuneSettings:
+    """One fine-tune / probe run: the protocol's section (with ``model``'s recipe for it applied)
+    + the task, its modality's ViT, the run. Without ``model``: the section as configured."""
     if config["tasks"][task_name]["type"] == "segmentation":
         raise rfc.ConfigError(f"task '{task_name}' is a segmentation task: its runs are built by "
                               f"retflow.settings.build.segment (rule segment), not finetune")
     modality = rfc.task_modality(config, task_name)
-    data = _pick(S.FinetuneSettings, config[protocol], protocol=protocol, task=task(config, task_name),
+    data = _pick(S.FinetuneSettings, config[protocol], model_recipe(config, model, protocol), protocol=protocol,
+                 task=task(config, task_name),
                  vit=vit(config, modality), normalize=normalize(config, modality), fraction=float(fraction),
                  seed=int(seed), device=config["device"])
     return S.FinetuneSettings.from_dict(data, protocol)
@@ -61,9 +74,11 @@ def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed:
 
 def segment(config: dict, task_name: str, model: str, fraction: float, seed: int,
             protocol: str = "finetune") -> S.SegmentSettings:
-    """One segmentation run: the ``segment`` section + the task, its modality's ViT, the run."""
+    """One segmentation run: the ``segment`` section (with ``model``'s recipe for it applied) + the
+    task, its modality's ViT, the run."""
     modality = rfc.task_modality(config, task_name)
-    data = _pick(S.SegmentSettings, config["segment"], protocol=protocol, model=model, task=task(config, task_name),
+    data = _pick(S.SegmentSettings, config["segment"], model_recipe(config, model, "segment"), protocol=protocol,
+                 model=model, task=task(config, task_name),
                  vit=vit(config, modality), normalize=normalize(config, modality), fraction=float(fraction),
                  seed=int(seed), device=config["device"], evaluate=evaluate(config))
     return S.SegmentSettings.from_dict(data, "segment")

@@ -123,6 +123,7 @@ class ReportTask(Frozen):
     protocols: tuple[str, ...]
     fractions: tuple[float, ...]
     seeds: tuple[int, ...]
+    reference: Mapping[str, Any] | None  # published values {metric: value, ..., "source": citation}
 
 
 @frozen
@@ -159,6 +160,8 @@ class ReportSettings(Frozen):
     gpus: Mapping[str, float]  # GPUs one job holds (gpu x nodes): pretrain, finetune
     synth_modalities: tuple[str, ...]  # () when synth is off
     sections: tuple[ConfigSection, ...]  # vit, pretrain and each protocol's section that runs
+    chance_margin: float  # report.chance_margin: a run whose lowest training loss stays above
+    #                       chance_loss x (1 - chance_margin) "never left chance"
 
     def task(self, name: str) -> ReportTask | None:
         return next((t for t in self.tasks if t.name == name), None)
@@ -250,7 +253,8 @@ def report(config: dict) -> ReportSettings:
         tasks.append({"name": name, "dataset": spec["dataset"], "type": spec["type"], "classes": _classes(spec),
                       "label": tuple(label) if isinstance(label, list) else label, "external": external,
                       "models": rfc.task_models(config, name), "protocols": protocols,
-                      "fractions": [float(f) for f in fractions], "seeds": [int(s) for s in seeds]})
+                      "fractions": [float(f) for f in fractions], "seeds": [int(s) for s in seeds],
+                      "reference": spec.get("reference")})  # optional, no default
     models = [{"name": n, "init": m["init"], "method": m.get("method"), "path": m.get("path"),
                "pretrain_run": rfc.pretrain_run(config, m) if m["init"] == "pretrained" else None}
               for n, m in config["models"].items()]
@@ -261,4 +265,5 @@ def report(config: dict) -> ReportSettings:
         "seeds": config["seeds"], "evaluate": config["evaluate"], "gpus": {k: _gpus(config, k) for k in ("pretrain", "finetune")},
         "synth_modalities": synth_cfg.modalities(config) if config["synth"]["enabled"] else [],
         "sections": [{"name": k, "values": _shown(config, k)} for k in shown],
+        "chance_margin": float(config["report"]["chance_margin"]),
     }, "report")

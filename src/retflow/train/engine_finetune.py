@@ -39,6 +39,14 @@ def train_one_epoch(model, data_loader, criterion, optimizer, epoch: int, n_batc
     return total / max(1, count), lr
 
 
+def keep_epoch(epoch: int, score: float, best: float, warmup_epochs: int, epochs: int) -> bool:
+    """Model selection: whether epoch ``epoch`` (validation ``score``, higher is better) replaces the
+    kept checkpoint (``best``, -inf before any). Only epochs after warm-up compete (an epoch-0 model
+    is barely trained, and a small validation set can score it best), the last epoch when warm-up
+    fills the run; a tie goes to the later epoch."""
+    return epoch >= min(warmup_epochs, epochs - 1) and score >= best
+
+
 @torch.no_grad()
 def _logits(model, dataset, device, batch_size: int = 128):
     model.eval()

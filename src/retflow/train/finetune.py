@@ -4,11 +4,14 @@ Fine-tune: timm ViT with global average pooling + fc_norm, initialised from an M
 random / a local weights file in any layout :mod:`retflow.models.checkpoint_layouts` reads),
 layer-wise lr decay, drop path, label smoothing, optional RandAugment + random erasing
 (``augment: retfound``), mixup/cutmix and class-weighted loss, AdamW with warmup + cosine,
-best checkpoint by a validation metric (``select_by``). Probes: the three protocols of
+best checkpoint by a validation metric (``select_by``) among the epochs after warm-up
+(:func:`~retflow.train.engine_finetune.keep_epoch`). Probes: the three protocols of
 :mod:`retflow.train.probe`. Task types: :mod:`retflow.train.targets`. Writes best.pth,
-train_log.csv, the internal test predictions and ``settings.json`` (the
-:class:`~retflow.settings.stages.FinetuneSettings` it ran with). Resumable per epoch from
-``<out>/resume/last.pth``.
+train_log.csv, the internal test predictions, ``settings.json`` (the
+:class:`~retflow.settings.stages.FinetuneSettings` it ran with) and ``train_summary.json``
+(``best_epoch``; ``chance_loss``: the training loss of the best constant output on the training
+labels, ``min_train_loss``: the lowest epoch training loss, both null for probe_logreg).
+Resumable per epoch from ``<out>/resume/last.pth``.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from retflow.settings.stages import FinetuneSettings, TaskSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
-from retflow.train.engine_finetune import evaluate_outputs, predict_outputs, train_one_epoch
+from retflow.train.engine_finetune import evaluate_outputs, keep_epoch, predict_outputs, train_one_epoch
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
 from retflow.train.sampling import loader, repeated_order
 from retflow.train.targets import (
     TargetScale,
+    chance_loss,
     class_weights,
     encode_targets,
     make_loss,
@@ -152,7 +156,7 @@ def _run_logreg(s: FinetuneSettings, model, train_ds, val_ds, scale, select, dev
         pd.DataFrame(info["grid"]).to_csv(tmp, index=False)
     save_atomic({"model": model.state_dict(), "epoch": 0, "val_score": max(r["val_score"] for r in info["grid"]),
                  **meta}, out_dir / "best.pth")
-    return {"epochs": 0, "best_C": info["best_C"]}
+    return {"epochs": 0, "best_C": info["best_C"], "chance_loss": None, "min_train_loss": None}
 
 
 def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select, device, meta, out_dir,
@@ -188,7 +192,7 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
                                          mixup)
         val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
         score = select(val_ds.labels, val_out)
-        improved = score > best or not best_path.exists()  # the first epoch always counts
+        improved = keep_epoch(epoch, score, best, s.warmup_epochs, s.epochs)
         if improved:
             best = score
             save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
@@ -201,7 +205,9 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
     save_atomic(load_state(best_path), out_dir / "best.pth")
-    return {"epochs": s.epochs, "best_val_score": best}
+    return {"epochs": s.epochs, "best_val_score": best,
+            "chance_loss": chance_loss(task, criterion, train_ds.labels),
+            "min_train_loss": min(row["train_loss"] for row in log)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,8 +44,8 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(title, fontsize=8)
-    fig.suptitle(f"MAE reconstructions (mask ratio {mask_ratio:g})", fontsize=9)
+                ax.set_ylabel(title, fontsize=10)
+    fig.suptitle(f"MAE reconstructions (mask ratio {mask_ratio:g})", fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
@@ -81,8 +81,8 @@ def save_views_figure(dataset, s: PretrainSettings, path: Path, n: int = 6) -> N
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(f"view {row + 1}", fontsize=8)
-    fig.suptitle(f"{s.method}: augmented views per image", fontsize=9)
+                ax.set_ylabel(f"view {row + 1}", fontsize=10)
+    fig.suptitle(f"{s.method}: augmented views per image", fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

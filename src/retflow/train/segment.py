@@ -7,7 +7,8 @@ The encoder starts from our MAE pretraining checkpoint, a local weights file (an
 layer-wise lr decay for the encoder (``layer_decay``; 1 turns it off) and the full lr for the
 decoder, joint random-resized-crop / flip of image and mask. The label fraction is a seeded,
 nested subset of the training *images* (:func:`retflow.data.splits.label_fraction_indices`).
-The best epoch by validation Dice (foreground mean) is kept.
+The best epoch by validation Dice (foreground mean) after warm-up is kept
+(:func:`~retflow.train.engine_finetune.keep_epoch`: a tie goes to the later epoch).
 
 Writes into ``out_dir`` (the run folder of the fine-tuning layout, so the report finds it):
 ``best.pth`` (``model``, ``spec``, ``classes``, ``normalize``, ``task``, ``feature_size``,
@@ -51,7 +52,7 @@ from retflow.settings.stages import SegmentSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
-from retflow.train.engine_finetune import train_one_epoch
+from retflow.train.engine_finetune import keep_epoch, train_one_epoch
 from retflow.train.sampling import loader, repeated_order
 
 __all__ = ["build_model", "predict_masks", "run", "main"]
@@ -105,8 +106,24 @@ def _overlay(img: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarr
     return out.round().astype(np.uint8)
 
 
+OVERLAY_COLUMNS = ("image", "ground truth", "prediction")
+
+
+def _column_labels(width: int, n_cols: int, height: int = 24) -> np.ndarray:
+    """A white strip (height, width, 3) with :data:`OVERLAY_COLUMNS` centred over the sheet's columns."""
+    from PIL import ImageDraw, ImageFont
+
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=15)  # 15 px text: readable at 100 % zoom, also when shown a bit smaller
+    for j, name in enumerate(OVERLAY_COLUMNS[:n_cols]):
+        draw.text(((j + 0.5) * width / n_cols, height / 2), name, fill=(20, 20, 20), font=font, anchor="mm")
+    return np.asarray(strip)
+
+
 def write_overlay(dataset: SegDataset, preds: np.ndarray, path: Path, n: int = 4, tile: int = 128) -> int:
-    """A PNG with one row per test image: image | ground truth | prediction (coloured per class)."""
+    """A PNG with one row per test image: image | ground truth | prediction (coloured per class), under
+    a header strip that names the columns (:data:`OVERLAY_COLUMNS`)."""
     rows = []
     for i in range(min(n, len(dataset))):
         img, _ = dataset.raw(i)
@@ -121,6 +138,7 @@ def write_overlay(dataset: SegDataset, preds: np.ndarray, path: Path, n: int = 4
     if not rows:
         return 0
     sheet = np.concatenate([np.pad(r, ((0, 2), (0, 0), (0, 0)), constant_values=255) for r in rows], 0)
+    sheet = np.concatenate([_column_labels(sheet.shape[1], len(OVERLAY_COLUMNS)), sheet], 0)
     with atomic_path(path) as tmp:
         Image.fromarray(sheet).save(tmp, format="PNG")
     return len(rows)
@@ -200,7 +218,7 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
         pred, true, val_ce = predict_masks(model, val_ds, device)
         val = summarize(per_image_scores(pred, true, k))
         score = val[PRIMARY_SEG_METRIC] if math.isfinite(val[PRIMARY_SEG_METRIC]) else -math.inf
-        improved = score > best or not best_path.exists()
+        improved = keep_epoch(epoch, score, best, s.warmup_epochs, epochs)
         if improved:
             best = score
             save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
@@ -242,6 +260,7 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
     write_json(json_safe(result), out_dir / "metrics.json")
     write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "epochs": epochs,
                 "best_epoch": best_state["epoch"], "best_val_score": best,
+                "chance_loss": None, "min_train_loss": None,  # a Dice + CE loss has no simple chance level
                 "seconds": round(time.perf_counter() - t0, 1)}, out_dir / "train_summary.json")
     m = boot["metrics"][PRIMARY_SEG_METRIC]
     print(f"test dice {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "

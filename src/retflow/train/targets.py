@@ -117,6 +117,30 @@ def make_loss(task: TaskSettings, weights: torch.Tensor | None, smoothing: float
     return lambda out, y: F.mse_loss(out[:, 0], (y.float() - scale.mean) / scale.std)
 
 
+def chance_loss(task: TaskSettings, criterion, targets: np.ndarray, max_iter: int = 100) -> float | None:
+    """Chance level: ``criterion``'s loss (the training loss itself: label smoothing, class
+    weights, the z-scored regression target) at the best *constant* output for ``targets`` (the
+    training labels), one bias per output fitted by L-BFGS. Balanced class weights give ln K,
+    unweighted cross entropy the entropy of the (smoothed) class frequencies, z-scored MSE 1.
+    None without targets."""
+    y = torch.as_tensor(np.asarray(targets))
+    if len(y) == 0:
+        return None
+    bias = torch.zeros(n_outputs(task), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = criterion(bias.expand(len(y), -1), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(criterion(bias.expand(len(y), -1), y))
+
+
 def to_outputs(task: TaskSettings, logits: torch.Tensor, scale: TargetScale) -> np.ndarray:
     """Probabilities (classification: softmax, multilabel: sigmoid) or regression values."""
     logits = logits.float()
