@@ -19,6 +19,7 @@ rule finetune:
         best=f"{RUN_DIR}/best.pth",
         log=f"{RUN_DIR}/train_log.csv",
         predictions=f"{RUN_DIR}/predictions.parquet",
+        summary=f"{RUN_DIR}/train_summary.json",  # kept epoch, chance level: read by the report
     log:
         f"logs/{RUN_LOG}/train.log",
     benchmark:

@@ -19,6 +19,7 @@ rule segment:
         metrics=f"{RUN_DIR}/metrics.json",
         best=f"{RUN_DIR}/best.pth",
         log=f"{RUN_DIR}/train_log.csv",
+        summary=f"{RUN_DIR}/train_summary.json",
         overlay=report(
             f"{RUN_DIR}/overlay.png",
             caption="captions/segmentation.rst",
