@@ -14,10 +14,10 @@ def test_demo_dry_run_fans_out_every_stage(tmp_path):
     result = snakemake(work, "-n", "--cores", "1")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    # mae and scratch: dr_grading 1, glaucoma 2 protocols x 2 fractions, oct_diagnosis 2 fractions;
-    # mae only: cup_disc_ratio, oct_signs, vessel_seg; externals: dr_grading + oct_diagnosis
-    assert counts["finetune"] == 2 * (1 + 4 + 2) + 2 and counts["evaluate_internal"] == 16
-    assert counts["predict_external"] == 6 and counts["evaluate_external"] == 6
+    # mae and scratch: glaucoma 2 protocols x 2 fractions, oct_diagnosis 2 fractions; mae only:
+    # dr_grading, cup_disc_ratio, oct_signs, vessel_seg; externals: dr_grading + oct_diagnosis
+    assert counts["finetune"] == 2 * (4 + 2) + 3 and counts["evaluate_internal"] == 15
+    assert counts["predict_external"] == 5 and counts["evaluate_external"] == 5
     assert counts["pretrain"] == 2 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
     assert counts["segment"] == 1
     assert counts["saliency"] >= 1 and counts["compare"] >= 1 and counts["report"] == 1
@@ -42,7 +42,7 @@ def test_showcase_dry_run_fans_out_every_protocol_fraction_and_seed(tmp_path):
 
 def test_single_run_target_and_task_rule(tmp_path):
     work = make_workdir(tmp_path)
-    one = snakemake(work, "-n", "--cores", "1", "results/finetune/dr_grading/mae/frac1/seed0/metrics.json")
+    one = snakemake(work, "-n", "--cores", "1", "results/finetune/glaucoma/mae/frac0.1/seed0/metrics.json")
     assert one.returncode == 0, one.stderr
     counts = job_counts(one.stdout)
     assert counts["finetune"] == 1 and counts["pretrain"] == 1 and "report" not in counts
