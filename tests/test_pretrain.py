@@ -106,8 +106,8 @@ def test_two_process_ddp_killed_mid_epoch_resumes_to_the_uninterrupted_weights(p
 def test_the_workflow_passes_the_settings_the_library_builds(tmp_path):
     """``build.pretrain`` on the showcase config is the recipe the rule hands the entry point."""
     work = make_workdir(tmp_path)
-    result = snakemake(work, "-n", "-p", "--cores", "1", "--configfile", "config/showcase.yaml",
-                       "results/pretrain/simclr/cfp/checkpoint.pth")
+    result = snakemake(work, "results/pretrain/simclr/cfp/checkpoint.pth", "-n", "-p", "--cores", "1",
+                       "--configfile", "config/showcase.yaml")  # --configfile takes every word after it
     assert result.returncode == 0, result.stderr
     lines = [ln for ln in result.stdout.splitlines() if "workflow_scripts/pretrain.py" in ln]
     assert len(lines) == 1, result.stdout

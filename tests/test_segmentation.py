@@ -343,14 +343,16 @@ def test_label_fraction_and_bad_class_count(tmp_path, one_thread):
 # ---------------------------------------------------------------- workflow
 
 
-def test_demo_dry_run_routes_segmentation_to_the_segment_rule(tmp_path):
+def test_showcase_dry_run_routes_segmentation_to_the_segment_rule(tmp_path):
     work = make_workdir(tmp_path)
-    result = snakemake(work, "-n", "--cores", "1")
+    show = ("--configfile", "config/showcase.yaml")
+    result = snakemake(work, "-n", "--cores", "1", *show)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["segment"] == 4  # vessel_seg: 2 models (mae, scratch) x 2 fractions x 1 seed
     assert "results/finetune/vessel_seg/mae/frac0.1/seed0/metrics.json" in result.stdout
-    one = snakemake(work, "-n", "--cores", "1", "results/finetune/vessel_seg/scratch/frac1/seed0/metrics.json")
+    one = snakemake(work, "results/finetune/vessel_seg/scratch/frac1/seed0/metrics.json", "-n", "--cores", "1",
+                    *show)  # --configfile takes every word after it
     assert one.returncode == 0, one.stderr
     counts = job_counts(one.stdout)
     assert counts["segment"] == 1 and "finetune" not in counts and "evaluate_internal" not in counts
