@@ -17,7 +17,7 @@ demo: $(VENV)/.installed
 	snakemake --cores $(CORES) --rerun-incomplete
 	@echo "open results/report.html"
 
-# everything a reader should see (SimCLR, every protocol x 3 label fractions x 2 seeds): ~25 min on 2 cores
+# everything a reader should see (SimCLR, every protocol x 3 label fractions x 2 seeds): 3,900 job-seconds
 showcase: $(VENV)/.installed
 	snakemake --cores $(CORES) --rerun-incomplete --configfile config/showcase.yaml
 	@echo "open results/report.html"
