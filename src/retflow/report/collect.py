@@ -72,7 +72,7 @@ def inputs_of(given) -> ReportInputs:
     return given if isinstance(given, ReportInputs) else ReportInputs.found(given)
 
 
-def _num(value) -> float:
+def as_float(value) -> float:
     """JSON number or null -> float (null -> NaN)."""
     try:
         return float(value) if value is not None else math.nan
@@ -109,7 +109,7 @@ def train_summary(layout: Layout, where: Mapping) -> dict:
                 "train_summary.json")
     data = load_metrics_json(path) if path.is_file() else None
     data = data if isinstance(data, dict) else {}
-    return {k: _num(data.get(k)) for k in SUMMARY_KEYS}
+    return {k: as_float(data.get(k)) for k in SUMMARY_KEYS}
 
 
 def collect_results(inputs) -> pd.DataFrame:
@@ -145,9 +145,9 @@ def collect_results(inputs) -> pd.DataFrame:
         row.update(train_summary(layout, where))
         for name, m in data["metrics"].items():
             m = m if isinstance(m, dict) else {"value": m}
-            row[name] = _num(m.get("value"))
-            row[f"{name}_lo"] = _num(m.get("ci_low"))
-            row[f"{name}_hi"] = _num(m.get("ci_high"))
+            row[name] = as_float(m.get("value"))
+            row[f"{name}_lo"] = as_float(m.get("ci_low"))
+            row[f"{name}_hi"] = as_float(m.get("ci_high"))
         rows.append(row)
     df = pd.DataFrame(rows, columns=None if rows else RESULT_KEYS + EXTRA_KEYS)
     if rows:
@@ -176,7 +176,7 @@ def collect_compare(inputs) -> list[dict]:
             continue
         data.setdefault("task", where["task"])
         data["protocol"] = data.get("protocol") or where["protocol"]
-        data["fraction"] = _num(data.get("fraction") if data.get("fraction") is not None else where["fraction"])
+        data["fraction"] = as_float(data.get("fraction") if data.get("fraction") is not None else where["fraction"])
         data["seed"] = int(data["seed"]) if data.get("seed") is not None else int(where["seed"])
         data["path"] = str(path)
         out.append(data)

@@ -27,6 +27,7 @@ from . import figures, fmt
 from . import model as rmodel
 from .collect import (
     ReportInputs,
+    as_float,
     collect_compare,
     collect_leakage,
     collect_pretrain,
@@ -59,13 +60,6 @@ def _hours(value) -> float | None:
 def _sum(values: pd.Series) -> float:
     """Sum that stays NaN when nothing was recorded (benchmarks write ``-`` for unknown values)."""
     return values.sum(min_count=1)
-
-
-def _num_or_nan(v) -> float:
-    try:
-        return float(v) if v is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _arrow(info: TaskInfo, m: str) -> str:
@@ -403,7 +397,7 @@ def _retfound_table(info: TaskInfo):
         rec = {"protocol": r["protocol"], "model": r["model"], "fraction": r["fraction"]}
         for prefix, key in (("v1", "retfound_v1"), ("current", "retfound_current")):
             for k, v in (d.get(key) or {}).items():
-                rec[f"{prefix} {k}"] = _num_or_nan(v)
+                rec[f"{prefix} {k}"] = as_float(v)
         records.append(rec)
     frame = pd.DataFrame(records)
     cols = [c for c in frame.columns if c.startswith(("v1 ", "current "))]
@@ -425,7 +419,7 @@ def _per_class(info: TaskInfo, picked: pd.DataFrame):
             rec = {"protocol": r["protocol"], "fraction": r["fraction"], "model": r["model"], "class": str(cls)}
             for k, v in entry.items():
                 if isinstance(v, dict) and "value" in v:
-                    rec[k] = _num_or_nan(v["value"])
+                    rec[k] = as_float(v["value"])
                 elif k.startswith("n_") and isinstance(v, (int, float)):
                     rec[k] = v
             records.append(rec)

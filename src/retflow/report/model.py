@@ -34,8 +34,9 @@ import pandas as pd
 from ..evaluate.metrics import LOWER_IS_BETTER, METRICS_BY_TYPE, PRIMARY_METRIC
 from ..settings.report import ReportSettings, ReportTask
 from . import figures
-from .collect import metric_names
+from .collect import as_float, metric_names
 from .fmt import ALPHA, metric_label, p_plain
+from .fmt import missing as is_nan
 
 KEY_METRICS = {
     "binary": ["auroc", "aupr", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ece"],
@@ -50,10 +51,6 @@ frozen = dataclasses.dataclass(frozen=True)
 
 def pkey(fraction) -> float:
     return round(float(fraction), 9)
-
-
-def is_nan(v) -> bool:
-    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
 
 
 # ---------------------------------------------------------------- a task's metrics and models
@@ -345,8 +342,8 @@ def _compare_at(info: TaskInfo, sig: Significance, protocol: str, fraction: floa
     for seed in sorted(set(pre_rows["seed"].dropna().astype(int)) & set(base_rows["seed"].dropna().astype(int))):
         pair = sig.pair(info.name, protocol, fraction, seed, pre, base)
         if pair is not None and pair.get("difference") is not None:
-            diffs.append(SeedDifference(seed, float(pair["difference"]), _f(pair.get("ci_low")),
-                                        _f(pair.get("ci_high")), _f(pair.get("p_value")), pair.get("method")))
+            diffs.append(SeedDifference(seed, float(pair["difference"]), as_float(pair.get("ci_low")),
+                                        as_float(pair.get("ci_high")), as_float(pair.get("p_value")), pair.get("method")))
         else:  # no paired comparison: the difference of the two runs' values
             a = pre_rows[pre_rows["seed"] == seed][metric].mean()
             b = base_rows[base_rows["seed"] == seed][metric].mean()
@@ -356,13 +353,6 @@ def _compare_at(info: TaskInfo, sig: Significance, protocol: str, fraction: floa
                       Estimate.of(frame, "d") if len(frame) else None, tuple(diffs),
                       _verdict(diffs, info.lower_is_better(metric)),
                       _chance_notes(pd.concat([pre_rows, base_rows]), margin))
-
-
-def _f(v) -> float:
-    try:
-        return float(v) if v is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _means(rows: pd.DataFrame, metric: str) -> pd.Series:
