@@ -239,12 +239,33 @@ def test_a_models_recipe_overrides_its_protocol_section_for_that_model_only():
     assert build.segment(config, "vessels", "mae", 1.0, 0).epochs == 50
 
 
-def test_recipe_keys_are_the_protocol_sections_keys_without_defaults():
-    recipe = schema()["properties"]["models"]["additionalProperties"]["properties"]["recipe"]
+def test_a_tasks_recipe_applies_to_every_model_and_a_models_recipe_after_it():
+    config = minimal_config()
+    config["models"] = {"scratch": {"init": "random", "recipe": {"finetune": {"layer_decay": 1.0, "epochs": 12}}},
+                        "mae": {"init": "pretrained", "method": "mae"}}
+    own = {"mean": [0.46, 0.2, 0.08], "std": [0.27, 0.13, 0.07]}
+    config["tasks"]["glaucoma"]["recipe"] = {"finetune": {"crop_scale": [1.0, 1.0], "normalize": own, "epochs": 9}}
+    config = validate(config)
+    mae = build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="mae")
+    scratch = build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="scratch")
+    assert (mae.crop_scale, mae.epochs, mae.layer_decay) == ((1.0, 1.0), 9, 0.65)
+    assert (scratch.crop_scale, scratch.epochs, scratch.layer_decay) == ((1.0, 1.0), 12, 1.0)  # the model's wins
+    assert mae.normalize.to_dict() == scratch.normalize.to_dict() == own
+    probe = build.finetune(config, "probe_adamw", "glaucoma", 1.0, 0, model="mae")
+    assert probe.normalize.to_dict() == config["preprocess"]["cfp"]["normalize"]  # the recipe names finetune only
+    assert probe.crop_scale != (1.0, 1.0)
+
+
+def test_recipe_keys_are_the_protocol_sections_keys_and_normalize_without_defaults():
+    doc = schema()
+    for where in (doc["properties"]["models"]["additionalProperties"], doc["properties"]["tasks"]["additionalProperties"]):
+        assert where["properties"]["recipe"]["$ref"] == "#/definitions/recipe"
+    recipe = doc["definitions"]["recipe"]
     assert set(recipe["properties"]) == {"finetune", "probe_adamw", "probe_lars", "segment"}
     for protocol, sub in recipe["properties"].items():
-        section = schema()["properties"][protocol]["properties"]
+        section = doc["properties"][protocol]["properties"]
         bare = {k: {f: v for f, v in p.items() if f not in ("default", "description")} for k, p in section.items()}
+        bare["normalize"] = {"$ref": "#/definitions/normalize"}  # preprocess.<modality>.normalize by default
         assert sub["properties"] == bare, protocol
 
 
@@ -258,6 +279,12 @@ def test_a_misspelt_recipe_protocol_or_key_is_one_line_with_did_you_mean():
     with pytest.raises(ConfigError) as err:
         validate(config)
     assert str(err.value) == "config: models.scratch.recipe.finetuen: unknown key (did you mean 'finetune'?)"
+    config["models"]["scratch"]["recipe"] = {}
+    config["tasks"]["glaucoma"]["recipe"] = {"finetune": {"crop_scal": [1.0, 1.0]}}
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    assert str(err.value) == "config: tasks.glaucoma.recipe.finetune.crop_scal: unknown key (did you mean 'crop_scale'?)"
+    config["tasks"]["glaucoma"]["recipe"] = {}
     config["models"]["scratch"]["recipe"] = {"segment": {"layer_decay": 2}}
     with pytest.raises(ConfigError, match=r"^config: models.scratch.recipe.segment.layer_decay: 2 is greater than "
                                           r"the maximum of 1$"):

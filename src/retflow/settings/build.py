@@ -6,8 +6,9 @@ library user calls them on ``retflow.settings.load_config(path)`` and gets the s
     config = load_config("config.yaml")
     s = build.finetune(config, "finetune", "glaucoma", 1.0, 0, model="scratch")   # as the workflow
 
-A model's ``models.<name>.recipe.<protocol>`` overrides its protocol section's keys (applied
-here, once, so the rules and a library user get the same recipe).
+A task's ``tasks.<name>.recipe.<protocol>`` and then a model's ``models.<name>.recipe.<protocol>``
+override the protocol section's keys (applied here, once, so the rules and a library user get the
+same recipe).
 """
 
 from __future__ import annotations
@@ -57,30 +58,35 @@ def model_recipe(config: dict, model: str | None, protocol: str) -> dict:
     return config["models"][model]["recipe"].get(protocol) or {}  # only the keys this model overrides
 
 
+def task_recipe(config: dict, task_name: str, protocol: str) -> dict:
+    """The keys ``tasks.<task>.recipe.<protocol>`` overrides, for every model of the task."""
+    return config["tasks"][task_name]["recipe"].get(protocol) or {}  # only the keys this task overrides
+
+
 def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed: int,
              model: str | None = None) -> S.FinetuneSettings:
-    """One fine-tune / probe run: the protocol's section (with ``model``'s recipe for it applied)
-    + the task, its modality's ViT, the run. Without ``model``: the section as configured."""
+    """One fine-tune / probe run: the protocol's section (with the task's and then ``model``'s recipe
+    for it applied) + the task, its modality's ViT, the run. Without ``model``: no model recipe."""
     if config["tasks"][task_name]["type"] == "segmentation":
         raise rfc.ConfigError(f"task '{task_name}' is a segmentation task: its runs are built by "
                               f"retflow.settings.build.segment (rule segment), not finetune")
     modality = rfc.task_modality(config, task_name)
-    data = _pick(S.FinetuneSettings, config[protocol], model_recipe(config, model, protocol), protocol=protocol,
-                 task=task(config, task_name),
-                 vit=vit(config, modality), normalize=normalize(config, modality), fraction=float(fraction),
-                 seed=int(seed), device=config["device"])
+    data = _pick(S.FinetuneSettings, config[protocol], {"normalize": normalize(config, modality)},
+                 task_recipe(config, task_name, protocol), model_recipe(config, model, protocol),
+                 protocol=protocol, task=task(config, task_name), vit=vit(config, modality),
+                 fraction=float(fraction), seed=int(seed), device=config["device"])
     return S.FinetuneSettings.from_dict(data, protocol)
 
 
 def segment(config: dict, task_name: str, model: str, fraction: float, seed: int,
             protocol: str = "finetune") -> S.SegmentSettings:
-    """One segmentation run: the ``segment`` section (with ``model``'s recipe for it applied) + the
-    task, its modality's ViT, the run."""
+    """One segmentation run: the ``segment`` section (with the task's and then ``model``'s recipe for
+    it applied) + the task, its modality's ViT, the run."""
     modality = rfc.task_modality(config, task_name)
-    data = _pick(S.SegmentSettings, config["segment"], model_recipe(config, model, "segment"), protocol=protocol,
-                 model=model, task=task(config, task_name),
-                 vit=vit(config, modality), normalize=normalize(config, modality), fraction=float(fraction),
-                 seed=int(seed), device=config["device"], evaluate=evaluate(config))
+    data = _pick(S.SegmentSettings, config["segment"], {"normalize": normalize(config, modality)},
+                 task_recipe(config, task_name, "segment"), model_recipe(config, model, "segment"),
+                 protocol=protocol, model=model, task=task(config, task_name), vit=vit(config, modality),
+                 fraction=float(fraction), seed=int(seed), device=config["device"], evaluate=evaluate(config))
     return S.SegmentSettings.from_dict(data, "segment")
 
 
