@@ -64,6 +64,16 @@ def phantom_names():
     return [n for n, d in DATASETS.items() if d["source"] == "phantom"]
 
 
+def data_priority(wildcards):
+    """Pretraining pools first: pretraining (the longest jobs) waits on them, the rest only on the gate."""
+    return 20 if DATASETS[wildcards.dataset]["role"] == "pretrain" else 10
+
+
+def run_priority(wildcards):
+    """Runs with external test sets first: their chain to the report is a prediction job longer."""
+    return 1 if TASKS[wildcards.task]["external"] else 0
+
+
 def prepare_inputs(wildcards):
     ds = DATASETS[wildcards.dataset]
     if ds["source"] == "phantom":

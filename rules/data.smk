@@ -23,7 +23,7 @@ rule phantom_dataset:
         "benchmarks/data/phantom_{dataset}.tsv"
     wildcard_constraints:
         dataset="|".join(phantom_names()) or "no_phantoms",
-    priority: 10  # the critical path: pretraining waits on these
+    priority: data_priority  # the critical path: pretraining waits on the pools
     threads: res("data", "threads")
     resources:
         mem_mb=res("data", "mem_mb"),
@@ -51,7 +51,7 @@ rule prepare_dataset:
         "logs/data/prepare_{dataset}.log",
     benchmark:
         "benchmarks/data/prepare_{dataset}.tsv"
-    priority: 10  # the critical path: pretraining waits on these
+    priority: data_priority  # the critical path: pretraining waits on the pools
     threads: res("data", "threads")
     resources:
         mem_mb=res("data", "mem_mb"),

@@ -2,7 +2,7 @@
 
 
 wildcard_constraints:
-    protocol="finetune|probe_adamw|probe_lars|probe_logreg",
+    protocol="|".join(rfc.protocols()),
     task="|".join(TASKS),
     model="|".join(MODELS),
     frac=r"[0-9.]+",
@@ -26,6 +26,7 @@ rule finetune:
         f"benchmarks/{RUN_LOG}/train.tsv"
     container:
         CONTAINERS["gpu"]
+    priority: run_priority
     threads: res("finetune", "threads")
     resources:
         **launch.slurm_resources(

@@ -219,6 +219,13 @@ def task_models(config: dict, task: str) -> list[str]:
     return config["tasks"][task].get("models") or list(config["models"])
 
 
+def protocols() -> tuple[str, ...]:
+    """Every downstream protocol the schema knows (``definitions.protocol``)."""
+    from retflow.settings.load import schema
+
+    return tuple(schema()["definitions"]["protocol"]["enum"])
+
+
 def task_fanout(config: dict, task: str) -> tuple[list, list, list]:
     """(protocols, fractions, seeds) of a task: its own overrides, else the global lists."""
     spec = config["tasks"][task]
