@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from retflow import config as rfc  # noqa: E402
-from retflow.layout import Layout  # noqa: E402
+from retflow import fusion_config  # noqa: E402
+from retflow.layout import FOLD_WILDCARD, Layout  # noqa: E402
 from retflow.settings import build  # noqa: E402
 from retflow.settings import report as report_settings  # noqa: E402 (`report`: Snakemake's)
 from retflow.train import launch  # noqa: E402
@@ -19,8 +20,9 @@ TASKS = config["tasks"]
 MODELS = config["models"]
 # segmentation tasks: one `segment` job writes metrics.json (rules/segment.smk), finetune protocol only
 SEGMENTATION_TASKS = [t for t, s in TASKS.items() if s["type"] == "segmentation"]
-RUN_DIR = LAYOUT.run_dir("{protocol}", "{task}", "{model}", "{frac}", "{seed}")
-RUN_LOG = "{protocol}/{task}/{model}/frac{frac}/seed{seed}"
+# {fold}: "fold<k>/" for a cross-validation run, "" for the fixed split (retflow.layout.fold_tag)
+RUN_DIR = LAYOUT.run_dir("{protocol}", "{task}", "{model}", "{frac}", "{seed}", "{fold}")
+RUN_LOG = "{protocol}/{task}/{model}/frac{frac}/{fold}seed{seed}"
 PRETRAIN = rfc.pretrain_runs(config)
 
 
@@ -30,6 +32,11 @@ def as_json(obj):
 
 def res(kind, key):
     return rfc.resources(config, kind)[key]
+
+
+def dataset_splits(dataset):
+    """The splits section a dataset is prepared with: its own number of folds (retflow.config.dataset_folds)."""
+    return {**config["splits"], "folds": rfc.dataset_folds(config, dataset)}
 
 
 def store_dir(dataset):
@@ -188,6 +195,7 @@ def finetune_settings(wildcards):
         wildcards.frac,
         wildcards.seed,
         model=wildcards.model,
+        fold_k=wildcards.fold,
     ).to_json()
 
 
@@ -223,4 +231,16 @@ def segment_settings(wildcards):
         wildcards.frac,
         wildcards.seed,
         wildcards.protocol,
+        fold_k=wildcards.fold,
     ).to_json()
+
+
+def fusion_store(wildcards, modality):
+    """The manifest of a fusion task's CFP or OCT store (rules/fusion.smk)."""
+    return store_manifest(TASKS[wildcards.task]["fusion"][modality])
+
+
+def fusion_init(wildcards, modality):
+    """The checkpoint a fusion model's CFP or OCT encoder starts from (none: random init)."""
+    path = fusion_config.init_checkpoint(config, LAYOUT, wildcards.model, modality)
+    return path or []

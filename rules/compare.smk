@@ -12,11 +12,11 @@ rule compare:
     input:
         lambda w: report_targets.compare_inputs(config, LAYOUT, w),
     output:
-        LAYOUT.compare_json("{task}", "{protocol}", "{frac}", "{seed}"),
+        LAYOUT.compare_json("{task}", "{protocol}", "{frac}", "{seed}", "{fold}"),
     log:
-        "logs/compare/{task}/{protocol}/frac{frac}/seed{seed}.log",
+        "logs/compare/{task}/{protocol}/frac{frac}/{fold}seed{seed}.log",
     benchmark:
-        "benchmarks/compare/{task}/{protocol}/frac{frac}/seed{seed}.tsv"
+        "benchmarks/compare/{task}/{protocol}/frac{frac}/{fold}seed{seed}.tsv"
     container:
         CONTAINERS["cpu"]
     threads: 1
@@ -25,7 +25,7 @@ rule compare:
         runtime=res("evaluate", "runtime"),
     params:
         settings=lambda w: report_settings.compare(
-            config, w.task, w.protocol, w.frac, w.seed
+            config, w.task, w.protocol, w.frac, w.seed, w.fold
         ).to_json(),
     shell:
         "python workflow_scripts/compare.py --settings {params.settings:q} --predictions {input}"

@@ -63,7 +63,7 @@ rule prepare_dataset:
         prep=as_json(
             {k: v for k, v in config["preprocess"].items() if k not in GATE_KEYS}
         ),
-        splits=as_json(config["splits"]),
+        splits=lambda w: as_json(dataset_splits(w.dataset)),
         labels=allowed_labels,
         leakage=as_json(config["leakage"]),
         out=lambda w, output: str(Path(output.manifest).parent),

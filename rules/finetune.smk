@@ -1,4 +1,4 @@
-# Downstream training: protocol x task x model x label fraction x seed.
+# Downstream training: protocol x task x model x label fraction x [cross-validation fold x] seed.
 
 
 wildcard_constraints:
@@ -7,6 +7,7 @@ wildcard_constraints:
     model="|".join(MODELS),
     frac=r"[0-9.]+",
     seed=r"\d+",
+    fold=FOLD_WILDCARD,
 
 
 rule finetune:
@@ -24,6 +25,8 @@ rule finetune:
         f"logs/{RUN_LOG}/train.log",
     benchmark:
         f"benchmarks/{RUN_LOG}/train.tsv"
+    wildcard_constraints:
+        protocol=rfc.FINETUNE_PROTOCOLS,  # not fusion: rules/fusion.smk trains those runs
     container:
         CONTAINERS["gpu"]
     priority: run_priority

@@ -11,6 +11,7 @@ rule report:
         metrics=all_metrics(),
         compare=COMPARE_JSONS,
         saliency=SALIENCY_PNGS,
+        fusion=report_targets.same_eyes_outputs(config, LAYOUT),  # rules/fusion.smk
         pretrain=[LAYOUT.pretrain_figure(m, mod) for m, mod in PRETRAIN],
         qc=[LAYOUT.qc(d) for d in DATASETS],
         synth=SYNTH_REPORT_INPUTS if config["synth"]["enabled"] else [],
@@ -37,5 +38,5 @@ rule report:
     shell:
         "python workflow_scripts/report.py --settings {params.settings:q} --results {params.results}"
         " --metrics {input.metrics:q} --compare {input.compare:q} --saliency {input.saliency:q}"
-        " --pretrain {input.pretrain:q} --qc {input.qc:q}"
+        " --pretrain {input.pretrain:q} --qc {input.qc:q} --fusion {input.fusion:q}"
         " --benchmarks benchmarks --out {output.html} --settings-out {output.settings} > {log} 2>&1"

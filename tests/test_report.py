@@ -179,7 +179,7 @@ def build_fake_tree(root: Path) -> tuple[Path, Path]:
                             assert (job.task_type, job.classes) == (ttype, tuple(cls) if ttype != "regression" else ())
                             evaluate.run(job, folder / "predictions.parquet", folder / "metrics.json")
     compare_n_boot = dict(CONFIG["evaluate"], n_boot=200)
-    for task, protocol, frac, seed in targets.compare_groups(CONFIG):
+    for task, protocol, frac, seed, _fold in targets.compare_groups(CONFIG):  # no folds: fold None
         job = report_settings.compare(CONFIG, task, protocol, frac, seed)
         job = job.replace(evaluate=job.evaluate.replace(**compare_n_boot))
         preds = [f"{layout.run_dir(protocol, task, m, frac, seed)}/predictions.parquet" for m in job.models]
@@ -353,7 +353,7 @@ def test_mapped_internal_sums_merged_class_probabilities(tmp_path):
 # ---------------------------------------------------------------- targets
 def test_compare_and_saliency_targets():
     groups = targets.compare_groups(CONFIG)
-    assert ("glaucoma", "probe_lars", "0.1", 0) in groups and ("dr_grading", "finetune", "1", 1) in groups
+    assert ("glaucoma", "probe_lars", "0.1", 0, None) in groups and ("dr_grading", "finetune", "1", 1, None) in groups
     assert not any(k[0] == "vessels" for k in groups)  # segmentation is skipped
     assert all(v == ["mae", "scratch"] for v in groups.values())
     one_model = dict(CONFIG, models={"mae": MODELS["mae"]})
@@ -361,7 +361,7 @@ def test_compare_and_saliency_targets():
     layout = Layout("out")
 
     class W:
-        task, protocol, frac, seed = "glaucoma", "finetune", "1", "0"
+        task, protocol, frac, seed, fold = "glaucoma", "finetune", "1", "0", ""
 
     assert targets.compare_inputs(CONFIG, layout, W) == [
         "out/finetune/glaucoma/mae/frac1/seed0/predictions.parquet",
@@ -389,12 +389,12 @@ def test_layout_paths_round_trip(tmp_path):
     layout = Layout(tmp_path / "res")
     run = layout.run_dir("probe_lars", "glaucoma", "mae", 0.1, 3)
     assert run == f"{tmp_path}/res/probe_lars/glaucoma/mae/frac0.1/seed3"
-    where = {"protocol": "probe_lars", "task": "glaucoma", "model": "mae", "fraction": "0.1", "seed": "3"}
+    where = {"protocol": "probe_lars", "task": "glaucoma", "model": "mae", "fraction": "0.1", "seed": "3", "fold": None}
     assert layout.parse_run_file(f"{run}/metrics.json") == {**where, "eval_set": "internal"}
     assert layout.parse_run_file(f"{layout.external_dir(run, 'cfp_device_b')}/metrics.json") == {
         **where, "eval_set": "cfp_device_b"}
     assert layout.parse_compare_file(layout.compare_json("glaucoma", "finetune", 1.0, 0)) == {
-        "task": "glaucoma", "protocol": "finetune", "fraction": "1", "seed": "0"}
+        "task": "glaucoma", "protocol": "finetune", "fraction": "1", "seed": "0", "fold": None}
     for outside in (layout.qc("cfp_clinic"), f"{layout.pretrain_dir('mae', 'cfp')}/a/frac1/seed0/log.csv",
                     tmp_path / "elsewhere/finetune/t/m/frac1/seed0/metrics.json", layout.saliency_json("t")):
         assert layout.parse_run_file(outside) is None, outside
@@ -727,6 +727,16 @@ def test_headline_numbers_from_known_metrics_and_compare_files(hand):
     assert runs[("mae", 0.1)].chance is None and runs[("mae", 0.1)].best_epoch == 4
     assert np.isnan(runs[("scratch", 0.1)].best_epoch)
     assert all(r.chance is False for r in report.runs["oct"] if r.model == "mae")
+
+
+def test_a_task_without_a_baseline_shows_the_pretrained_models_value_and_external_change(hand):
+    df = collect_results(hand)
+    alone = df[~((df["task"] == "glaucoma") & (df["model"] == "scratch"))]  # glaucoma: mae only
+    h = {x.task: x for x in rmodel.build(alone, collect_compare(hand), HAND_SETTINGS).headlines}["glaucoma"]
+    assert h.note == "no baseline (init: random) compared in finetune for this task"
+    assert (h.pretrained, h.baseline, h.full_fraction, h.smallest) == ("mae", None, 1.0, None)
+    assert h.alone.value == pytest.approx(0.90) and (h.alone.lo, h.alone.hi) == pytest.approx((0.85, 0.95))
+    assert h.external[0].change == pytest.approx(0.75 - 0.90) and h.references[0].ours.value == pytest.approx(0.90)
 
 
 def test_never_left_chance_uses_the_configured_margin():

@@ -11,7 +11,8 @@ from retflow.settings import build
 from retflow.settings import stages as S
 from retflow.settings.load import schema
 
-RUN_FIELDS = {"protocol", "task", "vit", "normalize", "fraction", "seed", "device"}
+RUN_FIELDS = {"protocol", "task", "vit", "normalize", "fraction", "seed", "device", "pool", "fold",
+              "lora"}  # lora: protocol lora's adapters (tests/test_lora.py checks them)
 
 
 def fields(record) -> set[str]:
@@ -261,11 +262,12 @@ def test_recipe_keys_are_the_protocol_sections_keys_and_normalize_without_defaul
     for where in (doc["properties"]["models"]["additionalProperties"], doc["properties"]["tasks"]["additionalProperties"]):
         assert where["properties"]["recipe"]["$ref"] == "#/definitions/recipe"
     recipe = doc["definitions"]["recipe"]
-    assert set(recipe["properties"]) == {"finetune", "probe_adamw", "probe_lars", "segment"}
+    assert set(recipe["properties"]) == {"finetune", "probe_adamw", "probe_lars", "lora", "segment", "fusion"}
     for protocol, sub in recipe["properties"].items():
         section = doc["properties"][protocol]["properties"]
         bare = {k: {f: v for f, v in p.items() if f not in ("default", "description")} for k, p in section.items()}
-        bare["normalize"] = {"$ref": "#/definitions/normalize"}  # preprocess.<modality>.normalize by default
+        if protocol != "fusion":  # fusion: each modality's preprocess.<modality>.normalize, no override
+            bare["normalize"] = {"$ref": "#/definitions/normalize"}  # preprocess.<modality>.normalize by default
         assert sub["properties"] == bare, protocol
 
 

@@ -3,7 +3,7 @@
 The JSON schema (``config/schema.yaml``) checks types, names and defaults; this module checks
 what a schema cannot: cross-references between sections (a task naming an unknown dataset, a
 model naming a pretraining method that is not run, ...) and paths that must exist on disk.
-It also expands the config into the DAG's fan-out (task x model x fraction x seed).
+It also expands the config into the DAG's fan-out (task x model x fraction x [fold x] seed).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"datasets.{name}: source 'phantom' needs a 'phantom:' block")
         if ds["source"] != "phantom" and "path" not in ds:
             errors.append(f"datasets.{name}: source '{ds['source']}' needs 'path'")
+        if "folds" in ds and ds["role"] != "labelled":  # optional override: no default
+            errors.append(f"datasets.{name}.folds: only labelled datasets are cross-validated "
+                          f"(role '{ds['role']}'); remove the key")
         if ds.get("label_columns") == []:  # an explicit empty list, never "every column"
             from retflow.data.ingest import empty_label_columns
 
@@ -128,8 +131,10 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"tasks.{name}.classes: one name per label column ({len(labels)})")
         if len(set(map(str, task.get("classes", [])))) != len(task.get("classes", [])):
             errors.append(f"tasks.{name}.classes: duplicate class names")
+    from retflow.fusion_config import errors as fusion_errors
     from retflow.settings.checks import pretrain_errors
 
+    errors += fusion_errors(config)
     errors += pretrain_errors(config)
     splits = config["splits"]
     total = sum(splits[k] for k in ("train", "val", "test"))
@@ -193,15 +198,24 @@ def task_modality(config: dict, task: str) -> str:
     return config["datasets"][config["tasks"][task]["dataset"]]["modality"]
 
 
+def task_modalities(config: dict, task: str) -> list[str]:
+    """The modalities a task's models take: its dataset's, or both for a fusion task (retflow.fusion_config)."""
+    from retflow.fusion_config import MODALITIES, is_fusion
+
+    return list(MODALITIES) if is_fusion(config, task) else [task_modality(config, task)]
+
+
 @dataclass(frozen=True)
 class Run:
-    """One downstream training run: the unit a user reruns (its folder: ``retflow.layout.Layout.run``)."""
+    """One downstream training run: the unit a user reruns (its folder: ``retflow.layout.Layout.run``).
+    ``fold``: the cross-validation fold (``splits.folds`` >= 2), None for the fixed split."""
 
     protocol: str
     task: str
     model: str
     fraction: float
     seed: int
+    fold: int | None = None
 
 
 def task_classes(task: dict) -> list[str]:
@@ -226,21 +240,45 @@ def protocols() -> tuple[str, ...]:
     return tuple(schema()["definitions"]["protocol"]["enum"])
 
 
+#: the protocols rule finetune trains (every protocol but fusion, whose runs rule fusion trains), as a regex
+FINETUNE_PROTOCOLS = "|".join(p for p in protocols() if p != "fusion")
+
+
 def task_fanout(config: dict, task: str) -> tuple[list, list, list]:
-    """(protocols, fractions, seeds) of a task: its own overrides, else the global lists."""
+    """(protocols, fractions, seeds) of a task: its own overrides, else the global lists; a fusion
+    task's only protocol is ``fusion`` (retflow.fusion_config)."""
+    from retflow.fusion_config import FUSION, is_fusion
+
     spec = config["tasks"][task]
-    return (spec.get("protocols") or config["protocols"],
+    protocols = [FUSION] if is_fusion(config, task) else spec.get("protocols") or config["protocols"]
+    return (protocols,
             spec.get("fractions") or config["fractions"],
             spec.get("seeds") or config["seeds"])
 
 
+def dataset_folds(config: dict, dataset: str) -> int:
+    """A dataset's number of cross-validation folds: ``datasets.<name>.folds``, else ``splits.folds``
+    (1: the fixed split); always 1 for pretraining pools and external sets."""
+    ds = config["datasets"][dataset]
+    if ds["role"] != "labelled":
+        return 1
+    return int(ds["folds"] if "folds" in ds else config["splits"]["folds"])  # the override has no default
+
+
+def task_folds(config: dict, task: str) -> list[int | None]:
+    """The folds a task's runs fan out over: ``[None]`` (the fixed split) or ``[0, ..., k-1]``."""
+    k = dataset_folds(config, config["tasks"][task]["dataset"])
+    return [None] if k < 2 else list(range(k))
+
+
 def downstream_runs(config: dict, task: str | None = None) -> list[Run]:
-    """The fan-out protocol x task x model x fraction x seed (optionally for one task)."""
+    """The fan-out protocol x task x model x fraction x [fold x] seed (optionally for one task)."""
     tasks = [task] if task else list(config["tasks"])
     runs = []
     for t in tasks:
         protocols, fractions, seeds = task_fanout(config, t)
-        runs += [Run(p, t, m, f, s) for p, m, f, s in itertools.product(protocols, task_models(config, t), fractions, seeds)]
+        runs += [Run(p, t, m, f, s, k) for p, m, f, k, s in
+                 itertools.product(protocols, task_models(config, t), fractions, task_folds(config, t), seeds)]
     return runs
 
 
@@ -293,7 +331,7 @@ def pretrain_runs(config: dict) -> list[tuple[str, str]]:
             continue
         for task in config["tasks"]:
             if name in task_models(config, task):
-                needed.add((pretrain_run(config, model), task_modality(config, task)))
+                needed |= {(pretrain_run(config, model), m) for m in task_modalities(config, task)}
     # a token-reconstruction teacher named by method is pretrained in the DAG too
     teacher = config["pretrain"]["token_recon"].get("teacher_checkpoint")
     for run, modality in list(needed):

@@ -3,16 +3,24 @@
 The rules (``rules/*.smk``), the report, the synthetic branch and the library all ask a
 :class:`Layout` for paths; nothing else writes ``f"{results}/..."``. A method called with
 Snakemake wildcard strings (``"{task}"``) gives the rule's pattern, called with values the
-concrete path::
+concrete path. The fold level is one optional path piece: :func:`fold_tag` spells it
+(``"fold2/"``, ``""`` without folds), so a rule's pattern is ``.../frac{frac}/{fold}seed{seed}`` with
+the wildcard ``fold`` matching ``fold<k>/`` or nothing (:data:`FOLD_WILDCARD`) and
+:func:`parse_fold` reads it back::
 
     results/raw/{dataset}/                               phantom datasets as generated
     results/data/{dataset}/                              a prepared store (shards/, manifest.parquet,
                                                          quarantine.csv, qc.json)
     results/data/leakage.json, preflight.json            cross-dataset leakage, the pre-flight gate
     results/data/weights.json                            the configured weights files checked against their ViT
+    results/data/pairs/{task}/                           a fusion task's pairs.parquet, unpaired.csv, pairing.json
     results/pretrain/{run}/{modality}/                   checkpoint.pth, log.csv, figure.png, settings.json
     results/{protocol}/{task}/{model}/frac{f}/seed{s}/    one downstream run (run_dir)
-    results/compare/{task}/{protocol}/frac{f}/seed{s}.json
+    results/{protocol}/{task}/{model}/frac{f}/fold{k}/seed{s}/   one run of cross-validation fold k
+                                                         (splits.folds >= 2; no fold level otherwise)
+    results/compare/{task}/{protocol}/frac{f}/seed{s}.json   (.../frac{f}/fold{k}/seed{s}.json with folds)
+    results/same_eyes/{task}/{protocol}/{model}/frac{f}/seed{s}/   a fusion run vs the single-modality runs of
+                                                         {protocol} on the same test eyes (compare.json, *.parquet)
     results/saliency/{task}.png / .json
     results/synth/{modality}/ldm/                        the generator: model.pth, log.csv, recon.png, settings.json
     results/synth/{modality}/parts/{shard}/              one sampling job's store part + settings.json
@@ -35,11 +43,38 @@ def fraction_tag(fraction) -> str:
     return format(float(fraction), "g")
 
 
+def fold_tag(fold) -> str:
+    """A cross-validation fold as it appears in paths, the piece before ``seed{s}``: ``None`` -> ``""``
+    (the fixed split: today's paths), ``2`` -> ``"fold2/"``; a tag or a wildcard (``"{fold}"``) stays."""
+    if fold is None or fold == "":
+        return ""
+    if isinstance(fold, str) and not fold.isdigit():
+        return fold
+    return f"fold{int(fold)}/"
+
+
+def parse_fold(tag) -> int | None:
+    """Inverse of :func:`fold_tag`: ``"fold2/"`` (or ``"fold2"``, ``2``) -> 2; ``""`` / None -> None."""
+    if tag is None or tag == "":
+        return None
+    if isinstance(tag, int):
+        return tag
+    m = re.fullmatch(r"(?:fold)?(\d+)/?", str(tag))
+    if m is None:
+        raise ValueError(f"not a fold tag: {tag!r} (expected 'fold<k>/' or '')")
+    return int(m[1])
+
+
+#: the wildcard constraint of ``{fold}`` in the rules' patterns: ``fold<k>/`` or nothing
+FOLD_WILDCARD = r"(?:fold\d+/)?"
+
 #: the top-level folders that are not downstream protocols
-NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth"})
-_RUN = re.compile(r"(?P<protocol>[^/]+)/(?P<task>[^/]+)/(?P<model>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>\d+)"
-                  r"(?:/external/(?P<external>[^/]+))?/[^/]+$")
-_COMPARE = re.compile(r"compare/(?P<task>[^/]+)/(?P<protocol>[^/]+)/frac(?P<fraction>[^/]+)/seed(?P<seed>\d+)\.json")
+NOT_PROTOCOLS = frozenset({"data", "raw", "pretrain", "compare", "saliency", "export", "embeddings", "synth",
+                           "same_eyes"})
+_RUN = re.compile(r"(?P<protocol>[^/]+)/(?P<task>[^/]+)/(?P<model>[^/]+)/frac(?P<fraction>[^/]+)/(?:fold(?P<fold>\d+)/)?"
+                  r"seed(?P<seed>\d+)(?:/external/(?P<external>[^/]+))?/[^/]+$")
+_COMPARE = re.compile(r"compare/(?P<task>[^/]+)/(?P<protocol>[^/]+)/frac(?P<fraction>[^/]+)/"
+                      r"(?:fold(?P<fold>\d+)/)?seed(?P<seed>\d+)\.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +118,19 @@ class Layout:
         """Every configured weights file checked against its ViT (the gate reads its problems)."""
         return self._p("data", "weights.json")
 
+    def pairs_dir(self, task: str) -> str:
+        """A fusion task's pairing (:mod:`retflow.data.pairing`): pairs.parquet, unpaired.csv, pairing.json."""
+        return self._p("data", "pairs", task)
+
+    def pairs(self, task: str) -> str:
+        return f"{self.pairs_dir(task)}/pairs.parquet"
+
+    def unpaired(self, task: str) -> str:
+        return f"{self.pairs_dir(task)}/unpaired.csv"
+
+    def pairing_json(self, task: str) -> str:
+        return f"{self.pairs_dir(task)}/pairing.json"
+
     # pretraining -----------------------------------------------------------------
     def pretrain_dir(self, run: str, modality: str) -> str:
         return self._p("pretrain", run, modality)
@@ -97,19 +145,22 @@ class Layout:
         return f"{self.pretrain_dir(run, modality)}/figure.png"
 
     # downstream runs -------------------------------------------------------------
-    def run_dir(self, protocol: str, task: str, model: str, fraction, seed) -> str:
-        return self._p(protocol, task, model, f"frac{fraction_tag(fraction)}", f"seed{seed}")
+    def run_dir(self, protocol: str, task: str, model: str, fraction, seed, fold=None) -> str:
+        """A run's folder; ``fold`` (an int, a :func:`fold_tag` or the wildcard ``"{fold}"``) adds the
+        ``fold{k}/`` level of a cross-validation run, None keeps the fixed split's path."""
+        return self._p(protocol, task, model, f"frac{fraction_tag(fraction)}", f"{fold_tag(fold)}seed{seed}")
 
     def run(self, run) -> str:
         """The folder of a :class:`retflow.config.Run`."""
-        return self.run_dir(run.protocol, run.task, run.model, run.fraction, run.seed)
+        return self.run_dir(run.protocol, run.task, run.model, run.fraction, run.seed, run.fold)
 
     def external_dir(self, run_dir: str, dataset: str) -> str:
         return f"{run_dir}/external/{dataset}"
 
     def parse_run_file(self, path: str | Path) -> dict | None:
-        """``{protocol, task, model, fraction, seed, eval_set}`` of a file inside a run folder
-        (``.../external/<set>/...`` gives that eval set), or None for a path outside the layout."""
+        """``{protocol, task, model, fraction, seed, fold, eval_set}`` of a file inside a run folder
+        (``.../external/<set>/...`` gives that eval set; ``fold`` None without a fold level), or None
+        for a path outside the layout."""
         try:
             rel = Path(path).resolve().relative_to(Path(self.root).resolve()).as_posix()
         except ValueError:
@@ -118,11 +169,20 @@ class Layout:
         if m is None or m["protocol"] in NOT_PROTOCOLS:
             return None
         return {"protocol": m["protocol"], "task": m["task"], "model": m["model"], "fraction": m["fraction"],
-                "seed": m["seed"], "eval_set": m["external"] or "internal"}
+                "seed": m["seed"], "fold": m["fold"], "eval_set": m["external"] or "internal"}
 
     # report steps ----------------------------------------------------------------
-    def compare_json(self, task: str, protocol: str, fraction, seed) -> str:
-        return self._p("compare", task, protocol, f"frac{fraction_tag(fraction)}", f"seed{seed}.json")
+    def compare_json(self, task: str, protocol: str, fraction, seed, fold=None) -> str:
+        """The model comparison of one (task, protocol, fraction, [fold,] seed): models paired on the same runs."""
+        return self._p("compare", task, protocol, f"frac{fraction_tag(fraction)}", f"{fold_tag(fold)}seed{seed}.json")
+
+    def same_eyes_dir(self, task: str, protocol: str, model: str, fraction, seed) -> str:
+        """A fusion run (task, model, fraction, seed) vs the single-modality runs of ``protocol`` on the same
+        test eyes (:mod:`retflow.report.same_eyes`): ``compare.json`` + the restricted predictions."""
+        return self._p("same_eyes", task, protocol, model, f"frac{fraction_tag(fraction)}", f"seed{seed}")
+
+    def same_eyes_json(self, task: str, protocol: str, model: str, fraction, seed) -> str:
+        return f"{self.same_eyes_dir(task, protocol, model, fraction, seed)}/compare.json"
 
     def saliency_png(self, task: str) -> str:
         return self._p("saliency", f"{task}.png")
@@ -131,7 +191,8 @@ class Layout:
         return self._p("saliency", f"{task}.json")
 
     def parse_compare_file(self, path: str | Path) -> dict | None:
-        """``{task, protocol, fraction, seed}`` of a :meth:`compare_json` file, or None outside the layout."""
+        """``{task, protocol, fraction, seed, fold}`` of a :meth:`compare_json` file (``fold`` None without
+        folds), or None outside the layout."""
         try:
             rel = Path(path).resolve().relative_to(Path(self.root).resolve()).as_posix()
         except ValueError:

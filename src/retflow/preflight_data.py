@@ -148,6 +148,9 @@ def _dataset_problems(store: Store, limit: float) -> list[str]:
         out.append(f"dataset '{store.name}': {bad}/{n} inputs quarantined ({bad / max(1, n):.1%} > "
                    f"preprocess.max_quarantine_fraction {limit:.1%}); reasons {qc['quarantine_reasons']}; "
                    f"the list: {store.where('quarantine.csv')} (fix or remove those files, or raise the limit)")
+    folds = qc.get("folds") or {}  # qc.json of a cross-validated dataset only
+    if folds.get("problem"):
+        out.append(folds["problem"])
     errors = qc["leakage_errors"]
     for line in errors[:MAX_FINDINGS]:
         kind = line[1:line.index("]")] if line.startswith("[") else "<kind>"

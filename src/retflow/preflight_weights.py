@@ -24,8 +24,7 @@ def weight_uses(config: dict) -> list[dict]:
     """``{key, path, vit}`` for every (weights file, ViT) pair the config will load: ``init: file``
     models of the tasks that use them, ``pretrain.init``, a file as token_recon's teacher."""
     uses = []
-    for task in config["tasks"]:
-        modality = rfc.task_modality(config, task)
+    for task, modality in ((t, m) for t in config["tasks"] for m in rfc.task_modalities(config, t)):
         for name in rfc.task_models(config, task):
             model = config["models"][name]
             if model["init"] == "file":

@@ -35,7 +35,8 @@ def label_reads(config: dict, dataset: str) -> Iterator[tuple[str, str, list | N
     """``(config key, column, allowed values)`` for every label column the config reads from
     ``dataset``, in config order: the tasks' labels (key ``tasks.<task>.label``) and external labels
     (``tasks.<task>.external.<dataset>.label`` when the external set names its own), then
-    ``multilabel_columns`` and a synthetic generator's conditioning label. Allowed values: the
+    ``multilabel_columns`` and a synthetic generator's conditioning label; a fusion task's ``visit``
+    column in both of its datasets. Allowed values: the
     classes of a classification task, 0/1 for multilabel, None for a column kept but not checked
     here (a regression target, a conditioning label). The key names where the column is set,
     for messages (:func:`retflow.preflight.startup_errors`)."""
@@ -59,6 +60,9 @@ def label_reads(config: dict, dataset: str) -> Iterator[tuple[str, str, list | N
             classes = ext["classes"] if ext.get("map") else task.get("classes")  # both optional
             for col in label if isinstance(label, list) else [label]:
                 yield key, col, binary or (classes if checked else None)
+        block = task.get("fusion")  # optional: fusion tasks only
+        if block and block["visit"] and dataset in (block["cfp"], block["oct"]):
+            yield f"tasks.{name}.fusion.visit", block["visit"], None  # pairs must share it: kept, not checked
     for col in spec["multilabel_columns"]:
         yield f"datasets.{dataset}.multilabel_columns", col, ["0", "1"]
     yield from _conditioning_labels(config, dataset)

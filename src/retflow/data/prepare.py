@@ -33,7 +33,7 @@ from retflow.data.ingest import (DatasetError, eye_problem, is_volume_dataset, l
 from retflow.data.io import UnreadableInput
 from retflow.data.labels import check_labels
 from retflow.data.preprocess import process_record, process_record_with_mask
-from retflow.data.splits import complete_given_splits, patient_split
+from retflow.data.splits import FOLD_COLUMN, assign_folds, complete_given_splits, fold_problem, patient_split
 from retflow.data.store import MASK_SHARD_DIR, ShardWriter
 
 QUARANTINE_COLUMNS = ["image_id", "source", "reason", "detail", "column", "scope"]
@@ -52,6 +52,28 @@ def assign_splits(manifest: pd.DataFrame, spec: dict, labels: list[str], splits:
     if (manifest["given_split"] != "").all():
         return complete_given_splits(manifest["given_split"], manifest["patient_id"], strata, splits, seed)
     return patient_split(manifest["patient_id"], strata, splits, seed)
+
+
+def add_folds(manifest: pd.DataFrame, name: str, spec: dict, labels: list[str], splits: dict) -> dict | None:
+    """Cross-validation (``splits.folds`` >= 2, the dataset's effective count; labelled datasets only):
+    the manifest's ``fold`` column (:func:`retflow.data.splits.assign_folds`, a given test split kept)
+    and its qc.json entry; None without folds. Too few patients leave the column out and record the
+    problem, which the pre-flight gate reports."""
+    folds = splits["folds"]
+    if spec["role"] != "labelled" or folds < 2:
+        return None
+    given_test = manifest["given_split"] == "test" if (manifest["given_split"] != "").all() else None
+    if given_test is not None and not given_test.any():
+        given_test = None
+    rest = manifest["patient_id"] if given_test is None else manifest.loc[~given_test, "patient_id"]
+    info = {"folds": folds, "patients": int(rest.nunique()), "given_test": given_test is not None}
+    problem = fold_problem(name, info["patients"], folds)
+    if problem:
+        return {**info, "problem": problem}
+    strata = manifest[labels[0]].astype(str) if labels else None
+    manifest[FOLD_COLUMN] = assign_folds(manifest["patient_id"], strata, folds, splits["seed"], given_test).to_numpy()
+    counts = manifest[FOLD_COLUMN].value_counts()
+    return {**info, "images": {str(k): int(counts.get(k, 0)) for k in range(folds)}}
 
 
 def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False, jpeg_draft: bool = True):
@@ -190,6 +212,7 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         manifest["split"] = assign_splits(manifest, spec, labels, splits).to_numpy()
     except ValueError as exc:
         fail(f"dataset '{name}': cannot split {manifest['patient_id'].nunique()} patients into train/val/test ({exc})")
+    folds = add_folds(manifest, name, spec, labels, splits)
     manifest["dataset"] = name
     leak_cfg = {**leakage_cfg, **(spec.get("leakage") or {})}  # a dataset's override is optional
     # findings set to `error` stop the workflow at the pre-flight gate (retflow.preflight_data), not here
@@ -209,6 +232,8 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         "leakage_errors": [f.line() for f in findings if f.action == "error"],
         "seconds": round(time.perf_counter() - t0, 2), "workers": workers,
     })
+    if folds is not None:
+        qc["folds"] = folds
     if masks:
         qc["mask_shape"] = mask_shape
     write_json(qc, out_dir / "qc.json")

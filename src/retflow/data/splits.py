@@ -1,4 +1,4 @@
-"""Patient-level stratified splits and nested, stratified label fractions."""
+"""Patient-level stratified splits, k-fold cross-validation folds and nested, stratified label fractions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test_split
 
 
 def _split_groups(groups: np.ndarray, strata: np.ndarray | None, size: float, seed: int):
@@ -84,3 +84,79 @@ def complete_given_splits(given: pd.Series, patients: pd.Series, strata: pd.Seri
                         {"train": 1 - val_rel, "val": val_rel, "test": 0.0}, seed)
     split.loc[train] = sub.to_numpy()
     return split
+
+
+#: the manifest column of a cross-validated dataset: the patient's fold, :data:`GIVEN_TEST` for its given test split
+FOLD_COLUMN = "fold"
+GIVEN_TEST = -1
+
+
+def fold_problem(dataset: str, n_patients: int, folds: int) -> str | None:
+    """The pre-flight gate's line when ``folds`` cannot be made of ``n_patients``, else None."""
+    if folds <= n_patients:
+        return None
+    return (f"dataset '{dataset}': {n_patients} patients (outside a given test split) cannot make {folds} "
+            f"cross-validation folds; set datasets.{dataset}.folds (or splits.folds) to {max(2, n_patients)} "
+            f"or fewer, or 1 for the fixed split")
+
+
+def assign_folds(patients: pd.Series, strata: pd.Series | None, folds: int, seed: int,
+                 given_test: pd.Series | None = None) -> pd.Series:
+    """Each row's cross-validation fold 0..folds-1, by patient (a patient's rows share one fold),
+    stratified by ``strata`` (the primary label) where every stratum can be (sklearn
+    StratifiedGroupKFold, shuffled with ``seed``), else GroupKFold. Rows of ``given_test`` (a
+    dataset's own test split) keep it: :data:`GIVEN_TEST`, and the folds cover the others.
+    Raises ValueError when there are fewer patients than folds (:func:`fold_problem`)."""
+    out = pd.Series(GIVEN_TEST, index=patients.index, name=FOLD_COLUMN, dtype="int64")
+    rows = np.ones(len(patients), bool) if given_test is None else ~given_test.to_numpy(bool)
+    groups = patients.astype(str).to_numpy()[rows]
+    n_groups = len(np.unique(groups))
+    if n_groups < folds:
+        raise ValueError(f"{n_groups} patients cannot make {folds} folds")
+    x = np.zeros((len(groups), 1))
+    y = None if strata is None else strata.astype(str).fillna("nan").to_numpy()[rows]
+    splitter = None
+    if y is not None:
+        _, counts = np.unique(y, return_counts=True)
+        if counts.min() >= folds:  # every stratum can reach every fold
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups)
+        else:
+            warnings.warn(f"a stratum has fewer than {folds} images: the folds are not stratified", stacklevel=2)
+    if splitter is None:  # GroupKFold: deterministic, balanced by size; shuffle the group names by seed first
+        order = np.random.default_rng(seed).permutation(np.unique(groups))
+        rank = {g: i for i, g in enumerate(order)}
+        splitter = GroupKFold(n_splits=folds).split(x, None, np.array([rank[g] for g in groups]))
+    fold = np.empty(len(groups), dtype=np.int64)
+    for k, (_, test) in enumerate(splitter):
+        fold[test] = k
+    values = out.to_numpy().copy()
+    values[rows] = fold
+    return pd.Series(values, index=patients.index, name=FOLD_COLUMN)
+
+
+def fold_split(manifest: pd.DataFrame, fold, strata=None) -> pd.Series:
+    """The train/val/test split of cross-validation run ``fold`` (a
+    :class:`retflow.settings.stages.FoldSettings`) over a store's ``manifest`` (column ``fold``):
+    test = fold k's patients; validation carved from the other folds by patient (stratified by
+    ``strata``, one value per row, where possible; share ``fold.val_share``, seed ``fold.seed + k``);
+    the rest trains. A dataset with a given test split (rows with fold :data:`GIVEN_TEST`) keeps it
+    as the test set, and fold k is the validation set."""
+    from retflow.data.ingest import DatasetError  # a one-line user error (not at import time: a heavy module)
+    if FOLD_COLUMN not in manifest:
+        raise DatasetError("the store's manifest.parquet has no 'fold' column: prepare the dataset again "
+                           "with splits.folds >= 2 (snakemake re-prepares it when the setting changes)")
+    col = manifest[FOLD_COLUMN].to_numpy()
+    if not (col == fold.fold).any():
+        raise DatasetError(f"the store's manifest.parquet has no fold {fold.fold} (its folds: "
+                           f"{sorted(int(k) for k in set(col[col >= 0]))}): prepare it again with {fold.folds} folds")
+    given = col == GIVEN_TEST
+    if given.any():
+        split = np.where(given, "test", np.where(col == fold.fold, "val", "train"))
+        return pd.Series(split, index=manifest.index, name="split")
+    split = np.where(col == fold.fold, "test", "train").astype(object)
+    rest = split == "train"
+    strata_rest = None if strata is None else pd.Series(np.asarray(strata)[rest], index=manifest.index[rest])
+    sub = patient_split(manifest["patient_id"][rest], strata_rest,
+                        {"train": 1.0 - fold.val_share, "val": fold.val_share, "test": 0.0}, fold.seed + fold.fold)
+    split[rest] = sub.to_numpy()
+    return pd.Series(split, index=manifest.index, name="split")

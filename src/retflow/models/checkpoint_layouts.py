@@ -107,6 +107,10 @@ _PLAIN_SIZES = {
 }
 _DINO_SIZES = {384: ("small", 12, 6), 768: ("base", 12, 12), 1024: ("large", 24, 16), 1536: ("giant", 40, 24)}
 _GIANT_MLP_RATIO = 2.66667 * 2
+#: DINOv2 files keep the 37x37 position table (518 px at patch 14) of DINOv2's release whatever they
+#: were trained at; DINOv2 and RETFound-DINOv2 train / fine-tune at 224 px, the size :func:`load_model`
+#: builds such a file at unless given ``img_size`` (the workflow builds at the configured ``vit.img_size``).
+DINOV2_TABLE_SIZE, DINOV2_INPUT_SIZE = 518, 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +360,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         ck.normalize = obj.get("normalize")
         ck.task = obj.get("task")
         ck.probe_head = bool(obj.get("probe_head"))
-        ck.global_pool = "avg"
+        ck.global_pool = obj.get("pool") or "avg"  # files written before models.<name>.pool pooled avg
         ck.meta = {k: v for k, v in obj.items() if k != "model"}
     else:
         inner: Mapping[str, Any] = obj
@@ -567,10 +571,15 @@ def load_model(
       ``fc_norm`` (the final norm is dropped).
 
     The architecture comes from retflow metadata when present, else ``spec``, else
-    :func:`infer_spec`.  ``img_size`` rebuilds at another size (``pos_embed`` interpolated).
+    :func:`infer_spec`.  ``img_size`` rebuilds at another size (``pos_embed`` interpolated); a
+    DINOv2 file with DINOv2's 37x37 table is built at :data:`DINOV2_INPUT_SIZE` without it, never 518 px.
     """
     ck = _as_checkpoint(source)
     use_spec = spec or ck.spec or infer_spec(ck.state_dict, num_heads=num_heads, path=ck.path)
+    if not (img_size or spec or ck.spec) and ck.layout in ("dinov2", "dinov2_teacher") \
+            and use_spec.img_size == DINOV2_TABLE_SIZE:
+        img_size = DINOV2_INPUT_SIZE  # never the 518 px its position table implies
+        ck.notes.append(f"built at {img_size} px (DINOv2's training size; pass img_size for another)")
     if img_size and img_size != use_spec.img_size:
         use_spec = dataclasses.replace(use_spec, img_size=int(img_size))
     if ck.is_classifier:

@@ -23,7 +23,9 @@ weights: ``task_spec``, ``target_scale``, ``epoch``, ``val_score``) that timm ig
 is read back wherever a weights file is accepted (:func:`retflow.checkpoint_file.read_file`).
 
 A MAE linear-probe head (``BatchNorm1d(affine=False)`` + ``Linear``) is folded into one
-``Linear`` (exact in eval mode), so the export is a stock timm ``VisionTransformer``.
+``Linear`` (exact in eval mode), so the export is a stock timm ``VisionTransformer``. A LoRA run's
+``best.pth`` already holds the merged model; a model that still carries LoRA adapters (a library
+user's, :mod:`retflow.train.lora`) is merged on the copy that is exported.
 """
 from __future__ import annotations
 
@@ -112,6 +114,10 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     m = fold_probe_head(copy.deepcopy(model).float().cpu().eval())
+    if any(".lora_" in name for name, _ in m.named_parameters()):  # LoRA adapters: export the merged model
+        from retflow.train.lora import merge_adapters
+
+        merge_adapters(m)
     num_classes = int(getattr(m, "num_classes", 0) or 0)
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {num_classes} outputs")

@@ -6,9 +6,15 @@ pooling, so ``self.encoder.state_dict()`` uses plain timm key names and loads
 1:1 into a fine-tuning ViT (:func:`~retflow.models.vit.load_encoder_weights`).
 Its ``pos_embed`` is the fixed 2-D sin-cos table (``requires_grad=False``).
 
+DINOv2-family encoders work too (e.g. ``vit_small_patch14_reg4_dinov2``, patch 14, LayerScale,
+SwiGLU): register tokens are prefix tokens like the class token -- never masked, always
+prepended to the visible patches -- and a ``no_embed_class`` position table (positions for the
+patches only, as timm's register models) gets a sin-cos table without the class row. The
+decoder sees the class token and the patches (registers stay in the encoder).
+
 Training semantics follow MAE: per-sample random masking by argsort of
 uniform noise, the encoder sees only the visible patches plus the class
-token, a light decoder reconstructs every patch, and the loss is the MSE on
+token (and any register tokens), a light decoder reconstructs every patch, and the loss is the MSE on
 masked patches only (optionally against per-patch normalised pixels).
 
 Patch vectors are laid out ``(row-in-patch, col-in-patch, channel)``, i.e.
@@ -52,18 +58,21 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.encoder = create_vit(spec, num_classes=0, global_pool="token")
         enc = self.encoder
-        if enc.cls_token is None or enc.num_prefix_tokens != 1 or enc.no_embed_class or enc.pos_embed is None:
-            raise ValueError("MAE needs a ViT with exactly one class token and a class-inclusive pos_embed")
+        if enc.cls_token is None or enc.pos_embed is None:
+            raise ValueError("MAE needs a ViT with a class token and a position embedding")
         if getattr(enc, "dynamic_img_size", False):
             raise ValueError("MAE does not support dynamic_img_size encoders")
         self.patch_size = spec.patch_size
         self.in_chans = spec.in_chans
         self.grid_size = spec.img_size // spec.patch_size
         self.num_patches = self.grid_size**2
+        self.num_prefix = enc.num_prefix_tokens  # class token + registers
+        self.pos_prefix = 0 if enc.no_embed_class else self.num_prefix  # prefix rows of pos_embed
         embed_dim = enc.embed_dim
-        mlp_ratio = enc.blocks[0].mlp.fc1.out_features / embed_dim
+        mlp_ratio = enc.blocks[0].mlp.fc2.in_features / embed_dim  # hidden width (a SwiGLU fc1 is 2x it)
 
-        enc.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
+        enc.pos_embed = nn.Parameter(torch.zeros(1, self.pos_prefix + self.num_patches, embed_dim),
+                                     requires_grad=False)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -83,9 +92,9 @@ class MaskedAutoencoderViT(nn.Module):
         """MAE initialisation: sin-cos tables, xavier Linear/patch conv, LN 1/0, tokens N(0, .02)."""
         enc = self.encoder
         with torch.no_grad():
-            enc.pos_embed.copy_(
-                torch.from_numpy(get_2d_sincos_pos_embed(enc.embed_dim, self.grid_size, cls_token=True))[None]
-            )
+            table = torch.from_numpy(get_2d_sincos_pos_embed(enc.embed_dim, self.grid_size))
+            enc.pos_embed.zero_()  # prefix rows (class, registers) stay zero, as MAE's class row
+            enc.pos_embed[0, self.pos_prefix:].copy_(table)
             self.decoder_pos_embed.copy_(
                 torch.from_numpy(
                     get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size, cls_token=True)
@@ -94,6 +103,8 @@ class MaskedAutoencoderViT(nn.Module):
         w = enc.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(enc.cls_token, std=0.02)
+        if enc.reg_token is not None:
+            nn.init.normal_(enc.reg_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_module)
 
@@ -156,21 +167,27 @@ class MaskedAutoencoderViT(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float):
-        """Embed, mask, and run ``encoder.blocks`` + ``encoder.norm`` on visible tokens + cls."""
+        """Embed, mask, and run ``encoder.blocks`` + ``encoder.norm`` on the prefix tokens (class,
+        registers: never masked) + the visible patches; returns ``(latent (B, prefix + K, D), mask,
+        ids_restore)``."""
         enc = self.encoder
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:]
+        x = enc.patch_embed(imgs) + enc.pos_embed[:, self.pos_prefix:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = enc.norm(enc.blocks(x))
+        prefix = torch.cat([enc.cls_token] + ([enc.reg_token] if enc.reg_token is not None else []), dim=1)
+        if self.pos_prefix:
+            prefix = prefix + enc.pos_embed[:, :self.pos_prefix]
+        x = torch.cat([prefix.expand(x.shape[0], -1, -1), x], dim=1)
+        x = enc.norm(enc.blocks(enc.norm_pre(x)))
         return x, mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Insert mask tokens, unshuffle, decode; returns ``(B, L, p*p*C)`` without the cls token."""
+        """Insert mask tokens, unshuffle, decode; returns ``(B, L, p*p*C)`` without the cls token
+        (register tokens are not decoded)."""
         x = self.decoder_embed(latent)
         b, n = ids_restore.shape
-        fill = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)
-        tokens = torch.cat([x[:, 1:], fill], dim=1)
+        visible = x[:, self.num_prefix:]
+        fill = self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)
+        tokens = torch.cat([visible, fill], dim=1)
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:

@@ -17,7 +17,17 @@ Fine-tuning recipe (RETFound / MAE ``main_finetune.py``), implemented by
 * the head is re-initialised with ``trunc_normal(std=2e-5)`` and zero bias.
 
 With ``global_pool="token"`` the model keeps ``norm`` and the encoder's final
-norm is loaded into it (linear-probe style / MAE-native layout).
+norm is loaded into it (linear-probe style / MAE-native layout; DINOv2 and RETFound-DINOv2
+fine-tune on the class token this way). Which of the two a downstream run uses is the model's
+``models.<name>.pool`` (:class:`~retflow.settings.stages.FinetuneSettings` ``pool``).
+
+DINOv2-family architectures (timm's ``vit_{small,base,large,giant}_patch14[_reg4]_dinov2``:
+LayerScale, register tokens, SwiGLU for ``giant``) are built like any other: at the configured
+``img_size`` / ``patch_size`` (timm registers them at 518 px; the position table here is the
+configured grid), never downloaded. Register tokens are prefix tokens (``num_prefix_tokens``):
+average pooling leaves them out, as it leaves out the class token. A checkpoint's position
+table (e.g. DINOv2's 37x37) is interpolated to the configured grid on loading; a checkpoint
+whose patch size differs from the configured one is refused in one line.
 """
 from __future__ import annotations
 
@@ -163,6 +173,10 @@ def _is_dropped(key: str, uses_fc_norm: bool) -> bool:
     return uses_fc_norm and key.startswith("norm.")  # RETFound: fresh fc_norm, encoder norm discarded
 
 
+def _size_text(hw: tuple[int, int]) -> str:
+    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
+
+
 def _preview(keys: list[str], n: int = 8) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
@@ -205,17 +219,30 @@ def load_encoder_weights(
         else:
             sd[key] = value
 
+    w_key = "patch_embed.proj.weight"
+    from retflow.checkpoint_file import CheckpointError
+
+    if w_key in sd and w_key in target and sd[w_key].ndim == 4 \
+            and tuple(sd[w_key].shape[-2:]) != tuple(target[w_key].shape[-2:]):
+        got, want = tuple(sd[w_key].shape[-2:]), tuple(target[w_key].shape[-2:])
+        raise CheckpointError(
+            f"has patch size {_size_text(got)} but vit.patch_size is {_size_text(want)}; set vit.patch_size: "
+            f"{got[0]} (and a vit.arch of that patch size) to use this checkpoint")
+
     if "pos_embed" in sd and vit.pos_embed is not None and sd["pos_embed"].shape != vit.pos_embed.shape:
         num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], tuple(vit.patch_embed.grid_size), num_prefix)
+        try:
+            sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], tuple(vit.patch_embed.grid_size), num_prefix)
+        except ValueError:
+            raise CheckpointError(
+                f"has a pos_embed of {sd['pos_embed'].shape[1]} positions, which is no square patch grid after the "
+                f"configured ViT's {num_prefix} prefix position(s); set vit.arch to the checkpoint's (class token / "
+                f"registers: `retflow inspect --checkpoint FILE` shows it)") from None
 
-    w_key = "patch_embed.proj.weight"
     if w_key in sd and w_key in target and sd[w_key].ndim == 4:
         old_c, new_c = sd[w_key].shape[1], target[w_key].shape[1]
         if old_c != new_c:
             sd[w_key] = adapt_input_conv(new_c, sd[w_key], base_chans=old_c)
-
-    from retflow.checkpoint_file import CheckpointError
 
     bad_shapes = [
         f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"

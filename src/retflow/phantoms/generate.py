@@ -46,7 +46,7 @@ from .oct import DIAGNOSES, KEY_SIGNS, LAYER_CLASSES, render_bscan, sample_oct_e
 __all__ = ["generate_dataset", "save_volume", "load_volume", "main", "KINDS", "DR_GRADE_P",
            "GLAUCOMA_P", "MASK_CLASSES"]
 
-KINDS = ("cfp", "oct", "oct_volume")
+KINDS = ("cfp", "oct", "oct_volume", "paired_cfp", "paired_oct")  # paired_*: retflow.phantoms.paired
 DR_GRADE_P = (0.40, 0.15, 0.20, 0.15, 0.10)  # ICDR grade prevalence (per patient)
 GLAUCOMA_P = 0.30
 CDR_HEALTHY = (0.2, 0.5)
@@ -160,6 +160,10 @@ def generate_dataset(
         raise ValueError(f"masks are generated for kinds {sorted(MASK_CLASSES)}, not {kind!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if kind.startswith("paired_"):  # the same eyes for both kinds: one seed, no kind in it
+        from .paired import generate_paired
+
+        return generate_paired(kind, Path(out_dir), n, seed, style, size)
     out = Path(out_dir)
     (out / ("volumes" if kind == "oct_volume" else "images")).mkdir(parents=True, exist_ok=True)
     if masks:

@@ -5,7 +5,7 @@ file by file (the report reads exactly these; :class:`retflow.report.collect.Rep
 
     python workflow_scripts/report.py --settings '<ReportSettings JSON>' --results results \\
         --metrics <metrics.json ...> --compare <compare JSON ...> --saliency <png ...> \\
-        --pretrain <figure.png ...> --qc <qc.json ...> \\
+        --pretrain <figure.png ...> --qc <qc.json ...> --fusion <compare.json ...> \\
         --benchmarks benchmarks --out results/report.html --settings-out results/report.settings.json
 
 By hand, a config file gives the same settings (:func:`retflow.settings.report.report` of the
@@ -26,6 +26,7 @@ INPUT_LISTS = {
     "saliency": "the saliency PNGs",
     "pretrain": "the pretraining figure.png of each run and modality",
     "qc": "each prepared dataset's qc.json",
+    "fusion": "the same-eyes compare.json of each fusion run (fusion vs single modality)",
 }
 
 

@@ -27,10 +27,14 @@ import pandas as pd
 from ..layout import Layout
 
 RESULT_KEYS = ["task", "task_type", "protocol", "model", "fraction", "seed", "eval_set", "n"]
-EXTRA_KEYS = ["primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions",
-              "best_epoch", "epochs", "chance_loss", "min_train_loss"]
+EXTRA_KEYS = ["fold", "primary_metric", "lower_is_better", "classes", "absent_classes", "path", "predictions",
+              "best_epoch", "epochs", "chance_loss", "min_train_loss", "trainable_params", "total_params",
+              "peak_mem_mb", "peak_mem_kind"]
 #: train_summary.json keys the report shows (missing in results written before they existed: NaN)
-SUMMARY_KEYS = ("best_epoch", "epochs", "chance_loss", "min_train_loss")
+SUMMARY_KEYS = ("best_epoch", "epochs", "chance_loss", "min_train_loss", "trainable_params", "total_params",
+                "peak_mem_mb")
+#: train_summary.json keys read as text (None where absent)
+SUMMARY_TEXT_KEYS = ("peak_mem_kind",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class ReportInputs:
     saliency: tuple[str, ...] = ()  # saliency PNGs (the JSON beside each is read when present)
     pretrain: tuple[str, ...] = ()  # pretraining figure.png per run and modality
     qc: tuple[str, ...] = ()  # a prepared store's qc.json per dataset
+    fusion: tuple[str, ...] = ()  # same-eyes compare.json per fusion run and protocol (rules/fusion.smk)
 
     @classmethod
     def of(cls, results, **lists: Sequence) -> ReportInputs:
@@ -52,15 +57,18 @@ class ReportInputs:
     def found(cls, results_dir) -> ReportInputs:
         """What a results folder holds, for a report built by hand (the workflow passes its declared inputs)."""
         layout, pattern = Layout(results_dir), _pattern(results_dir)
-        run = pattern.run_dir("*", "*", "*", "*", "*")
-        found = _glob(f"{run}/metrics.json") + _glob(f"{pattern.external_dir(run, '*')}/metrics.json")
+        found = []
+        for fold in (None, "fold*/"):  # the fixed split's runs, then cross-validation folds
+            run = pattern.run_dir("*", "*", "*", "*", "*", fold)
+            found += _glob(f"{run}/metrics.json") + _glob(f"{pattern.external_dir(run, '*')}/metrics.json")
         metrics = sorted(p for p in found if layout.parse_run_file(p) is not None)  # not data/, compare/, ...
         return cls.of(
             results_dir, metrics=metrics,
-            compare=_glob(pattern.compare_json("*", "*", "*", "*")),
+            compare=_glob(pattern.compare_json("*", "*", "*", "*")) + _glob(pattern.compare_json("*", "*", "*", "*", "fold*/")),
             saliency=_glob(pattern.saliency_png("*")),
             pretrain=[p for p in _glob(pattern.pretrain_figure("*", "*"))],
-            qc=_glob(pattern.qc("*")))
+            qc=_glob(pattern.qc("*")),
+            fusion=_glob(pattern.same_eyes_json("*", "*", "*", "*", "*")))
 
     @property
     def layout(self) -> Layout:
@@ -104,18 +112,20 @@ def metrics_files(results_dir) -> list[Path]:
 
 
 def train_summary(layout: Layout, where: Mapping) -> dict:
-    """The run's train_summary.json keys the report shows (:data:`SUMMARY_KEYS`; NaN where absent)."""
-    path = Path(layout.run_dir(where["protocol"], where["task"], where["model"], where["fraction"], where["seed"]),
-                "train_summary.json")
+    """The run's train_summary.json keys the report shows (:data:`SUMMARY_KEYS`, NaN where absent;
+    :data:`SUMMARY_TEXT_KEYS`, None where absent)."""
+    path = Path(layout.run_dir(where["protocol"], where["task"], where["model"], where["fraction"], where["seed"],
+                               where["fold"]), "train_summary.json")
     data = load_metrics_json(path) if path.is_file() else None
     data = data if isinstance(data, dict) else {}
-    return {k: as_float(data.get(k)) for k in SUMMARY_KEYS}
+    return {**{k: as_float(data.get(k)) for k in SUMMARY_KEYS}, **{k: data.get(k) for k in SUMMARY_TEXT_KEYS}}
 
 
 def collect_results(inputs) -> pd.DataFrame:
     """One row per declared metrics.json (internal test set and external sets).
 
-    Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, primary_metric,
+    Columns: task, task_type, protocol, model, fraction, seed, eval_set, n, fold (the cross-validation
+    fold from the path, NaN without folds), primary_metric,
     lower_is_better (tuple), classes (tuple), absent_classes (tuple), path (the JSON file),
     predictions (the predictions parquet beside it, None if absent), the run's train_summary.json
     ``best_epoch`` / ``epochs`` / ``chance_loss`` / ``min_train_loss`` (NaN where absent) and, per
@@ -153,6 +163,7 @@ def collect_results(inputs) -> pd.DataFrame:
     if rows:
         df["fraction"] = pd.to_numeric(df["fraction"], errors="coerce")
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
+        df["fold"] = pd.to_numeric(df["fold"], errors="coerce")
         df["n"] = pd.to_numeric(df["n"], errors="coerce")
     return df
 
@@ -165,7 +176,8 @@ def metric_names(df: pd.DataFrame) -> list[str]:
 
 def collect_compare(inputs) -> list[dict]:
     """Every declared compare JSON (:meth:`~retflow.layout.Layout.compare_json`: pairwise model
-    comparisons); task, protocol, fraction and seed missing from a file are read from its path."""
+    comparisons); task, protocol, fraction and seed missing from a file are read from its path, the
+    cross-validation fold (None without folds) always."""
     inputs = inputs_of(inputs)
     layout = inputs.layout
     out = []
@@ -178,6 +190,7 @@ def collect_compare(inputs) -> list[dict]:
         data["protocol"] = data.get("protocol") or where["protocol"]
         data["fraction"] = as_float(data.get("fraction") if data.get("fraction") is not None else where["fraction"])
         data["seed"] = int(data["seed"]) if data.get("seed") is not None else int(where["seed"])
+        data["fold"] = None if where["fold"] is None else int(where["fold"])
         data["path"] = str(path)
         out.append(data)
     return out
@@ -367,6 +380,9 @@ def collect_leakage(inputs) -> list[str]:
 
 # ---------------------------------------------------------------- compute cost
 def _is_run_job(parts: list[str]) -> bool:
+    """``{protocol}/{task}/{model}/frac{f}/[fold{k}/]seed{s}/<step>``."""
+    if len(parts) == 7 and parts[4].startswith("fold"):
+        parts = parts[:4] + parts[5:]
     return len(parts) == 6 and parts[3].startswith("frac") and parts[4].startswith("seed")
 
 
@@ -412,3 +428,28 @@ def cost_frame(benchmarks_dir, gpus: Mapping[str, float]) -> pd.DataFrame:
     bench["cpu_h"] = bench["cpu_time"] / 3600
     bench["gpu_h"] = bench["s"] * bench["gpus"] / 3600
     return bench[cols]
+
+
+# ---------------------------------------------------------------- fusion vs single modality
+def collect_fusion(inputs) -> list[dict]:
+    """Every declared same-eyes compare.json (:meth:`~retflow.layout.Layout.same_eyes_json`, written by
+    :func:`retflow.data.same_eyes.run`) with ``path`` and ``unpaired``: ``[(modality, reason, count)]``
+    counted from the task's ``unpaired.csv`` beside its pairs (None where it is absent)."""
+    inputs = inputs_of(inputs)
+    out = []
+    for path in map(Path, inputs.fusion):
+        data = load_metrics_json(path) if path.is_file() else None
+        if not isinstance(data, dict) or "task" not in data:
+            continue
+        data["path"] = str(path)
+        unpaired = Path(inputs.layout.unpaired(str(data["task"])))
+        data["unpaired"] = None
+        if unpaired.is_file():
+            try:
+                tab = pd.read_csv(unpaired, keep_default_na=False)
+                counts = tab.groupby(["modality", "reason"]).size() if len(tab) else pd.Series(dtype=int)
+                data["unpaired"] = [(str(m), str(r), int(n)) for (m, r), n in counts.items()]
+            except (OSError, ValueError, KeyError) as exc:
+                warnings.warn(f"unreadable unpaired list {unpaired}: {exc}", stacklevel=2)
+        out.append(data)
+    return out

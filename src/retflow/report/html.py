@@ -29,6 +29,7 @@ from .collect import (
     ReportInputs,
     as_float,
     collect_compare,
+    collect_fusion,
     collect_leakage,
     collect_pretrain,
     collect_qc,
@@ -44,7 +45,7 @@ from .collect import (
 )
 from .model import KEY_METRICS, Significance, TaskInfo, mapped_internal, summarise  # noqa: F401 - re-exported
 from .synth_section import synth_view
-from .view import Cell, estimate_text, figure, summary_text, table
+from .view import Cell, estimate_text, figure, fold_values_text, kfold_text, summary_text, table
 
 ALPHA = fmt.ALPHA
 
@@ -141,6 +142,7 @@ def _headline_row(h: rmodel.Headline) -> dict:
     return {
         "task": h.task, "anchor": _anchor(h.task), "metric": h.metric_label, "lower": h.lower_is_better,
         "protocol": h.protocol, "pretrained": h.pretrained, "baseline": h.baseline, "note": h.note,
+        "alone": estimate_text(h.alone) if h.alone is not None else None,
         "smallest": comparison(h.smallest), "largest": comparison(h.largest),
         "matching": None if h.matching_fraction is None else fmt.percent(h.matching_fraction),
         "baseline_full": None if h.baseline_full is None else fmt.value(h.baseline_full),
@@ -454,6 +456,65 @@ def _overlays(info: TaskInfo, picked: pd.DataFrame) -> list:
     return imgs
 
 
+def _kfold_table(rows: tuple[rmodel.KFoldRow, ...]):
+    """Cross-validated runs: the k-fold mean with its interval across folds, and each fold's value."""
+    if not rows:
+        return None
+    return table(["eval set", "protocol", "fraction", "model", "metric", "k-fold mean [95% CI]", "folds",
+                  "per fold"],
+                 [[r.eval_set, r.protocol, fmt.frac(r.fraction),
+                   r.model, fmt.metric_label(r.metric), Cell(kfold_text(r.estimate), "num primary", r.words),
+                   r.words, fold_values_text(r.estimate)] for r in rows])
+
+
+def _footprint_table(rows: tuple[rmodel.FootprintRow, ...]):
+    """Compute per protocol: trainable / total parameters and peak memory of a task's runs."""
+    if not rows:
+        return None
+    count = lambda v: None if fmt.missing(v) else f"{int(v):,}"
+    return table(["protocol", "model", "trainable parameters", "total parameters", "trainable share",
+                  "peak memory (MB)", "memory measured"],
+                 [[r.protocol, r.model, Cell(count(r.trainable_params) or "–", "num"),
+                   Cell(count(r.total_params) or "–", "num"),
+                   Cell("–" if fmt.missing(r.trainable_share) else f"{r.trainable_share:.2%}", "num"),
+                   r.peak_mem_mb, r.peak_mem_kind] for r in rows])
+
+
+# ---------------------------------------------------------------- fusion vs single modality
+def _fusion_view(section: rmodel.FusionSection) -> dict:
+    """One fusion task's same-eyes comparison table and its pairing counts."""
+    modalities = list(dict.fromkeys(v.modality for r in section.rows for v in r.vs))
+    names = {v.modality: v.task for r in section.rows for v in r.vs}
+    metric = fmt.metric_label(section.metric)
+    header = ["model", "single-modality protocol", "fraction", "seed", "eyes", f"fusion {metric} [95% CI]"]
+    for m in modalities:
+        header += [f"{m.upper()} only ({names[m]}) [95% CI]", f"fusion − {m.upper()} [95% CI]", "p"]
+    rows = []
+    for r in section.rows:
+        row = [r.model, r.protocol, fmt.frac(r.fraction), r.seed, r.n_eyes,
+               Cell(fmt.with_ci(r.value, r.lo, r.hi), "num primary")]
+        by = {v.modality: v for v in r.vs}
+        for m in modalities:
+            v = by.get(m)
+            if v is None:
+                row += [None, None, None]
+                continue
+            better = not fmt.missing(v.difference) and (v.difference < 0 if section.lower_is_better else v.difference > 0)
+            sig = not fmt.missing(v.p) and v.p < fmt.ALPHA
+            row += [Cell(fmt.with_ci(v.value, v.lo, v.hi), "num"),
+                    Cell(f"{fmt.signed(v.difference)} {fmt.interval(v.diff_lo, v.diff_hi)}".strip(),
+                         "num" + (" sig" if sig and better else ""), v.method or ""),
+                    Cell(fmt.p_value(v.p), "num" + (" sig" if sig else ""), v.method or "")]
+        rows.append(row)
+    unpaired = table(["modality present", "reason", "eyes"], [[m.upper(), reason, n] for m, reason, n in section.unpaired],
+                     total=["total", "", sum(n for _, _, n in section.unpaired)]) if section.unpaired else None
+    return {"task": section.task, "anchor": _anchor(f"fusion-{section.task}"), "metric": metric,
+            "lower": section.lower_is_better, "table": table(header, rows, classes={5: "primary"}),
+            "n_pairs": section.n_pairs, "split_source": section.split_source,
+            "pairs_by_split": ", ".join(f"{k} {v}" for k, v in section.pairs_by_split.items()),
+            "unpaired": unpaired, "n_unpaired": sum(n for _, _, n in section.unpaired)}
+
+
 def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
     info = report.infos[task]
     spec, sig = info.spec, report.significance
@@ -476,6 +537,8 @@ def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
         "has_sig": sig.has_task(task),
         "chance_runs": [r for r in runs if r.chance],
         "runs": _runs_table(info, runs),
+        "kfold": _kfold_table(report.kfold.get(task, ())),
+        "footprint": _footprint_table(report.footprint.get(task, ())),
         "all_metrics": _all_metrics_table(info, info.internal, info.metrics)
         if len(info.metrics) > len(info.key_metrics) + 1 else None,
         "pairs": table(["protocol", "fraction", "seed", "metric", "model a", "model b", "a", "b", "a − b [95% CI]",
@@ -616,7 +679,7 @@ def build_report(inputs, benchmarks_dir, settings: ReportSettings, out_path) -> 
     hand); ``settings``: what the report reads of the config (:func:`retflow.settings.report.report`)."""
     inputs = inputs_of(inputs)
     results = collect_results(inputs)
-    report = rmodel.build(results, collect_compare(inputs), settings)
+    report = rmodel.build(results, collect_compare(inputs), settings, collect_fusion(inputs))
     saliency = collect_saliency(inputs)
     tasks = []
     for task in report.tasks:
@@ -632,6 +695,7 @@ def build_report(inputs, benchmarks_dir, settings: ReportSettings, out_path) -> 
         "chance_margin": settings.chance_margin,
         "summary": _summary_table(report),
         "tasks": tasks,
+        "fusion": [_fusion_view(f) for f in report.fusion],
         "pretrain": _pretrain_view(inputs),
         "synth": synth_view(inputs.results, settings.synth_modalities),
         "qc": _qc_view(inputs),

@@ -9,7 +9,10 @@ Plain dataclasses; :mod:`retflow.report.html` turns them into the page (Jinja2 t
   in one protocol (``finetune`` where it runs), at the smallest and the largest label fraction;
   the label fraction at which the pretrained model matches the baseline's value at the largest
   fraction; the external-validation change; published reference values;
-* :class:`RunRow` - every run with its kept epoch and whether it ever left chance level.
+* :class:`RunRow` - every run with its kept epoch and whether it ever left chance level;
+* :class:`KFoldRow` - cross-validated runs (``splits.folds`` >= 2): per protocol / model / fraction /
+  eval set the k-fold mean (each fold: the mean over its seeds) with the seed/CI rule applied across
+  folds (3+ folds: the 95 % t interval across folds) and each fold's value.
 
 **Intervals (the seed/CI rule, :func:`retflow.report.figures.seed_summary`).** One seed: the run's
 bootstrap CI. Two seeds: every seed's value with its bootstrap CI, never a t interval (t_1 = 12.7).
@@ -169,10 +172,14 @@ class Significance:
 
     def __init__(self, compares: list[dict]):
         self.by_key: dict = {}
+        self.folds: dict = {}  # cross-validation compares: {(task, protocol, fraction): {(fold, seed): compare}}
         for c in compares:
             try:
                 key = (str(c["task"]), str(c["protocol"]), pkey(c["fraction"]))
             except (KeyError, TypeError, ValueError):
+                continue
+            if c.get("fold") is not None:  # cross-validation: pairs within one fold (KFoldRow shows the folds)
+                self.folds.setdefault(key, {})[(int(c["fold"]), int(c.get("seed") or 0))] = c
                 continue
             self.by_key.setdefault(key, {})[int(c.get("seed") or 0)] = c
 
@@ -304,6 +311,7 @@ class Headline:
     external: tuple[ExternalChange, ...]
     references: tuple[Reference, ...]
     note: str | None  # why there is no comparison
+    alone: Estimate | None = None  # no baseline: the pretrained model's own value at the largest fraction
 
     @property
     def metric_label(self) -> str:
@@ -380,9 +388,6 @@ def headline(info: TaskInfo, sig: Significance, settings: ReportSettings) -> Hea
     pretrained = [m for m in info.models if init.get(m) in ("pretrained", "file") and m in set(rows["model"])]
     baselines = [m for m in info.models if init.get(m) == "random" and m in set(rows["model"])]
     empty["protocol"] = protocol
-    if not pretrained or not baselines:
-        missing = "no model with init: random (the baseline)" if not baselines else "no pretrained model"
-        return Headline(**empty, note=f"{missing} in {protocol}")
     means = _means(rows, metric)
     full = float(rows["fraction"].max())
     pick = min if lower else max
@@ -391,6 +396,17 @@ def headline(info: TaskInfo, sig: Significance, settings: ReportSettings) -> Hea
         scored = [(means.get((m, full), math.nan), m) for m in models]
         scored = [(v, m) for v, m in scored if not is_nan(v)]
         return pick(scored)[1] if scored else models[0]
+
+    if not pretrained or not baselines:
+        if not pretrained:
+            return Headline(**empty, note=f"no pretrained model in {protocol}")
+        pre = best(pretrained)  # no baseline to compare with: its own value, its external change
+        at_full = rows[(rows["model"] == pre) & (rows["fraction"].map(pkey) == pkey(full))]
+        return Headline(**dict(empty, pretrained=pre, full_fraction=full,
+                               external=external_changes(info, protocol, pre, full),
+                               references=references(info, protocol, pre, full)),
+                        note=f"no baseline (init: random) compared in {protocol} for this task",
+                        alone=Estimate.of(at_full, metric))
 
     pre, base = best(pretrained), best(baselines)
     fractions = sorted(set(rows["fraction"].map(float)))
@@ -513,6 +529,177 @@ def external_changes(info: TaskInfo, protocol: str, model: str, fraction: float)
     return tuple(out)
 
 
+# ---------------------------------------------------------------- k-fold cross-validation
+@frozen
+class KFoldRow:
+    """One protocol / model / label fraction / eval set of a cross-validated task: ``estimate`` over
+    folds (its ``per_seed`` holds one :class:`SeedValue` per fold, ``seed`` = the fold; a fold's value
+    is the mean over its seeds, its CI the run's bootstrap CI with one seed, none with several)."""
+
+    protocol: str
+    model: str
+    fraction: float
+    eval_set: str
+    metric: str
+    estimate: Estimate
+    n_folds: int
+    n_seeds: int  # seeds per fold (the most any fold has)
+
+    @property
+    def words(self) -> str:
+        return f"k-fold mean over {self.n_folds} folds" + (f" (x {self.n_seeds} seeds)" if self.n_seeds > 1 else "")
+
+
+def kfold_rows(info: TaskInfo) -> tuple[KFoldRow, ...]:
+    """The cross-validated runs of a task (rows with a ``fold``), one :class:`KFoldRow` per protocol /
+    model / fraction / eval set, on the primary metric; () without folds."""
+    df, metric = info.df, info.primary
+    if not metric or df.empty or "fold" not in df or df["fold"].isna().all() or metric not in df:
+        return ()
+    df = df[df["fold"].notna()]
+    lo, hi = f"{metric}_lo", f"{metric}_hi"
+    keys = ["eval_set", "protocol", "fraction", "model"]
+    per_fold = (df.assign(**{c: df[c] if c in df else np.nan for c in (lo, hi)})
+                .groupby(keys + ["fold"], dropna=False, sort=True)
+                .agg(**{metric: (metric, "mean"), lo: (lo, "min"), hi: (hi, "max"), "n_seeds": ("seed", "nunique")})
+                .reset_index())
+    many = per_fold["n_seeds"] > 1  # a fold of several seeds: its mean has no single bootstrap CI
+    per_fold.loc[many, [lo, hi]] = np.nan
+    out = []
+    for (eval_set, protocol, fraction, model), rows in per_fold.groupby(keys, sort=False):
+        est = Estimate.of(rows.rename(columns={"fold": "seed"}), metric)
+        if est is None:
+            continue
+        out.append(KFoldRow(str(protocol), str(model), float(fraction), str(eval_set), metric, est,
+                            len(est.per_seed), int(rows["n_seeds"].max())))
+    order = {m: i for i, m in enumerate(info.models)}
+    out.sort(key=lambda r: (r.eval_set != "internal", r.eval_set, r.protocol, r.fraction, order.get(r.model, 99)))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- compute per protocol
+@frozen
+class FootprintRow:
+    """One protocol x model of a task: what its runs trained and held (train_summary.json; NaN: not
+    recorded). Parameters: the runs' median (they agree unless the config changed); memory: the peak."""
+
+    protocol: str
+    model: str
+    trainable_params: float
+    total_params: float
+    peak_mem_mb: float
+    peak_mem_kind: str | None  # cuda (tensors on the GPU) | rss (the whole CPU process)
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params > 0 else math.nan
+
+
+def footprint_rows(info: TaskInfo) -> tuple[FootprintRow, ...]:
+    """Per protocol and model of a task's internal-test runs (config order); () when no run recorded it."""
+    df = info.internal
+    if df.empty or "trainable_params" not in df or df["trainable_params"].isna().all():
+        return ()
+    out = []
+    for _, r in info.order(df.groupby(["protocol", "model"], sort=False).agg(
+            fraction=("fraction", "min"), trainable_params=("trainable_params", "median"),
+            total_params=("total_params", "median"), peak_mem_mb=("peak_mem_mb", "max"),
+            peak_mem_kind=("peak_mem_kind", lambda k: ", ".join(sorted({str(x) for x in k if x}))))
+            .reset_index()).iterrows():
+        out.append(FootprintRow(str(r["protocol"]), str(r["model"]), as_float(r["trainable_params"]),
+                                as_float(r["total_params"]), as_float(r["peak_mem_mb"]), r["peak_mem_kind"] or None))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- fusion vs single modality
+@frozen
+class FusionVs:
+    """The fusion model vs one single-modality model on the same eyes: that model's value and the
+    paired difference fusion - it (DeLong for a binary AUROC, else a paired bootstrap)."""
+
+    modality: str  # cfp | oct
+    task: str  # the single-modality task
+    value: float
+    lo: float
+    hi: float
+    difference: float
+    diff_lo: float
+    diff_hi: float
+    p: float
+    method: str | None
+
+
+@frozen
+class FusionRow:
+    """One same-eyes comparison: the fusion run (model, fraction, seed) vs the single-modality runs of ``protocol``."""
+
+    model: str
+    protocol: str
+    fraction: float
+    seed: int
+    n_eyes: int
+    value: float  # the fusion model's
+    lo: float
+    hi: float
+    vs: tuple[FusionVs, ...]
+
+
+@frozen
+class FusionSection:
+    """A fusion task's comparison with its single-modality tasks, and its pairing counts."""
+
+    task: str
+    metric: str
+    lower_is_better: bool
+    rows: tuple[FusionRow, ...]
+    n_pairs: int | None
+    pairs_by_split: Mapping[str, int]
+    split_source: str | None
+    unpaired: tuple[tuple[str, str, int], ...]  # (modality present, reason, eyes) from unpaired.csv
+
+
+def _pair_of(compare: dict, other: str) -> dict | None:
+    for pair in compare.get("pairs") or []:
+        if (pair.get("a"), pair.get("b")) == ("fusion", other):
+            return pair
+        if (pair.get("a"), pair.get("b")) == (other, "fusion"):
+            from .pairwise import flip
+
+            return flip(pair)
+    return None
+
+
+def fusion_sections(compares: list[dict]) -> tuple[FusionSection, ...]:
+    """The same-eyes comparisons (:func:`retflow.report.collect.collect_fusion`) per fusion task, rows in
+    model / protocol / fraction / seed order."""
+    by_task: dict = {}
+    for c in compares:
+        by_task.setdefault(str(c["task"]), []).append(c)
+    out = []
+    for task, items in by_task.items():
+        rows = []
+        for c in sorted(items, key=lambda c: (str(c.get("model")), str(c.get("protocol")), as_float(c.get("fraction")),
+                                              int(c.get("seed") or 0))):
+            m = c.get("metrics") or {}
+            vs = []
+            for modality, single in (c.get("tasks") or {}).items():
+                pair, own = _pair_of(c, modality), m.get(modality) or {}
+                pair = pair or {}
+                vs.append(FusionVs(modality, single, as_float(own.get("value")), as_float(own.get("ci_low")),
+                                   as_float(own.get("ci_high")), as_float(pair.get("difference")),
+                                   as_float(pair.get("ci_low")), as_float(pair.get("ci_high")),
+                                   as_float(pair.get("p_value")), pair.get("method")))
+            f = m.get("fusion") or {}
+            rows.append(FusionRow(str(c.get("model")), str(c.get("protocol")), as_float(c.get("fraction")),
+                                  int(c.get("seed") or 0), int(c.get("n_eyes") or 0), as_float(f.get("value")),
+                                  as_float(f.get("ci_low")), as_float(f.get("ci_high")), tuple(vs)))
+        first, pairing = items[0], items[0].get("pairing") or {}
+        out.append(FusionSection(task, str(first.get("metric")), bool(first.get("lower_is_better")), tuple(rows),
+                                 pairing.get("n_pairs"), dict(pairing.get("pairs_by_split") or {}),
+                                 pairing.get("split_source"), tuple(tuple(u) for u in first.get("unpaired") or ())))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- the whole report
 @frozen
 class ReportModel:
@@ -522,22 +709,30 @@ class ReportModel:
     runs: Mapping[str, tuple[RunRow, ...]]
     significance: Significance
     n_results: int
+    kfold: Mapping[str, tuple[KFoldRow, ...]]  # cross-validated tasks only (empty tuple otherwise)
+    footprint: Mapping[str, tuple[FootprintRow, ...]] = dataclasses.field(default_factory=dict)
+    fusion: tuple[FusionSection, ...] = ()  # fusion tasks with same-eyes comparisons
 
 
-def build(results: pd.DataFrame, compares: list[dict], settings: ReportSettings) -> ReportModel:
-    """The report model of the collected ``results`` (:func:`retflow.report.collect.collect_results`)
-    and ``compares`` (:func:`retflow.report.collect.collect_compare`)."""
+def build(results: pd.DataFrame, compares: list[dict], settings: ReportSettings,
+          fusion: list[dict] = ()) -> ReportModel:
+    """The report model of the collected ``results`` (:func:`retflow.report.collect.collect_results`),
+    ``compares`` (:func:`retflow.report.collect.collect_compare`) and same-eyes ``fusion``
+    comparisons (:func:`retflow.report.collect.collect_fusion`)."""
     sig = Significance(compares)
     tasks = [t.name for t in settings.tasks]
     if not results.empty:
         tasks += [t for t in sorted(results["task"].dropna().unique()) if t not in tasks]
-    infos, headlines, runs = {}, [], {}
+    infos, headlines, runs, kfold, footprint = {}, [], {}, {}, {}
     for task in tasks:
         df = results[results["task"] == task] if not results.empty else results
         info = infos[task] = TaskInfo(task, settings.task(task), df, settings)
         headlines.append(headline(info, sig, settings))
         runs[task] = run_rows(info, settings.chance_margin)
-    return ReportModel(tuple(tasks), infos, tuple(headlines), runs, sig, len(results))
+        kfold[task] = kfold_rows(info)
+        footprint[task] = footprint_rows(info)
+    return ReportModel(tuple(tasks), infos, tuple(headlines), runs, sig, len(results), kfold, footprint,
+                       fusion_sections(list(fusion)))
 
 
 def seeds_text(values: Sequence[SeedValue], fmt) -> list[str]:

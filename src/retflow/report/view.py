@@ -71,6 +71,24 @@ def figure(image, caption: str, kind: str = "figure") -> Figure:
 
 
 # ---------------------------------------------------------------- estimates as text (the seed/CI rule)
+def kfold_text(e: Estimate | None, value_fmt=fmt.value) -> str:
+    """A k-fold :class:`~retflow.report.model.Estimate` (folds in place of seeds) by the same rule."""
+    if e is None:
+        return "n/a"
+    if e.kind == "seeds":
+        return (f"{value_fmt(e.value)} ± {value_fmt((e.hi - e.lo) / 2)} (k-fold mean ± 95% t interval across "
+                f"{e.n_seeds} folds)")
+    if e.kind == "per_seed":
+        return (f"{value_fmt(e.value)} (k-fold mean over {e.n_seeds} folds; no t interval with 2 folds)")
+    return fmt.with_ci(e.value, e.lo, e.hi, value_fmt)
+
+
+def fold_values_text(e: Estimate | None, value_fmt=fmt.value) -> str:
+    """Each fold's value (``fold 0: 0.81 [0.70, 0.90]; fold 1: ...``)."""
+    return "; ".join(f"fold {s.seed}: {fmt.with_ci(s.value, s.lo, s.hi, value_fmt)}" for s in (e.per_seed if e else ()))
+
+
+
 def summary_text(r, metric: str, value_fmt=fmt.value) -> str:
     """A seed_summary row's ``<metric>`` as text: ``mean ± half`` (3+ seeds, t interval), every
     seed's ``value [lo, hi]`` (2 seeds, bootstrap CIs) or ``value [lo, hi]`` (one seed)."""

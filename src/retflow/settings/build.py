@@ -63,10 +63,45 @@ def task_recipe(config: dict, task_name: str, protocol: str) -> dict:
     return config["tasks"][task_name]["recipe"].get(protocol) or {}  # only the keys this task overrides
 
 
+def model_pool(config: dict, model: str | None) -> str:
+    """How ``model``'s classifier pools the encoder's tokens (``models.<model>.pool``); without a
+    model, the schema's default for it."""
+    if model is None:
+        from retflow.settings.load import section_defaults
+
+        return section_defaults("models", {"_": {"init": "random"}})["_"]["pool"]
+    return config["models"][model]["pool"]
+
+
+def lora(protocol: str, *sources: dict) -> S.LoraSettings | None:
+    """Protocol ``lora``'s adapters from its section and recipes (later sources win); None for the others."""
+    if protocol != "lora":
+        return None
+    return S.LoraSettings.from_dict(_pick(S.LoraSettings, *sources), "lora")
+
+
+def fold(config: dict, task_name: str, k) -> S.FoldSettings | None:
+    """Fold ``k`` of a task's cross-validation (:func:`retflow.config.task_folds`); None (or ``""``,
+    a run without folds) gives None. A fold outside the task's folds is a ConfigError."""
+    from retflow.layout import parse_fold
+
+    k = parse_fold(k)
+    folds = rfc.task_folds(config, task_name)
+    if k is None and folds == [None]:
+        return None
+    if k not in folds:
+        raise rfc.ConfigError(f"task '{task_name}': fold {k} is not one of its folds {folds} "
+                              f"(splits.folds / datasets.<name>.folds)")
+    splits = config["splits"]
+    return S.FoldSettings(fold=int(k), folds=len(folds), seed=int(splits["seed"]),
+                          val_share=float(splits["val"] / max(1e-9, splits["train"] + splits["val"])))
+
+
 def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed: int,
-             model: str | None = None) -> S.FinetuneSettings:
+             model: str | None = None, fold_k=None) -> S.FinetuneSettings:
     """One fine-tune / probe run: the protocol's section (with the task's and then ``model``'s recipe
-    for it applied) + the task, its modality's ViT, the run. Without ``model``: no model recipe."""
+    for it applied) + the task, its modality's ViT, the run (``fold_k``: its cross-validation fold,
+    None for the fixed split). Without ``model``: no model recipe."""
     if config["tasks"][task_name]["type"] == "segmentation":
         raise rfc.ConfigError(f"task '{task_name}' is a segmentation task: its runs are built by "
                               f"retflow.settings.build.segment (rule segment), not finetune")
@@ -74,20 +109,54 @@ def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed:
     data = _pick(S.FinetuneSettings, config[protocol], {"normalize": normalize(config, modality)},
                  task_recipe(config, task_name, protocol), model_recipe(config, model, protocol),
                  protocol=protocol, task=task(config, task_name), vit=vit(config, modality),
-                 fraction=float(fraction), seed=int(seed), device=config["device"])
+                 fraction=float(fraction), seed=int(seed), device=config["device"], pool=model_pool(config, model),
+                 fold=fold(config, task_name, fold_k),
+                 lora=lora(protocol, config[protocol], task_recipe(config, task_name, protocol),
+                           model_recipe(config, model, protocol)))
     return S.FinetuneSettings.from_dict(data, protocol)
 
 
 def segment(config: dict, task_name: str, model: str, fraction: float, seed: int,
-            protocol: str = "finetune") -> S.SegmentSettings:
+            protocol: str = "finetune", fold_k=None) -> S.SegmentSettings:
     """One segmentation run: the ``segment`` section (with the task's and then ``model``'s recipe for
     it applied) + the task, its modality's ViT, the run."""
     modality = rfc.task_modality(config, task_name)
     data = _pick(S.SegmentSettings, config["segment"], {"normalize": normalize(config, modality)},
                  task_recipe(config, task_name, "segment"), model_recipe(config, model, "segment"),
                  protocol=protocol, model=model, task=task(config, task_name), vit=vit(config, modality),
-                 fraction=float(fraction), seed=int(seed), device=config["device"], evaluate=evaluate(config))
+                 fraction=float(fraction), seed=int(seed), device=config["device"], evaluate=evaluate(config),
+                 fold=fold(config, task_name, fold_k))
     return S.SegmentSettings.from_dict(data, "segment")
+
+
+def _fusion_block(config: dict, task_name: str) -> dict:
+    block = config["tasks"][task_name].get("fusion")  # optional: only fusion tasks have one
+    if block is None:
+        raise rfc.ConfigError(f"task '{task_name}' has no 'fusion' block: it is not a fusion task "
+                              f"(add tasks.{task_name}.fusion: {{cfp: <dataset>, oct: <dataset>}})")
+    return block
+
+
+def pairing(config: dict, task_name: str) -> S.PairingSettings:
+    """Pairing the two stores of fusion task ``task_name`` (one job per task, every run of it reads the pairs)."""
+    block = _fusion_block(config, task_name)
+    label_from = config["datasets"][config["tasks"][task_name]["dataset"]]["modality"]
+    return S.PairingSettings(task=task(config, task_name), cfp=block["cfp"], oct=block["oct"], label_from=label_from,
+                             visit=block["visit"], splits=dict(config["splits"]))
+
+
+def fusion(config: dict, task_name: str, model: str | None, fraction: float, seed: int,
+           protocol: str = "fusion") -> S.FusionSettings:
+    """One late-fusion run: the ``fusion`` section (with the task's and then ``model``'s ``recipe.fusion``
+    applied) + the task's ``fusion`` block (each modality's dataset, ViT, normalisation) + the run."""
+    block = _fusion_block(config, task_name)
+    inputs = {m: S.FusionInput(dataset=block[m], vit=vit(config, m), normalize=normalize(config, m))
+              for m in ("cfp", "oct")}
+    data = _pick(S.FusionSettings, config["fusion"], task_recipe(config, task_name, "fusion"),
+                 model_recipe(config, model, "fusion"), visit=block["visit"], encoders=block["encoders"],
+                 protocol=protocol, task=task(config, task_name), pool=model_pool(config, model),
+                 fraction=float(fraction), seed=int(seed), device=config["device"], **inputs)
+    return S.FusionSettings.from_dict(data, "fusion")
 
 
 def teacher_checkpoint(config: dict, modality: str, layout: Layout) -> str:

@@ -67,6 +67,24 @@ class CompareSettings(Frozen):
 
 
 @frozen
+class SameEyesSettings(Frozen):
+    """One ``same_eyes`` job (rules/fusion.smk): the fusion run of ``task`` (``model``, ``fraction``,
+    ``seed``) and the ``protocol`` runs of its ``compare_with`` tasks (``tasks``: modality -> task) with
+    the same model, fraction and seed, scored on the test eyes all of them predicted, with the
+    ``evaluate`` bootstrap."""
+
+    task: str
+    task_type: str
+    classes: tuple[str, ...]  # () for regression
+    protocol: str  # the single-modality runs'
+    model: str
+    fraction: float
+    seed: int
+    tasks: Mapping[str, str]
+    evaluate: EvaluateSettings
+
+
+@frozen
 class SaliencySettings(Frozen):
     """One ``saliency`` job: the run whose model is explained (:func:`retflow.report.targets.saliency_run`),
     the task's labelled dataset and label column, and the device."""
@@ -191,12 +209,13 @@ def evaluation(config: dict, protocol: str, task: str, model: str, fraction, see
         "evaluate")
 
 
-def compare(config: dict, task: str, protocol: str, fraction, seed) -> CompareSettings:
-    """One compare job (a group of :func:`retflow.report.targets.compare_groups`)."""
+def compare(config: dict, task: str, protocol: str, fraction, seed, fold=None) -> CompareSettings:
+    """One compare job (a group of :func:`retflow.report.targets.compare_groups`; ``fold``: its
+    cross-validation fold or tag, None / "" without folds -- the path carries it, not the record)."""
     from retflow.report import targets
 
     tag = rfc.fraction_tag(fraction)
-    models = targets.compare_models(config, task, protocol, tag, seed)
+    models = targets.compare_models(config, task, protocol, tag, seed, fold)
     if len(models) < 2:
         raise ConfigError(f"compare {task}/{protocol}/frac{tag}/seed{seed}: not a comparison of this config "
                           f"(it needs two or more models of a non-segmentation task; models: {models})")
@@ -204,6 +223,21 @@ def compare(config: dict, task: str, protocol: str, fraction, seed) -> CompareSe
     return CompareSettings.from_dict({
         "task": task, "task_type": spec["type"], "classes": _classes(spec), "protocol": protocol,
         "fraction": float(fraction), "seed": int(seed), "models": models, "evaluate": config["evaluate"]}, "compare")
+
+
+def same_eyes(config: dict, task: str, protocol: str, model: str, fraction, seed) -> SameEyesSettings:
+    """One same-eyes comparison (:func:`retflow.fusion_config.same_eyes_jobs`)."""
+    from retflow import fusion_config
+
+    job = fusion_config.SameEyes(task, protocol, model, float(fraction), int(seed))
+    if job not in fusion_config.same_eyes_jobs(config):
+        raise ConfigError(f"same_eyes {task}/{protocol}/{model}/frac{rfc.fraction_tag(fraction)}/seed{seed}: not a "
+                          f"comparison of this config (tasks.{task}.fusion.compare_with and the runs they share)")
+    spec = config["tasks"][task]
+    return SameEyesSettings.from_dict({
+        "task": task, "task_type": spec["type"], "classes": _classes(spec), "protocol": protocol, "model": model,
+        "fraction": float(fraction), "seed": int(seed), "tasks": fusion_config.compare_tasks(config, task),
+        "evaluate": config["evaluate"]}, "same_eyes")
 
 
 def saliency(config: dict, task: str) -> SaliencySettings:

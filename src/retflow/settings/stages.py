@@ -78,6 +78,18 @@ class Schedule(Frozen):
 
 # ------------------------------------------------------------------------------ downstream
 @frozen
+class FoldSettings(Frozen):
+    """A cross-validation run's fold (``splits.folds`` >= 2; :func:`retflow.data.splits.fold_split`):
+    ``fold`` of ``folds``, the validation share of its training part (``splits.val / (train + val)``)
+    and the seed of that carve (``splits.seed``)."""
+
+    fold: int
+    folds: int
+    val_share: float
+    seed: int
+
+
+@frozen
 class TrainingRun(Frozen):
     """What a fine-tune / probe run and a segmentation run share: the recipe keys both schema
     sections have, and the run itself."""
@@ -101,9 +113,20 @@ class TrainingRun(Frozen):
     fraction: float
     seed: int
     device: str
+    fold: FoldSettings | None  # a cross-validation run's fold; None: the fixed split
 
     def schedule(self, batch: int) -> Schedule:
         return Schedule.of(self, batch)
+
+
+@frozen
+class LoraSettings(Frozen):
+    """LoRA adapters of a ``lora`` run (``lora.rank``, ``alpha``, ``dropout``, ``target_modules``)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
 
 
 @frozen
@@ -121,6 +144,11 @@ class FinetuneSettings(TrainingRun):
     mixup_prob: float
     mixup_switch_prob: float
     class_weights: str
+    # protocol lora's adapters (the lora section's keys beyond the recipe); None for the other protocols
+    lora: LoraSettings | None
+    # the model's (models.<name>.pool): avg = mean patch token + fresh fc_norm (RETFound-MAE);
+    # token = class token after the encoder's final norm (DINOv2 / RETFound-DINOv2)
+    pool: str
 
 
 @frozen
@@ -132,6 +160,66 @@ class SegmentSettings(TrainingRun):
     n_overlay: int
     model: str
     evaluate: EvaluateSettings
+
+
+@frozen
+class FusionInput(Frozen):
+    """One modality of a fusion task (``tasks.<name>.fusion.cfp`` / ``oct``): its dataset, ViT and normalisation."""
+
+    dataset: str
+    vit: ViTSettings
+    normalize: NormalizeSettings
+
+
+@frozen
+class PairingSettings(Frozen):
+    """Pairing the two stores of a fusion task (:mod:`retflow.data.pairing`): by patient + eye
+    (+ ``visit``), the label read from ``label_from``'s store (the task's ``dataset``), the
+    ``splits`` section for re-splitting pairs whose stores disagree."""
+
+    task: TaskSettings
+    cfp: str
+    oct: str
+    label_from: str  # cfp | oct: the modality of tasks.<name>.dataset
+    visit: str | None
+    splits: Mapping[str, Any]
+
+
+@frozen
+class FusionSettings(Frozen):
+    """One late-fusion run (``fusion`` section + the task's ``fusion`` block + the run;
+    :mod:`retflow.train.fusion`)."""
+
+    epochs: int
+    batch_size: int
+    blr: float
+    layer_decay: float
+    weight_decay: float
+    drop_path: float
+    label_smoothing: float
+    warmup_epochs: int
+    min_lr: float
+    crop_scale: tuple[float, float]
+    hflip: bool
+    min_steps: int
+    select_by: str
+    class_weights: str
+    num_workers: int
+    # the task's fusion block
+    cfp: FusionInput
+    oct: FusionInput
+    visit: str | None
+    encoders: str  # frozen | finetune
+    # the run
+    protocol: str
+    task: TaskSettings
+    pool: str
+    fraction: float
+    seed: int
+    device: str
+
+    def schedule(self, batch: int) -> Schedule:
+        return Schedule.of(self, batch)
 
 
 # ------------------------------------------------------------------------------ pretraining

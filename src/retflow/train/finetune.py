@@ -1,6 +1,7 @@
 """Supervised fine-tuning / linear probing of a ViT on one task, RETFound's recipe.
 
-Fine-tune: timm ViT with global average pooling + fc_norm, initialised from an MAE encoder (or
+Fine-tune: timm ViT with global average pooling + fc_norm (or the class token after the final norm:
+the model's ``pool``, :class:`~retflow.settings.stages.FinetuneSettings`), initialised from an MAE encoder (or
 random / a local weights file in any layout :mod:`retflow.models.checkpoint_layouts` reads),
 layer-wise lr decay, drop path, label smoothing, optional RandAugment + random erasing
 (``augment: retfound``), mixup/cutmix and class-weighted loss, AdamW with warmup + cosine,
@@ -10,7 +11,10 @@ best checkpoint by a validation metric (``select_by``) among the epochs after wa
 train_log.csv, the internal test predictions, ``settings.json`` (the
 :class:`~retflow.settings.stages.FinetuneSettings` it ran with) and ``train_summary.json``
 (``best_epoch``; ``chance_loss``: the training loss of the best constant output on the training
-labels, ``min_train_loss``: the lowest epoch training loss, both null for probe_logreg).
+labels, ``min_train_loss``: the lowest epoch training loss, both null for probe_logreg;
+``trainable_params``, ``total_params``, ``peak_mem_mb``, ``peak_mem_kind``:
+:mod:`retflow.train.footprint`). LoRA (protocol ``lora``, :mod:`retflow.train.lora`): the
+fine-tuning recipe on a frozen encoder with low-rank adapters; its best.pth holds the merged model.
 Resumable per epoch from ``<out>/resume/last.pth``.
 """
 
@@ -27,7 +31,7 @@ import torch
 
 from retflow.atomic import atomic_path, write_json
 from retflow.data.dataset import StoreDataset, eval_transform, load_manifest
-from retflow.data.splits import label_fraction_indices
+from retflow.data.splits import fold_split, label_fraction_indices
 from retflow.evaluate.metrics import LOWER_IS_BETTER, PRIMARY_METRIC, compute_metrics
 from retflow.evaluate.retfound_metrics import retfound_current
 from retflow.models.checkpoint_layouts import load_encoder
@@ -37,7 +41,9 @@ from retflow.settings.stages import FinetuneSettings, TaskSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
+from retflow.train.footprint import param_counts, peak_memory, reset_peak
 from retflow.train.engine_finetune import evaluate_outputs, keep_epoch, predict_outputs, train_one_epoch
+from retflow.train.lora import add_adapters, merge_adapters
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
 from retflow.train.sampling import loader, repeated_order
@@ -54,24 +60,30 @@ from retflow.train.targets import (
 )
 
 
+#: protocols that train with the whole fine-tuning recipe (label smoothing, mixup / cutmix, drop path)
+FULL_RECIPE = ("finetune", "lora")
+
+
 def build_model(s: FinetuneSettings, n_out: int, init_path: str | None):
     """The ViT (encoder loaded from ``init_path`` if given) and its optimizer parameter groups:
     layer-wise lr decay and drop path for fine-tuning; a frozen encoder (drop path off) for probes."""
     probe = s.protocol in PROBES
     model = create_vit(s.vit.spec(), num_classes=n_out, drop_path_rate=0.0 if probe else s.drop_path,
-                       global_pool="avg")
+                       global_pool=s.pool)
     if init_path:
         report = load_encoder(model, init_path)
         print(f"loaded encoder from {init_path}: {report.summary()}")
     if probe:
         params = freeze_encoder(model, s.protocol)
         return model, [{"params": params, "weight_decay": s.weight_decay}]
+    if s.protocol == "lora":  # frozen encoder + adapters; the head trains (groups: trainable parameters only)
+        add_adapters(model, s.lora)
     return model, param_groups_lrd(model, s.weight_decay, model.no_weight_decay(), s.layer_decay)
 
 
 def training_loss(s: FinetuneSettings, labels: np.ndarray, scale: TargetScale):
     """The run's training loss: label smoothing (fine-tuning only) and class weights (``class_weights``)."""
-    smoothing = s.label_smoothing if s.protocol == "finetune" else 0.0
+    smoothing = s.label_smoothing if s.protocol in FULL_RECIPE else 0.0
     return make_loss(s.task, class_weights(s.task, labels, s.class_weights), smoothing, scale)
 
 
@@ -108,9 +120,13 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
     s.write(out_dir / "settings.json")
     torch.manual_seed(s.seed)
     device = pick_device(s.device)
+    reset_peak(device)
     spec, task = s.vit.spec(), s.task
     manifest = load_manifest(store)
     targets, valid = encode_targets(manifest, task)
+    if s.fold is not None:  # a cross-validation run: its fold is the test set (retflow.data.splits.fold_split)
+        strata = np.where(valid, stratum(task, targets).astype(str), "")
+        manifest = manifest.assign(split=fold_split(manifest, s.fold, strata).to_numpy())
     parts = _split_rows(manifest, task, targets, valid)
     tr_rows, tr_y = parts["train"]
     keep = label_fraction_indices(stratum(task, tr_y), s.fraction, s.seed)
@@ -126,9 +142,10 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
     scale = TargetScale.fit(task, tr_y)
     model, groups = build_model(s, n_outputs(task), init_path)
     model.to(device)
+    counts = param_counts(model)  # as it trains (a lora run: the frozen base + its adapters)
     meta = {"spec": s.vit.to_dict(), "normalize": norm, "classes": list(task.classes), "task": task.name,
             "task_spec": task.to_dict(), "target_scale": [scale.mean, scale.std],
-            "probe_head": s.protocol in ("probe_adamw", "probe_lars")}
+            "probe_head": s.protocol in ("probe_adamw", "probe_lars"), "pool": s.pool}
     select = lambda y, out: select_score(y, out, task.type, s.select_by)  # noqa: E731
     if s.protocol == "probe_logreg":
         summary = _run_logreg(s, model, train_ds, val_ds, scale, select, device, meta, out_dir)
@@ -141,7 +158,8 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
     write_predictions(out_dir / "predictions.parquet", task, manifest["image_id"].to_numpy()[parts["test"][0]],
                       test_ds.labels, outputs)
     write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
-                "best_epoch": best_state["epoch"], **summary}, out_dir / "train_summary.json")
+                "best_epoch": best_state["epoch"], **summary, **counts, **peak_memory(device)},
+               out_dir / "train_summary.json")
     return 0
 
 
@@ -171,7 +189,7 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
     else:
         optimizer = torch.optim.AdamW(groups, lr=schedule.lr)
     criterion = training_loss(s, train_ds.labels, scale)
-    mixup = make_mixup(s) if s.protocol == "finetune" else None
+    mixup = make_mixup(s) if s.protocol in FULL_RECIPE else None
     print(f"{s.protocol} {task.name}: {len(train_ds)} train (fraction {s.fraction:g}), "
           f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
@@ -204,7 +222,11 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
                      "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
     with atomic_path(out_dir / "train_log.csv") as tmp:
         pd.DataFrame(log).to_csv(tmp, index=False)
-    save_atomic(load_state(best_path), out_dir / "best.pth")
+    best_state = load_state(best_path)
+    if s.protocol == "lora":  # best.pth: the merged, plain timm model (no peft needed to read it)
+        model.load_state_dict(best_state["model"])
+        best_state["model"] = merge_adapters(model).state_dict()
+    save_atomic(best_state, out_dir / "best.pth")
     return {"epochs": s.epochs, "best_val_score": best,
             "chance_loss": chance_loss(task, criterion, train_ds.labels),
             "min_train_loss": min(row["train_loss"] for row in log)}

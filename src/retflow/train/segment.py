@@ -15,7 +15,8 @@ Writes into ``out_dir`` (the run folder of the fine-tuning layout, so the report
 ``kind: "segmentation"``), ``train_log.csv``, ``metrics.json`` (internal test set: Dice / IoU per
 class and foreground mean with seeded bootstrap CIs over images; see
 :mod:`retflow.evaluate.segmentation_metrics`), ``overlay.png`` (a few test images: image | truth |
-prediction), ``train_summary.json`` and ``settings.json`` (the
+prediction), ``train_summary.json`` (with :mod:`retflow.train.footprint`'s parameter counts and
+peak memory) and ``settings.json`` (the
 :class:`~retflow.settings.stages.SegmentSettings` it ran with). Resumable per epoch from
 ``<out>/resume/last.pth``.
 """
@@ -36,7 +37,7 @@ from PIL import Image
 from retflow.atomic import atomic_path, json_safe, write_json
 from retflow.data.dataset import load_manifest
 from retflow.data.seg_dataset import SegDataset, max_mask_value, seg_eval_transform, seg_train_transform
-from retflow.data.splits import label_fraction_indices
+from retflow.data.splits import fold_split, label_fraction_indices
 from retflow.data.store import MASK_SHARD_DIR
 from retflow.evaluate.segmentation_metrics import (
     PRIMARY_SEG_METRIC,
@@ -52,6 +53,7 @@ from retflow.settings.stages import SegmentSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.distributed import pick_device
+from retflow.train.footprint import param_counts, peak_memory, reset_peak
 from retflow.train.engine_finetune import keep_epoch, train_one_epoch
 from retflow.train.sampling import loader, repeated_order
 
@@ -162,6 +164,7 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
     s.write(out_dir / "settings.json")
     torch.manual_seed(s.seed)
     device = pick_device(s.device)
+    reset_peak(device)
     spec, task = s.vit.spec(), s.task
     classes = [str(c) for c in task.classes]
     k = len(classes)
@@ -173,6 +176,8 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
         raise SystemExit(f"task '{task.name}': masks in {store} hold label {top}, but the task has {k} classes "
                          f"{classes} (mask value = class index)")
     manifest = load_manifest(store)
+    if s.fold is not None:  # a cross-validation run: its fold is the test set (retflow.data.splits.fold_split)
+        manifest = manifest.assign(split=fold_split(manifest, s.fold).to_numpy())
     parts = _split_rows(manifest, task.name, store)
     keep = label_fraction_indices(np.zeros(len(parts["train"]), int), s.fraction, s.seed)
     parts["train"] = parts["train"][keep]
@@ -189,6 +194,7 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
     n_batches = max(len(train_ds) // batch, math.ceil(s.min_steps / epochs))
     model, groups = build_model(s, k, init_path)
     model.to(device)
+    counts = param_counts(model)
     schedule = s.schedule(batch)
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr)
     from monai.losses import DiceCELoss
@@ -261,7 +267,8 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
     write_json({"n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds), "epochs": epochs,
                 "best_epoch": best_state["epoch"], "best_val_score": best,
                 "chance_loss": None, "min_train_loss": None,  # a Dice + CE loss has no simple chance level
-                "seconds": round(time.perf_counter() - t0, 1)}, out_dir / "train_summary.json")
+                "seconds": round(time.perf_counter() - t0, 1), **counts, **peak_memory(device)},
+               out_dir / "train_summary.json")
     m = boot["metrics"][PRIMARY_SEG_METRIC]
     print(f"test dice {m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
           f"iou {boot['metrics']['iou']['value']:.4f} ({len(pred)} images)", flush=True)

@@ -74,11 +74,13 @@ def _mocov3_init(encoder: nn.Module, sincos_pos_embed: bool) -> None:
     nn.init.normal_(encoder.cls_token, std=1e-6)
     if sincos_pos_embed:
         grid = encoder.patch_embed.grid_size
-        if grid[0] != grid[1] or encoder.embed_dim % 4 or encoder.no_embed_class or encoder.num_prefix_tokens != 1:
-            raise ValueError("sincos_pos_embed needs a square patch grid, embed_dim % 4 == 0 and one class token")
-        table = torch.from_numpy(get_2d_sincos_pos_embed(encoder.embed_dim, grid[0], cls_token=True))[None]
+        if grid[0] != grid[1] or encoder.embed_dim % 4:
+            raise ValueError("sincos_pos_embed needs a square patch grid and embed_dim % 4 == 0")
+        table = torch.from_numpy(get_2d_sincos_pos_embed(encoder.embed_dim, grid[0]))
+        pos_prefix = 0 if encoder.no_embed_class else encoder.num_prefix_tokens  # class (+ register) rows: 0
         with torch.no_grad():
-            encoder.pos_embed.copy_(table)
+            encoder.pos_embed.zero_()
+            encoder.pos_embed[0, pos_prefix:].copy_(table)
         encoder.pos_embed.requires_grad_(False)
 
 
