@@ -23,10 +23,11 @@ PRETRAIN_TARGET = "results/pretrain/mae/cfp/checkpoint.pth"
 
 
 def reduced_config(path: Path) -> Path:
-    """The showcase (every protocol, SimCLR next to MAE) at a size that runs in about two minutes."""
+    """The showcase (every protocol incl. LoRA, SimCLR next to MAE, 3-fold OCT tasks, CFP+OCT fusion) at a
+    size that runs in a few minutes."""
     cfg = yaml.safe_load((ROOT / "config/showcase.yaml").read_text())
     sizes = {"cfp_pool": 240, "oct_pool": 240, "cfp_clinic": 160, "oct_clinic": 120,
-             "cfp_device_b": 60, "oct_device_b": 60}
+             "cfp_device_b": 60, "oct_device_b": 60, "paired_cfp": 80, "paired_oct": 80}
     for name, n in sizes.items():
         cfg["datasets"][name]["phantom"].update(n=n, size=64)
     cfg["pretrain"].update(epochs=6, batch_size=32)
@@ -36,6 +37,8 @@ def reduced_config(path: Path) -> Path:
     for task in cfg["tasks"].values():  # one run per task and model; glaucoma keeps every protocol
         task.pop("fractions", None)
         task.pop("seeds", None)
+    cfg["lora"].update(epochs=2, min_steps=6)
+    cfg["fusion"].update(epochs=2, min_steps=6)
     cfg["probe_adamw"].update(epochs=1, min_steps=4)
     cfg["probe_lars"].update(epochs=1, min_steps=4)
     cfg["evaluate"]["n_boot"] = 50
@@ -96,7 +99,8 @@ def test_demo_outputs_metrics_for_every_run(demo):
     cfg = validate(yaml.safe_load((demo["work"] / "demo.yaml").read_text()))
     layout = Layout(demo["work"] / "results")
     runs = downstream_runs(cfg)
-    assert {r.protocol for r in runs} == {"finetune", "probe_adamw", "probe_lars", "probe_logreg"}
+    assert {r.protocol for r in runs} == {"finetune", "lora", "probe_adamw", "probe_lars", "probe_logreg", "fusion"}
+    assert {r.fold for r in runs if r.task == "oct_diagnosis"} == {0, 1, 2}
     for run in runs:
         sets = ["metrics.json"] + [f"external/{e['dataset']}/metrics.json"
                                    for e in external_sets(cfg["tasks"][run.task])]
@@ -110,7 +114,8 @@ def test_demo_outputs_metrics_for_every_run(demo):
 def test_demo_report_is_self_contained(demo):
     html = (demo["work"] / "results/report.html").read_text()
     for name in ("dr_grading", "glaucoma", "oct_diagnosis", "oct_signs", "cup_disc_ratio", "probe_logreg",
-                 "mae", "scratch", "cfp_device_b"):
+                 "mae", "scratch", "cfp_device_b", "lora", "refer_fusion", "Fusion vs single modality",
+                 "k-fold"):
         assert name in html
     assert "data:image/png;base64," in html
     assert 'src="http' not in html and "href=\"http" not in html

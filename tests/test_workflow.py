@@ -29,13 +29,16 @@ def test_showcase_dry_run_fans_out_every_protocol_fraction_and_seed(tmp_path):
     result = snakemake(work, "-n", "--cores", "1", "--configfile", "config/showcase.yaml")
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    # per model: dr_grading 2 fractions, glaucoma 4 protocols x 3 fractions x 2 seeds, cup_disc_ratio 1,
-    # oct_diagnosis 2, oct_signs 1 = 30 runs; x 3 models (mae, simclr, scratch), except glaucoma's
-    # 24 (mae and scratch only) = 66; externals: dr_grading + oct_diagnosis
-    assert counts["finetune"] == 66 and counts["evaluate_internal"] == 66
-    assert counts["predict_external"] == 12 and counts["evaluate_external"] == 12
+    # dr_grading 2 fractions x 3 models = 6; glaucoma 5 protocols (finetune, lora, 3 probes) x 3 fractions x 2 seeds
+    # x 2 models (mae, scratch) = 60; cup_disc_ratio 3; oct_diagnosis 2 fractions x 3 folds x 3 models = 18;
+    # oct_signs 3 folds x 3 models = 9; refer_cfp, refer_oct 2 models each = 4: 100 fine-tune/probe/lora runs,
+    # + 2 fusion runs (refer_fusion: mae, scratch) evaluated like them
+    assert counts["finetune"] == 100 and counts["fusion"] == 2 and counts["evaluate_internal"] == 102
+    # externals: dr_grading 6 runs + oct_diagnosis 18 (every fold's model)
+    assert counts["predict_external"] == 24 and counts["evaluate_external"] == 24
+    assert counts["pair_eyes"] == 1 and counts["same_eyes"] == 2  # one same-eyes comparison per fusion run
     # mae and simclr, each on cfp and oct
-    assert counts["pretrain"] == 4 and counts["prepare_dataset"] == 7 and counts["phantom_dataset"] == 7
+    assert counts["pretrain"] == 4 and counts["prepare_dataset"] == 9 and counts["phantom_dataset"] == 9
     assert counts["segment"] == 4  # vessel_seg: 2 models (mae, scratch) x 2 fractions, finetune protocol only
     assert counts["report"] == 1
 
