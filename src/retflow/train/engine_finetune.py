@@ -1,15 +1,20 @@
-"""One supervised epoch, and model outputs for evaluation."""
+"""One supervised epoch, the resumable epoch loop of a supervised run, and model outputs for evaluation."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from retflow.atomic import atomic_path
 from retflow.settings.stages import Schedule, TaskSettings
+from retflow.train.checkpoint import save_atomic
 from retflow.train.recipe import apply_mixup
-from retflow.train.sampling import step_seed
+from retflow.train.resume import resume_training
+from retflow.train.sampling import loader, repeated_order, step_seed
 from retflow.train.schedule import apply_lr, lr_at
 from retflow.train.targets import to_outputs
 
@@ -70,3 +75,37 @@ def evaluate_outputs(model, dataset, device, task: TaskSettings, scale, criterio
     logits, labels = _logits(model, dataset, device)
     loss = float(criterion(logits, labels)) if len(labels) else float("nan")
     return to_outputs(task, logits, scale), loss
+
+
+def fit(model, optimizer, criterion, train_ds, val_ds, *, epochs: int, n_batches: int, batch: int,
+        schedule: Schedule, seed: int, warmup_epochs: int, num_workers: int, device, task: TaskSettings, scale,
+        score, meta: dict, out_dir: Path, fingerprint: str, mixup=None) -> tuple[float, list, Path]:
+    """The epochs of a supervised run (fine-tune, SGD probes, LoRA, fusion): resumed from
+    ``out_dir/resume/last.pth`` when this run wrote it; each epoch trains, scores the validation set
+    (``score(labels, outputs)``, higher is better), keeps the best epoch after warm-up
+    (:func:`keep_epoch`) in ``resume/best.pth`` (with ``meta``) and writes the resume state; at the end
+    ``train_log.csv``. Returns (best score, epoch log, path of the kept checkpoint)."""
+    out_dir = Path(out_dir)
+    resume_path, best_path = out_dir / "resume" / "last.pth", out_dir / "resume" / "best.pth"
+    start, best, log = resume_training(model, optimizer, out_dir, fingerprint)
+    for epoch in range(start, epochs):
+        train_ds.set_aug_seed(seed * 100003 + epoch)
+        order = repeated_order(len(train_ds), n_batches * batch, seed, epoch)
+        dl = loader(train_ds, order, batch, 0, num_workers)
+        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, schedule, seed, device,
+                                         mixup)
+        val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
+        value = score(val_ds.labels, val_out)
+        improved = keep_epoch(epoch, value, best, warmup_epochs, epochs)
+        if improved:
+            best = value
+            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": value, **meta}, best_path)
+        log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_score": value, "lr": lr,
+                    "best": improved})
+        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {value:.4f}"
+              f"{' *' if improved else ''}", flush=True)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
+    with atomic_path(out_dir / "train_log.csv") as tmp:
+        pd.DataFrame(log).to_csv(tmp, index=False)
+    return best, log, best_path

@@ -39,14 +39,13 @@ from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.vit import create_vit
 from retflow.settings.stages import FinetuneSettings, TaskSettings
 from retflow.train.checkpoint import load_state, save_atomic
-from retflow.train.resume import load_resume, run_fingerprint
+from retflow.train.resume import run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
-from retflow.train.engine_finetune import evaluate_outputs, keep_epoch, predict_outputs, train_one_epoch
+from retflow.train.engine_finetune import fit, predict_outputs
 from retflow.train.lora import add_adapters, merge_adapters
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
-from retflow.train.sampling import loader, repeated_order
 from retflow.train.targets import (
     TargetScale,
     chance_loss,
@@ -193,35 +192,10 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
     print(f"{s.protocol} {task.name}: {len(train_ds)} train (fraction {s.fraction:g}), "
           f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
-    resume_path = out_dir / "resume" / "last.pth"
-    best_path = out_dir / "resume" / "best.pth"  # copied to <out>/best.pth at the end
-    start, best, log = 0, -math.inf, []
-    state = load_resume(resume_path, fingerprint) if best_path.exists() else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, log = state["epoch"], state["best"], state["log"]
-        print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    for epoch in range(start, s.epochs):
-        train_ds.set_aug_seed(s.seed * 100003 + epoch)
-        order = repeated_order(len(train_ds), n_batches * batch, s.seed, epoch)
-        dl = loader(train_ds, order, batch, 0, s.num_workers)
-        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, schedule, s.seed, device,
-                                         mixup)
-        val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
-        score = select(val_ds.labels, val_out)
-        improved = keep_epoch(epoch, score, best, s.warmup_epochs, s.epochs)
-        if improved:
-            best = score
-            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
-        log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_score": score, "lr": lr,
-                    "best": improved})
-        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {score:.4f}"
-              f"{' *' if improved else ''}", flush=True)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
-    with atomic_path(out_dir / "train_log.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False)
+    best, log, best_path = fit(model, optimizer, criterion, train_ds, val_ds, epochs=s.epochs, n_batches=n_batches,
+                               batch=batch, schedule=schedule, seed=s.seed, warmup_epochs=s.warmup_epochs,
+                               num_workers=s.num_workers, device=device, task=task, scale=scale, score=select,
+                               meta=meta, out_dir=out_dir, fingerprint=fingerprint, mixup=mixup)
     best_state = load_state(best_path)
     if s.protocol == "lora":  # best.pth: the merged, plain timm model (no peft needed to read it)
         model.load_state_dict(best_state["model"])

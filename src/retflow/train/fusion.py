@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from retflow.atomic import atomic_path, write_json
+from retflow.atomic import write_json
 from retflow.data.dataset import eval_transform, train_transform
 from retflow.data.pair_dataset import PairDataset
 from retflow.data.splits import label_fraction_indices
@@ -42,16 +42,10 @@ from retflow.models.fusion import build_fusion, fusion_param_groups
 from retflow.settings.stages import FusionSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.distributed import pick_device
-from retflow.train.engine_finetune import (
-    evaluate_outputs,
-    keep_epoch,
-    predict_outputs,
-    train_one_epoch,
-)
+from retflow.train.engine_finetune import fit, predict_outputs
 from retflow.train.finetune import select_score
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
-from retflow.train.resume import load_resume, run_fingerprint
-from retflow.train.sampling import loader, repeated_order
+from retflow.train.resume import run_fingerprint
 from retflow.train.targets import (
     TargetScale,
     chance_loss,
@@ -148,33 +142,11 @@ def _train(s: FusionSettings, model, train_ds, val_ds, scale, device, meta, out_
     criterion = make_loss(task, class_weights(task, train_ds.labels, s.class_weights), s.label_smoothing, scale)
     print(f"fusion {task.name} (encoders {s.encoders}): {len(train_ds)} train pairs (fraction {s.fraction:g}), "
           f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
-    resume_path, best_path = out_dir / "resume" / "last.pth", out_dir / "resume" / "best.pth"
-    start, best, log = 0, -math.inf, []
-    state = load_resume(resume_path, fingerprint) if best_path.exists() else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, log = state["epoch"], state["best"], state["log"]
-        print(f"Resuming from {resume_path}: epoch {start}", flush=True)
-    for epoch in range(start, s.epochs):
-        train_ds.set_aug_seed(s.seed * 100003 + epoch)
-        order = repeated_order(len(train_ds), n_batches * batch, s.seed, epoch)
-        dl = loader(train_ds, order, batch, 0, s.num_workers)
-        train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, schedule, s.seed, device)
-        val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
-        score = select_score(val_ds.labels, val_out, task.type, s.select_by)
-        improved = keep_epoch(epoch, score, best, s.warmup_epochs, s.epochs)
-        if improved:
-            best = score
-            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
-        log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_score": score, "lr": lr,
-                    "best": improved})
-        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {score:.4f}"
-              f"{' *' if improved else ''}", flush=True)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
-    with atomic_path(out_dir / "train_log.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False)
+    score = lambda y, outputs: select_score(y, outputs, task.type, s.select_by)  # noqa: E731
+    best, log, best_path = fit(model, optimizer, criterion, train_ds, val_ds, epochs=s.epochs, n_batches=n_batches,
+                               batch=batch, schedule=schedule, seed=s.seed, warmup_epochs=s.warmup_epochs,
+                               num_workers=s.num_workers, device=device, task=task, scale=scale, score=score,
+                               meta=meta, out_dir=out_dir, fingerprint=fingerprint)
     save_atomic(load_state(best_path), out_dir / "best.pth")
     return {"epochs": s.epochs, "best_val_score": best, "chance_loss": chance_loss(task, criterion, train_ds.labels),
             "min_train_loss": min(row["train_loss"] for row in log)}

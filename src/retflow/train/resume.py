@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,3 +59,17 @@ def load_resume(path: str | os.PathLike, fingerprint: str, report: bool = True) 
                   flush=True)
         return None
     return state
+
+
+def resume_training(model, optimizer, out_dir: str | os.PathLike, fingerprint: str) -> tuple[int, float, list]:
+    """``(start epoch, best validation score, epoch log)`` of a supervised run in ``out_dir``: from its
+    ``resume/last.pth`` when that was written by this run (``fingerprint``) and its ``resume/best.pth``
+    exists (model and optimizer restored), else a fresh start ``(0, -inf, [])``."""
+    resume_path = Path(out_dir) / "resume" / "last.pth"
+    state = load_resume(resume_path, fingerprint) if (Path(out_dir) / "resume" / "best.pth").exists() else None
+    if state is None:
+        return 0, -math.inf, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    print(f"Resuming from {resume_path}: epoch {state['epoch']}", flush=True)
+    return state["epoch"], state["best"], state["log"]

@@ -51,7 +51,7 @@ from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.seg_decoder import SegViT
 from retflow.settings.stages import SegmentSettings
 from retflow.train.checkpoint import load_state, save_atomic
-from retflow.train.resume import load_resume, run_fingerprint
+from retflow.train.resume import resume_training, run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
 from retflow.train.engine_finetune import keep_epoch, train_one_epoch
@@ -206,13 +206,7 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
     fingerprint = run_fingerprint(s, [Path(store) / "manifest.parquet", init_path])
     resume_path = out_dir / "resume" / "last.pth"
     best_path = out_dir / "resume" / "best.pth"
-    start, best, log = 0, -math.inf, []
-    state = load_resume(resume_path, fingerprint) if best_path.exists() else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, log = state["epoch"], state["best"], state["log"]
-        print(f"Resuming from {resume_path}: epoch {start}", flush=True)
+    start, best, log = resume_training(model, optimizer, out_dir, fingerprint)
     meta = {"kind": "segmentation", "spec": s.vit.to_dict(), "normalize": norm, "classes": classes,
             "task": task.name, "feature_size": s.feature_size}
     dice_ce = lambda logits, y: criterion(logits.float(), y[:, None])  # noqa: E731  (N,K,S,S) vs (N,S,S)
