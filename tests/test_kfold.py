@@ -179,3 +179,43 @@ def test_report_gives_the_mean_and_t_interval_across_folds(tmp_path):
 
     assert "k-fold mean ± 95% t interval across 3 folds" in kfold_text(mae)
     assert fold_values_text(mae).startswith("fold 0: 0.7")
+
+
+def test_headline_of_a_cross_validated_task_counts_folds_and_tests_within_each_fold(tmp_path):
+    from retflow.report import model as rmodel
+    from retflow.report.collect import ReportInputs, collect_compare
+    from retflow.report.view import estimate_text
+    from retflow.settings import report as report_settings
+
+    config = validate({
+        "datasets": {"fundus": {"modality": "cfp", "role": "labelled", "source": "csv", "path": "f.csv", "folds": 3}},
+        "tasks": {"glaucoma": {"dataset": "fundus", "label": "g", "type": "binary", "classes": ["0", "1"]}},
+        "models": {"mae": {"init": "pretrained", "method": "mae"}, "scratch": {"init": "random"}},
+        "vit": {"arch": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8},
+        "pretrain": {"methods": ["mae"], "pools": {"cfp": ["fundus"]}}, "fractions": [1.0], "seeds": [0]})
+    layout = Layout(tmp_path / "results")
+    metrics, compares = [], []
+    for fold, (mae, scratch, p) in enumerate(((0.80, 0.70, 0.01), (0.85, 0.70, 0.02), (0.90, 0.75, 0.03))):
+        for model, v in (("mae", mae), ("scratch", scratch)):
+            run = tmp_path / layout.run_dir("finetune", "glaucoma", model, 1.0, 0, fold)
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({
+                "task": "glaucoma", "task_type": "binary", "protocol": "finetune", "model": model, "fraction": 1.0,
+                "seed": 0, "eval_set": "internal", "n": 20, "primary_metric": "auroc", "lower_is_better": [],
+                "metrics": {"auroc": {"value": v, "ci_low": v - 0.05, "ci_high": v + 0.05}}}))
+            metrics.append(str(run / "metrics.json"))
+        pair = {"a": "mae", "b": "scratch", "method": "delong", "difference": mae - scratch, "ci_low": 0.0,
+                "ci_high": 0.3, "p_value": p, "n": 20}
+        path = tmp_path / layout.compare_json("glaucoma", "finetune", 1.0, 0, fold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": "glaucoma", "protocol": "finetune", "fraction": 1.0, "seed": 0,
+                                    "fold": fold, "metric": "auroc", "models": ["mae", "scratch"], "best": "mae",
+                                    "pairs": [pair], "best_vs_rest": [pair]}))
+        compares.append(str(path))
+    inputs = ReportInputs.of(layout.root, metrics=metrics, compare=compares)
+    report = rmodel.build(collect_results(inputs), collect_compare(inputs), report_settings.report(config))
+    h = report.headlines[0]
+    assert h.unit == "fold" and h.smallest.verdict == rmodel.HELPS  # every fold's paired test p < 0.05
+    assert [d.seed for d in h.smallest.seeds] == [0, 1, 2] and [d.p for d in h.smallest.seeds] == [0.01, 0.02, 0.03]
+    assert h.smallest.difference.value == pytest.approx(0.1333333) and h.smallest.pretrained.value == pytest.approx(0.85)
+    assert estimate_text(h.smallest.pretrained, unit=h.unit).endswith("(mean ± 95% t interval, 3 folds)")

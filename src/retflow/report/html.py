@@ -135,8 +135,9 @@ def _headline_row(h: rmodel.Headline) -> dict:
             return None
         return {"fraction": fmt.percent(c.fraction), "verdict": c.verdict, "verdict_text": c.verdict_text,
                 "helps": c.verdict == rmodel.HELPS, "worse": c.verdict == rmodel.SCRATCH_BETTER,
-                "difference": estimate_text(c.difference, fmt.signed),
-                "pretrained": estimate_text(c.pretrained), "baseline": estimate_text(c.baseline),
+                "difference": estimate_text(c.difference, fmt.signed, h.unit),
+                "pretrained": estimate_text(c.pretrained, unit=h.unit),
+                "baseline": estimate_text(c.baseline, unit=h.unit),
                 "chance": list(c.never_left_chance)}
 
     return {

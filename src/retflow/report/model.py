@@ -189,9 +189,14 @@ class Significance:
     def seeds(self, task, protocol, fraction) -> dict:
         return dict(sorted(self.by_key.get((str(task), str(protocol), pkey(fraction)), {}).items()))
 
-    def pair(self, task, protocol, fraction, seed, a: str, b: str) -> dict | None:
-        """The compare result of ``a`` vs ``b`` (difference = a - b) on one seed, or None."""
-        c = self.seeds(task, protocol, fraction).get(int(seed))
+    def pair(self, task, protocol, fraction, seed, a: str, b: str, fold: int | None = None) -> dict | None:
+        """The compare result of ``a`` vs ``b`` (difference = a - b) on one seed (``fold``: of that
+        cross-validation fold, its first seed's compare), or None."""
+        if fold is None:
+            c = self.seeds(task, protocol, fraction).get(int(seed))
+        else:
+            runs = self.folds.get((str(task), str(protocol), pkey(fraction)), {})
+            c = next((v for (f, _), v in sorted(runs.items()) if f == int(fold)), None)
         for pair in (c or {}).get("pairs") or []:
             if (pair.get("a"), pair.get("b")) == (a, b):
                 return pair
@@ -312,6 +317,7 @@ class Headline:
     references: tuple[Reference, ...]
     note: str | None  # why there is no comparison
     alone: Estimate | None = None  # no baseline: the pretrained model's own value at the largest fraction
+    unit: str = "seed"  # what the per-unit values and intervals run over: "fold" for cross-validated tasks
 
     @property
     def metric_label(self) -> str:
@@ -341,14 +347,30 @@ def _chance_notes(rows: pd.DataFrame, margin: float) -> tuple[str, ...]:
     return tuple(notes)
 
 
+def by_fold(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Cross-validation runs with the fold as the unit: each fold's mean over its seeds (bootstrap CI of
+    a fold with one seed kept), the fold number in the ``seed`` column, ``n`` the fold's test size."""
+    cols = [c for c in (metric, f"{metric}_lo", f"{metric}_hi", "n") if c in rows]
+    keys = ["task", "protocol", "model", "fraction", "fold"]
+    out = rows.groupby(keys, dropna=False)[cols].mean().reset_index()
+    several = rows.groupby(keys, dropna=False)["seed"].nunique().to_numpy() > 1
+    for c in (f"{metric}_lo", f"{metric}_hi"):
+        if c in out:
+            out.loc[several, c] = math.nan  # a mean over seeds has no bootstrap CI of its own
+    rest = rows.drop(columns=[c for c in cols + ["seed"] if c in rows]).drop_duplicates(keys)
+    return out.merge(rest, on=keys, how="left").assign(seed=lambda d: d["fold"].astype(int))
+
+
 def _compare_at(info: TaskInfo, sig: Significance, protocol: str, fraction: float, pre: str, base: str,
-                margin: float) -> Comparison:
+                margin: float, folds: bool = False) -> Comparison:
     rows = info.internal[(info.internal["protocol"] == protocol) & (info.internal["fraction"].map(pkey) == pkey(fraction))]
     metric = info.primary
+    if folds:  # the unit is the fold (the seed column holds it)
+        rows = by_fold(rows, metric)
     pre_rows, base_rows = rows[rows["model"] == pre], rows[rows["model"] == base]
     diffs = []
     for seed in sorted(set(pre_rows["seed"].dropna().astype(int)) & set(base_rows["seed"].dropna().astype(int))):
-        pair = sig.pair(info.name, protocol, fraction, seed, pre, base)
+        pair = sig.pair(info.name, protocol, fraction, seed, pre, base, fold=seed if folds else None)
         if pair is not None and pair.get("difference") is not None:
             diffs.append(SeedDifference(seed, float(pair["difference"]), as_float(pair.get("ci_low")),
                                         as_float(pair.get("ci_high")), as_float(pair.get("p_value")), pair.get("method")))
@@ -411,8 +433,9 @@ def headline(info: TaskInfo, sig: Significance, settings: ReportSettings) -> Hea
     pre, base = best(pretrained), best(baselines)
     fractions = sorted(set(rows["fraction"].map(float)))
     margin = settings.chance_margin
-    smallest = _compare_at(info, sig, protocol, fractions[0], pre, base, margin)
-    largest = _compare_at(info, sig, protocol, full, pre, base, margin) if len(fractions) > 1 else None
+    folds = "fold" in rows and bool(rows["fold"].notna().any())
+    smallest = _compare_at(info, sig, protocol, fractions[0], pre, base, margin, folds)
+    largest = _compare_at(info, sig, protocol, full, pre, base, margin, folds) if len(fractions) > 1 else None
     base_full = means.get((base, full), math.nan)
     matching = None
     if len(fractions) > 1 and not is_nan(base_full):
@@ -426,7 +449,7 @@ def headline(info: TaskInfo, sig: Significance, settings: ReportSettings) -> Hea
         smallest=smallest, largest=largest, matching_fraction=matching,
         baseline_full=None if is_nan(base_full) else float(base_full), full_fraction=full,
         external=external_changes(info, protocol, pre, full), references=references(info, protocol, pre, full),
-        note=None)
+        note=None, unit="fold" if folds else "seed")
 
 
 def references(info: TaskInfo, protocol: str, model: str, fraction: float) -> tuple[Reference, ...]:

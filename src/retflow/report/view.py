@@ -104,12 +104,14 @@ def summary_text(r, metric: str, value_fmt=fmt.value) -> str:
     return fmt.with_ci(v, get(f"{metric}_lo"), get(f"{metric}_hi"), value_fmt)
 
 
-def estimate_text(e: Estimate | None, value_fmt=fmt.value) -> str:
-    """An :class:`~retflow.report.model.Estimate` by the same rule, with seed names where there are two."""
+def estimate_text(e: Estimate | None, value_fmt=fmt.value, unit: str = "seed") -> str:
+    """An :class:`~retflow.report.model.Estimate` by the same rule, with seed (``unit``: fold) names
+    where there are two."""
     if e is None:
         return "n/a"
     if e.kind == "seeds":
-        return f"{value_fmt(e.value)} ± {value_fmt((e.hi - e.lo) / 2)} (mean ± 95% t interval, {e.n_seeds} seeds)"
+        return (f"{value_fmt(e.value)} ± {value_fmt((e.hi - e.lo) / 2)} (mean ± 95% t interval, "
+                f"{e.n_seeds} {unit}s)")
     if e.kind == "per_seed":
-        return "; ".join(f"seed {s.seed}: {fmt.with_ci(s.value, s.lo, s.hi, value_fmt)}" for s in e.per_seed)
+        return "; ".join(f"{unit} {s.seed}: {fmt.with_ci(s.value, s.lo, s.hi, value_fmt)}" for s in e.per_seed)
     return fmt.with_ci(e.value, e.lo, e.hi, value_fmt)
