@@ -16,7 +16,7 @@ from retflow.errors import UserError
 from retflow.models.fusion import build_fusion, fusion_param_groups
 from retflow.models.vit import ViTSpec
 from retflow.phantoms.paired import paired_eyes
-from retflow.settings import build, validate
+from retflow.settings import ConfigError, build, validate
 from retflow.settings import stages as S
 from retflow.settings.load import schema
 
@@ -192,6 +192,7 @@ def test_fusion_settings_have_exactly_the_schemas_keys():
     props = schema()["properties"]
     task_block = set(props["tasks"]["additionalProperties"]["properties"]["fusion"]["properties"])
     task_block -= {"compare_with"}  # the same-eyes comparison's (rule same_eyes), not the run's
+    task_block -= {"normalize"}  # each modality's FusionInput.normalize
     run_fields = {"protocol", "task", "pool", "fraction", "seed", "device"}
     fields = {f.name for f in dataclasses.fields(S.FusionSettings)}
     assert fields - run_fields == set(props["fusion"]["properties"]) | task_block
@@ -201,6 +202,18 @@ def test_fusion_settings_have_exactly_the_schemas_keys():
     assert (s.encoders, s.cfp.dataset, s.oct.dataset, s.oct.vit.in_chans, s.fraction) == \
         ("finetune", "pcfp", "poct", 3, 0.5)
     assert S.FusionSettings.from_json(s.to_json()) == s
+
+
+def test_a_fusion_task_may_normalise_one_modality_its_own_way():
+    cfg = config()
+    own = {"mean": [0.46, 0.2, 0.08], "std": [0.27, 0.13, 0.07]}
+    cfg["tasks"]["refer"]["fusion"]["normalize"] = {"cfp": own}
+    s = build.fusion(validate(cfg), "refer", "scratch", 1.0, 0)
+    assert s.cfp.normalize.to_dict() == own
+    assert s.oct.normalize.to_dict() == cfg["preprocess"]["oct"]["normalize"]  # the modality's default
+    cfg["tasks"]["refer"]["fusion"]["normalize"] = {"fundus": own}
+    with pytest.raises(ConfigError, match=r"tasks.refer.fusion.normalize.fundus: unknown key"):
+        validate(cfg)
 
 
 def test_a_task_without_a_fusion_block_is_refused_in_one_line():

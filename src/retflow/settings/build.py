@@ -150,7 +150,10 @@ def fusion(config: dict, task_name: str, model: str | None, fraction: float, see
     """One late-fusion run: the ``fusion`` section (with the task's and then ``model``'s ``recipe.fusion``
     applied) + the task's ``fusion`` block (each modality's dataset, ViT, normalisation) + the run."""
     block = _fusion_block(config, task_name)
-    inputs = {m: S.FusionInput(dataset=block[m], vit=vit(config, m), normalize=normalize(config, m))
+    own = block["normalize"]  # only the modalities this task normalises its own way
+    inputs = {m: S.FusionInput(dataset=block[m], vit=vit(config, m),
+                               normalize=S.NormalizeSettings.from_dict(own[m], f"tasks.{task_name}.fusion.normalize.{m}")
+                               if m in own else normalize(config, m))
               for m in ("cfp", "oct")}
     data = _pick(S.FusionSettings, config["fusion"], task_recipe(config, task_name, "fusion"),
                  model_recipe(config, model, "fusion"), visit=block["visit"], encoders=block["encoders"],
