@@ -119,3 +119,19 @@ def test_demo_report_is_self_contained(demo):
         assert name in html
     assert "data:image/png;base64," in html
     assert 'src="http' not in html and "href=\"http" not in html
+
+
+def test_demo_fusion_pairs_compares_on_the_same_eyes_and_reports(demo):
+    import pandas as pd
+
+    res = demo["work"] / "results"
+    compare = json.loads((res / "same_eyes/refer_fusion/finetune/mae/frac1/seed0/compare.json").read_text())
+    assert set(compare["metrics"]) == {"fusion", "cfp", "oct"} and compare["n_eyes"] > 0
+    assert {(p["a"], p["b"]) for p in compare["pairs"]} >= {("fusion", "cfp"), ("fusion", "oct")}
+    metrics = json.loads((res / "fusion/refer_fusion/mae/frac1/seed0/metrics.json").read_text())
+    assert metrics["protocol"] == "fusion" and metrics["n"] >= compare["n_eyes"]
+    unpaired = pd.read_csv(res / "data/pairs/refer_fusion/unpaired.csv")
+    assert set(unpaired["reason"]) <= {"no OCT for this eye", "no CFP for this eye", "visit differs"}
+    html = (res / "report.html").read_text()
+    assert "Fusion vs single modality: refer_fusion" in html and "CFP only (refer_cfp)" in html
+    assert "trainable parameters" in html

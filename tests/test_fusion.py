@@ -500,25 +500,5 @@ def test_a_bad_fusion_config_stops_at_startup_in_one_line(tmp_path):
     assert "tasks.refer_fusion.fusion.oct: dataset 'paired_cfp' has modality 'cfp', not 'oct'" in result.stdout + result.stderr
 
 
-@pytest.mark.slow
-def test_end_to_end_phantoms_pairs_fusion_same_eyes_report(tmp_path):
-    """The whole chain on a tiny config (~2 minutes on 2 cores): phantoms -> stores -> pairs -> MAE ->
-    single-modality and fusion runs -> same-eyes comparison -> report."""
-    from conftest import make_workdir, snakemake
-
-    work = make_workdir(tmp_path)
-    cfg = tiny_fusion_config(tmp_path / "c.yaml", models=("mae",))
-    result = snakemake(work, "--cores", "2", "--configfile", str(cfg), timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    res = work / "results"
-    compare = json.loads((res / "same_eyes/refer_fusion/finetune/mae/frac1/seed0/compare.json").read_text())
-    assert set(compare["metrics"]) == {"fusion", "cfp", "oct"} and compare["n_eyes"] > 0
-    assert {(p["a"], p["b"]) for p in compare["pairs"]} >= {("fusion", "cfp"), ("fusion", "oct")}
-    metrics = json.loads((res / "fusion/refer_fusion/mae/frac1/seed0/metrics.json").read_text())
-    assert metrics["protocol"] == "fusion" and metrics["n"] == compare["n_eyes"] or metrics["n"] >= compare["n_eyes"]
-    unpaired = pd.read_csv(res / "data/pairs/refer_fusion/unpaired.csv")
-    assert len(unpaired) > 0 and set(unpaired["reason"]) <= {"no OCT for this eye", "no CFP for this eye",
-                                                            "visit differs"}
-    html = (res / "report.html").read_text()
-    assert "Fusion vs single modality: refer_fusion" in html and "CFP only (refer_cfp)" in html
-    assert "trainable parameters" in html
+# The whole chain through Snakemake (phantoms -> pairs -> fusion and single-modality runs -> same eyes ->
+# report) runs in tests/test_demo_run.py (the reduced showcase), which checks its outputs.
