@@ -129,8 +129,9 @@ def test_ssl_zoo_fans_out_one_pretraining_per_method_and_modality(tmp_path):
     counts = job_counts(result.stdout)
     # cfp: mae, dino, simclr, mocov3, token_recon; oct: mae, token_recon (+ its teacher, mae)
     assert counts["pretrain"] == 7
-    # cup_disc_ratio: 6 models x 1; every other task 2 models
-    assert counts["finetune"] == 6 + 2 * (2 + 24 + 2 + 1)
+    # cup_disc_ratio: 6 models x 1; every other task 2 models: dr_grading 2 fractions, glaucoma 5 protocols x
+    # 3 fractions x 2 seeds, oct_diagnosis 2 fractions x 3 folds, oct_signs 3 folds, refer_cfp, refer_oct
+    assert counts["finetune"] == 6 + 2 * (2 + 30 + 6 + 3 + 1 + 1)
     text = result.stdout
     assert '"method": "token_recon"' in text and '"teacher_checkpoint": "results/pretrain/mae/cfp/checkpoint.pth"' in text
 
