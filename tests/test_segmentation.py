@@ -306,7 +306,9 @@ def test_training_learns_resumes_and_starts_from_our_mae_checkpoint(tmp_path, mo
     part = tmp_path / "part"
     part.mkdir()
     saves = []
-    real_save = segment.save_atomic
+    from retflow.train import engine_finetune  # the epoch loop (engine_finetune.fit) writes the resume state
+
+    real_save = engine_finetune.save_atomic
 
     def crash_after_two_epochs(obj, path):
         real_save(obj, path)
@@ -314,10 +316,10 @@ def test_training_learns_resumes_and_starts_from_our_mae_checkpoint(tmp_path, mo
         if sum(p.endswith("last.pth") for p in saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(segment, "save_atomic", crash_after_two_epochs)
+    monkeypatch.setattr(engine_finetune, "save_atomic", crash_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         segment.run(seg_settings(), str(store), str(weights), part)
-    monkeypatch.setattr(segment, "save_atomic", real_save)
+    monkeypatch.setattr(engine_finetune, "save_atomic", real_save)
     assert not (part / "metrics.json").exists()
     capsys.readouterr()
     segment.run(seg_settings(), str(store), str(weights), part)

@@ -77,14 +77,27 @@ def evaluate_outputs(model, dataset, device, task: TaskSettings, scale, criterio
     return to_outputs(task, logits, scale), loss
 
 
-def fit(model, optimizer, criterion, train_ds, val_ds, *, epochs: int, n_batches: int, batch: int,
-        schedule: Schedule, seed: int, warmup_epochs: int, num_workers: int, device, task: TaskSettings, scale,
-        score, meta: dict, out_dir: Path, fingerprint: str, mixup=None) -> tuple[float, list, Path]:
-    """The epochs of a supervised run (fine-tune, SGD probes, LoRA, fusion): resumed from
-    ``out_dir/resume/last.pth`` when this run wrote it; each epoch trains, scores the validation set
-    (``score(labels, outputs)``, higher is better), keeps the best epoch after warm-up
-    (:func:`keep_epoch`) in ``resume/best.pth`` (with ``meta``) and writes the resume state; at the end
-    ``train_log.csv``. Returns (best score, epoch log, path of the kept checkpoint)."""
+def classifier_validation(val_ds, device, task: TaskSettings, scale, criterion, score):
+    """The validation step of a classification / regression run for :func:`fit`: the validation loss
+    and ``score(labels, outputs)`` (higher is better) of the current model."""
+
+    def validate(model) -> tuple[float, dict, str]:
+        outputs, loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
+        value = score(val_ds.labels, outputs)
+        return value, {"val_loss": loss, "val_score": value}, f"val loss {loss:.4f} val score {value:.4f}"
+
+    return validate
+
+
+def fit(model, optimizer, criterion, train_ds, validate, *, epochs: int, n_batches: int, batch: int,
+        schedule: Schedule, seed: int, warmup_epochs: int, num_workers: int, device, meta: dict, out_dir: Path,
+        fingerprint: str, mixup=None) -> tuple[float, list, Path]:
+    """The epochs of a supervised run (fine-tune, SGD probes, LoRA, fusion, segmentation): resumed from
+    ``out_dir/resume/last.pth`` when this run wrote it; each epoch trains, validates
+    (``validate(model)`` -> (score, higher is better; its log columns; its words on the epoch line),
+    e.g. :func:`classifier_validation`), keeps the best epoch after warm-up (:func:`keep_epoch`) in
+    ``resume/best.pth`` (with ``meta``) and writes the resume state; at the end ``train_log.csv``.
+    Returns (best score, epoch log, path of the kept checkpoint)."""
     out_dir = Path(out_dir)
     resume_path, best_path = out_dir / "resume" / "last.pth", out_dir / "resume" / "best.pth"
     start, best, log = resume_training(model, optimizer, out_dir, fingerprint)
@@ -94,16 +107,13 @@ def fit(model, optimizer, criterion, train_ds, val_ds, *, epochs: int, n_batches
         dl = loader(train_ds, order, batch, 0, num_workers)
         train_loss, lr = train_one_epoch(model, dl, criterion, optimizer, epoch, n_batches, schedule, seed, device,
                                          mixup)
-        val_out, val_loss = evaluate_outputs(model, val_ds, device, task, scale, criterion)
-        value = score(val_ds.labels, val_out)
+        value, fields, words = validate(model)
         improved = keep_epoch(epoch, value, best, warmup_epochs, epochs)
         if improved:
             best = value
             save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": value, **meta}, best_path)
-        log.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_score": value, "lr": lr,
-                    "best": improved})
-        print(f"epoch {epoch}: train {train_loss:.4f} val loss {val_loss:.4f} val score {value:.4f}"
-              f"{' *' if improved else ''}", flush=True)
+        log.append({"epoch": epoch, "train_loss": train_loss, **fields, "lr": lr, "best": improved})
+        print(f"epoch {epoch}: train {train_loss:.4f} {words}{' *' if improved else ''}", flush=True)
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                      "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
     with atomic_path(out_dir / "train_log.csv") as tmp:

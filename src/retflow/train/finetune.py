@@ -42,7 +42,7 @@ from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.resume import run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
-from retflow.train.engine_finetune import fit, predict_outputs
+from retflow.train.engine_finetune import classifier_validation, fit, predict_outputs
 from retflow.train.lora import add_adapters, merge_adapters
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
@@ -192,9 +192,10 @@ def _run_sgd(s: FinetuneSettings, model, groups, train_ds, val_ds, scale, select
     print(f"{s.protocol} {task.name}: {len(train_ds)} train (fraction {s.fraction:g}), "
           f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
-    best, log, best_path = fit(model, optimizer, criterion, train_ds, val_ds, epochs=s.epochs, n_batches=n_batches,
-                               batch=batch, schedule=schedule, seed=s.seed, warmup_epochs=s.warmup_epochs,
-                               num_workers=s.num_workers, device=device, task=task, scale=scale, score=select,
+    best, log, best_path = fit(model, optimizer, criterion, train_ds,
+                               classifier_validation(val_ds, device, task, scale, criterion, select),
+                               epochs=s.epochs, n_batches=n_batches, batch=batch, schedule=schedule, seed=s.seed,
+                               warmup_epochs=s.warmup_epochs, num_workers=s.num_workers, device=device,
                                meta=meta, out_dir=out_dir, fingerprint=fingerprint, mixup=mixup)
     best_state = load_state(best_path)
     if s.protocol == "lora":  # best.pth: the merged, plain timm model (no peft needed to read it)

@@ -42,7 +42,7 @@ from retflow.models.fusion import build_fusion, fusion_param_groups
 from retflow.settings.stages import FusionSettings
 from retflow.train.checkpoint import load_state, save_atomic
 from retflow.train.distributed import pick_device
-from retflow.train.engine_finetune import fit, predict_outputs
+from retflow.train.engine_finetune import classifier_validation, fit, predict_outputs
 from retflow.train.finetune import select_score
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
 from retflow.train.resume import run_fingerprint
@@ -143,9 +143,10 @@ def _train(s: FusionSettings, model, train_ds, val_ds, scale, device, meta, out_
     print(f"fusion {task.name} (encoders {s.encoders}): {len(train_ds)} train pairs (fraction {s.fraction:g}), "
           f"{len(val_ds)} val; {s.epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
     score = lambda y, outputs: select_score(y, outputs, task.type, s.select_by)  # noqa: E731
-    best, log, best_path = fit(model, optimizer, criterion, train_ds, val_ds, epochs=s.epochs, n_batches=n_batches,
-                               batch=batch, schedule=schedule, seed=s.seed, warmup_epochs=s.warmup_epochs,
-                               num_workers=s.num_workers, device=device, task=task, scale=scale, score=score,
+    best, log, best_path = fit(model, optimizer, criterion, train_ds,
+                               classifier_validation(val_ds, device, task, scale, criterion, score),
+                               epochs=s.epochs, n_batches=n_batches, batch=batch, schedule=schedule, seed=s.seed,
+                               warmup_epochs=s.warmup_epochs, num_workers=s.num_workers, device=device,
                                meta=meta, out_dir=out_dir, fingerprint=fingerprint)
     save_atomic(load_state(best_path), out_dir / "best.pth")
     return {"epochs": s.epochs, "best_val_score": best, "chance_loss": chance_loss(task, criterion, train_ds.labels),

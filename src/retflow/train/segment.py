@@ -51,11 +51,10 @@ from retflow.models.lr_decay import param_groups_lrd
 from retflow.models.seg_decoder import SegViT
 from retflow.settings.stages import SegmentSettings
 from retflow.train.checkpoint import load_state, save_atomic
-from retflow.train.resume import resume_training, run_fingerprint
+from retflow.train.resume import run_fingerprint
 from retflow.train.distributed import pick_device
 from retflow.train.footprint import param_counts, peak_memory, reset_peak
-from retflow.train.engine_finetune import keep_epoch, train_one_epoch
-from retflow.train.sampling import loader, repeated_order
+from retflow.train.engine_finetune import fit
 
 __all__ = ["build_model", "predict_masks", "run", "main"]
 
@@ -204,32 +203,21 @@ def run(s: SegmentSettings, store: str, init_path: str | None, out_dir: Path) ->
           f"{len(test_ds)} test; {k} classes; {epochs} epochs x {n_batches} steps, lr {schedule.lr:.3g}", flush=True)
 
     fingerprint = run_fingerprint(s, [Path(store) / "manifest.parquet", init_path])
-    resume_path = out_dir / "resume" / "last.pth"
-    best_path = out_dir / "resume" / "best.pth"
-    start, best, log = resume_training(model, optimizer, out_dir, fingerprint)
     meta = {"kind": "segmentation", "spec": s.vit.to_dict(), "normalize": norm, "classes": classes,
             "task": task.name, "feature_size": s.feature_size}
     dice_ce = lambda logits, y: criterion(logits.float(), y[:, None])  # noqa: E731  (N,K,S,S) vs (N,S,S)
-    for epoch in range(start, epochs):
-        train_ds.set_aug_seed(s.seed * 100003 + epoch)
-        order = repeated_order(len(train_ds), n_batches * batch, s.seed, epoch)
-        dl = loader(train_ds, order, batch, 0, s.num_workers)
-        train_loss, lr = train_one_epoch(model, dl, dice_ce, optimizer, epoch, n_batches, schedule, s.seed, device)
+
+    def validate(model) -> tuple[float, dict, str]:
         pred, true, val_ce = predict_masks(model, val_ds, device)
         val = summarize(per_image_scores(pred, true, k))
         score = val[PRIMARY_SEG_METRIC] if math.isfinite(val[PRIMARY_SEG_METRIC]) else -math.inf
-        improved = keep_epoch(epoch, score, best, s.warmup_epochs, epochs)
-        if improved:
-            best = score
-            save_atomic({"model": model.state_dict(), "epoch": epoch, "val_score": score, **meta}, best_path)
-        log.append({"epoch": epoch, "train_loss": train_loss, "val_ce": val_ce, "val_dice": val["dice"],
-                    "val_iou": val["iou"], "lr": lr, "best": improved})
-        print(f"epoch {epoch}: train {train_loss:.4f} val ce {val_ce:.4f} dice {val['dice']:.4f} "
-              f"iou {val['iou']:.4f}{' *' if improved else ''}", flush=True)
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "best": best, "log": log, "fingerprint": fingerprint}, resume_path)
-    with atomic_path(out_dir / "train_log.csv") as tmp:
-        pd.DataFrame(log).to_csv(tmp, index=False)
+        return score, {"val_ce": val_ce, "val_dice": val["dice"], "val_iou": val["iou"]}, \
+            f"val ce {val_ce:.4f} dice {val['dice']:.4f} iou {val['iou']:.4f}"
+
+    best, _, best_path = fit(model, optimizer, dice_ce, train_ds, validate, epochs=epochs, n_batches=n_batches,
+                          batch=batch, schedule=schedule, seed=s.seed, warmup_epochs=s.warmup_epochs,
+                          num_workers=s.num_workers, device=device, meta=meta, out_dir=out_dir,
+                          fingerprint=fingerprint)
     best_state = load_state(best_path)
     save_atomic(best_state, out_dir / "best.pth")
     model.load_state_dict(best_state["model"])
