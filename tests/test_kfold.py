@@ -219,3 +219,22 @@ def test_headline_of_a_cross_validated_task_counts_folds_and_tests_within_each_f
     assert [d.seed for d in h.smallest.seeds] == [0, 1, 2] and [d.p for d in h.smallest.seeds] == [0.01, 0.02, 0.03]
     assert h.smallest.difference.value == pytest.approx(0.1333333) and h.smallest.pretrained.value == pytest.approx(0.85)
     assert estimate_text(h.smallest.pretrained, unit=h.unit).endswith("(mean ± 95% t interval, 3 folds)")
+
+    # outside the headline too the fold is the unit: the summary tables count folds and take the interval
+    # across them, and the p-values are listed per fold
+    from retflow.report import html
+    from retflow.report.model import summarise
+
+    info = report.infos["glaucoma"]
+    s = summarise(info.internal, ["auroc"], ["protocol", "fraction", "model"]).set_index("model")
+    assert (s.loc["mae", "n_seeds"], s.loc["mae", "unit"], s.loc["mae", "auroc_ci"]) == (3, "fold", "seeds")
+    assert s.loc["mae", "auroc"] == pytest.approx(0.85)
+    assert s.loc["mae", "auroc_half"] == pytest.approx(4.302653 * 0.05 / math.sqrt(3), abs=1e-5)
+    results = html._results_table(info, report.significance)
+    assert results.header[3] == "folds"
+    mae_row = next(r for r in results.rows if r[2].text == "mae")
+    assert mae_row[3].text == "3"
+    text, tip = html.sig_cell(report.significance, "glaucoma", "finetune", 1.0, "scratch")
+    assert text == "0.010*, 0.020*, 0.030*" and tip.startswith("fold 0: mae - scratch = ")
+    runs = html._runs_table(info, report.runs["glaucoma"])
+    assert runs.header[3:5] == ("fold", "seed") and [r[3].text for r in runs.rows][:3] == ["0", "1", "2"]

@@ -254,6 +254,23 @@ def test_the_pool_default_and_a_warning_when_the_config_adds_test(tmp_path, pool
     assert "pretrain.pools.cfp: clinic (32 images), pool (20 images)" in note and "Warning:" in note
 
 
+def test_a_cross_validated_dataset_in_a_pool_is_a_warning(tmp_path, pool_spec):
+    clinic = {**csv_dataset(tmp_path / "clinic", labels=good_labels), "role": "labelled"}
+    cfg = demo_with(tmp_path, {"clinic": clinic, "pool": pool_spec}, {"glaucoma": GLAUCOMA},
+                    pools={"cfp": ["pool", "clinic"]})
+    cfg["splits"]["folds"] = 3
+    cfg, stores, leak = prepare_all(cfg, tmp_path / "data")
+    verdict = run_gate(stores, leak, gate_checks(cfg), task_names(cfg))
+    assert not verdict.problems
+    assert verdict.warnings == ["pretrain.pools.cfp takes 24 images of 'clinic', which is cross-validated (3 folds): "
+                                "each of its patients is in one fold's test part, so every fold's model is tested on "
+                                "images its encoder was pretrained on (remove 'clinic' from pretrain.pools.cfp, or set "
+                                "datasets.clinic.folds: 1; the report says so)"]
+    cfg["pretrain"]["pools"]["cfp"] = ["pool"]  # out of the pool: nothing to say
+    verdict = run_gate(stores, leak, gate_checks(cfg), task_names(cfg))
+    assert not verdict.problems and not verdict.warnings
+
+
 def test_a_dataset_against_itself_in_the_leakage_check(tmp_path):
     manifest = pd.DataFrame({"image_id": ["a", "b", "c"], "split": ["train", "val", "test"], "index": [0, 1, 2]})
     assert pooled_test_images(manifest, "clinic", ["train"]) == []

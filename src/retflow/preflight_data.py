@@ -190,6 +190,13 @@ def _pools(stores: dict[str, Store], checks: dict, verdict: Verdict) -> dict:
                 f"pretrain.labelled_pool_splits {splits}: {', '.join(keys)} takes the "
                 f"{', '.join(f'{k} {s}' for s, k in held_out.items())} images of '{name}', which its tasks "
                 f"validate or test on: pretraining sees them (the report says so)")
+        folds = store.qc.get("folds") or {}  # qc.json of a cross-validated dataset only
+        if n and folds.get("images") and store.qc["role"] != "pretrain":
+            verdict.warnings.append(
+                f"{', '.join(keys)} takes {n} images of '{name}', which is cross-validated ({folds['folds']} "
+                f"folds): each of its patients is in one fold's test part, so every fold's model is tested on "
+                f"images its encoder was pretrained on (remove '{name}' from {', '.join(keys)}, or set "
+                f"datasets.{name}.folds: 1; the report says so)")
     return summary
 
 

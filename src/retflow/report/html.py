@@ -79,14 +79,35 @@ def _pick_runs(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _first_seed(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values("seed").groupby(["protocol", "model"], as_index=False, sort=False).head(1)
+    """Per protocol/model: the run of its first seed (cross-validation: of its first fold)."""
+    order = ["fold", "seed"] if rmodel.is_folded(df) else ["seed"]
+    return df.sort_values(order).groupby(["protocol", "model"], as_index=False, sort=False).head(1)
+
+
+def _first_run_words(df: pd.DataFrame) -> str:
+    """How a figure of one run per model names it: "first seed" (cross-validation: "fold 0, first seed")."""
+    if rmodel.is_folded(df):
+        return f"fold {int(df['fold'].dropna().min())}, first seed"
+    return "first seed"
+
+
+def _run_words(r) -> str:
+    """One run's coordinates below its fraction: "seed 0" or "fold 1, seed 0"."""
+    fold = r.get("fold")
+    return f"seed {int(r['seed'])}" if fold is None or pd.isna(fold) else f"fold {int(fold)}, seed {int(r['seed'])}"
+
+
+def _units_header(summary: pd.DataFrame) -> str:
+    """The count column of a :func:`summarise` table: "seeds", or "folds" for cross-validated runs."""
+    return "folds" if len(summary) and (summary["unit"] == "fold").all() else "seeds"
 
 
 # ---------------------------------------------------------------- significance cells
 def sig_cell(sig: Significance, task, protocol, fraction, model) -> tuple[str, str]:
-    """(text, tooltip) of ``model``'s significance vs the best model, one entry per seed."""
+    """(text, tooltip) of ``model``'s significance vs the best model, one entry per seed (cross-validation:
+    per fold)."""
     texts, tips = [], []
-    for seed, c in sig.seeds(task, protocol, fraction).items():
+    for unit, c in sig.runs(task, protocol, fraction):
         if model not in (c.get("models") or []):
             continue
         best = c.get("best")
@@ -95,13 +116,13 @@ def sig_cell(sig: Significance, task, protocol, fraction, model) -> tuple[str, s
             continue
         if best == model:
             texts.append("best")
-            tips.append(f"seed {seed}: best by {fmt.metric_label(c.get('metric'))}")
+            tips.append(f"{unit}: best by {fmt.metric_label(c.get('metric'))}")
             continue
         pair = next((p for p in c.get("best_vs_rest") or [] if p.get("b") == model), None)
         p = pair.get("p_value") if pair else None
         texts.append(fmt.p_value(p))
         if pair:
-            tips.append(f"seed {seed}: {best} - {model} = {fmt.value(pair.get('difference'))} "
+            tips.append(f"{unit}: {best} - {model} = {fmt.value(pair.get('difference'))} "
                         f"{fmt.interval(pair.get('ci_low'), pair.get('ci_high'))}, "
                         f"p {fmt.p_value(p)} ({pair.get('method')})")
     return ", ".join(texts), "; ".join(tips)
@@ -114,13 +135,11 @@ def _sig_cell(sig, task, protocol, fraction, model) -> Cell:
 
 def pairs_rows(sig: Significance, task) -> list[list]:
     rows = []
-    for (t, protocol, frac), by_seed in sorted(sig.by_key.items()):
-        if t != str(task):
-            continue
-        for seed, c in sorted(by_seed.items()):
+    for protocol, frac in sig.keys(task):
+        for unit, c in sig.runs(task, protocol, frac):
             for pair in c.get("pairs") or []:
                 best = c.get("best")
-                rows.append([protocol, fmt.frac(frac), seed, fmt.metric_label(c.get("metric")), pair.get("a"),
+                rows.append([protocol, fmt.frac(frac), unit.removeprefix("seed "), fmt.metric_label(c.get("metric")), pair.get("a"),
                              pair.get("b"), fmt.value(pair.get("value_a")), fmt.value(pair.get("value_b")),
                              fmt.with_ci(pair.get("difference"), pair.get("ci_low"), pair.get("ci_high")),
                              fmt.p_value(pair.get("p_value")), pair.get("method"),
@@ -240,7 +259,7 @@ def _results_table(info: TaskInfo, sig: Significance):
         row += [_sig_cell(sig, info.name, r["protocol"], r["fraction"], r["model"])] if with_p else []
         row += [_value_cell(r, m) for m in info.key_metrics]
         rows.append(row)
-    header = ["protocol", "fraction", "model", "seeds", "n", "kept epoch", _arrow(info, info.primary)]
+    header = ["protocol", "fraction", "model", _units_header(summary), "n", "kept epoch", _arrow(info, info.primary)]
     header += (["p vs best"] if with_p else []) + [_arrow(info, m) for m in info.key_metrics]
     return table(header, rows, classes={6: "primary"})
 
@@ -250,7 +269,8 @@ def _all_metrics_table(info: TaskInfo, frame: pd.DataFrame, metrics: list[str]):
     summary = info.order(summarise(frame, metrics, keys))
     rows = [[r["protocol"], fmt.frac(r["fraction"]), r["model"], int(r["n_seeds"])]
             + [_value_cell(r, m, primary=m == info.primary) for m in metrics] for _, r in summary.iterrows()]
-    return table(["protocol", "fraction", "model", "seeds"] + [fmt.metric_label(m) for m in metrics], rows)
+    return table(["protocol", "fraction", "model", _units_header(summary)] + [fmt.metric_label(m) for m in metrics],
+                 rows)
 
 
 def _runs_table(info: TaskInfo, runs: tuple[rmodel.RunRow, ...]):
@@ -258,12 +278,14 @@ def _runs_table(info: TaskInfo, runs: tuple[rmodel.RunRow, ...]):
     for r in runs:
         chance = (Cell("never left chance", "warn") if r.chance else Cell("left chance") if r.chance is False
                   else Cell("–", "muted"))
-        rows.append([r.protocol, fmt.frac(r.fraction), r.model, r.seed,
+        rows.append([r.protocol, fmt.frac(r.fraction), r.model, *([] if r.fold is None else [r.fold]), r.seed,
                      Cell(fmt.with_ci(r.value, r.lo, r.hi), "num primary"),
                      Cell(fmt.epoch(r.best_epoch) + ("" if fmt.missing(r.epochs) else f" of {int(r.epochs)}"), "num"),
                      r.min_train_loss, r.chance_loss, chance])
-    return table(["protocol", "fraction", "model", "seed", f"{fmt.metric_label(info.primary)} [95% bootstrap CI]",
-                  "kept epoch", "lowest train loss", "chance loss", "chance check"], rows, classes={4: "primary"})
+    folds = ["fold"] if any(r.fold is not None for r in runs) else []
+    return table(["protocol", "fraction", "model", *folds, "seed",
+                  f"{fmt.metric_label(info.primary)} [95% bootstrap CI]", "kept epoch", "lowest train loss",
+                  "chance loss", "chance check"], rows, classes={4 + len(folds): "primary"})
 
 
 def _curves(info: TaskInfo, eval_set: str, picked: pd.DataFrame):
@@ -282,7 +304,7 @@ def _curves(info: TaskInfo, eval_set: str, picked: pd.DataFrame):
     average = "macro over signs" if info.type == "multilabel" else "macro one-vs-rest"
     png = figures.roc_pr_figure(runs, f"{info.name}: {eval_set} test set", average)
     return figure(png, f"ROC and precision-recall curves on the {eval_set} set: each model/protocol at its largest "
-                       "label fraction, first seed. Legend: point AUROC/AUPR of that run.")
+                       f"label fraction, {_first_run_words(rows)}. Legend: point AUROC/AUPR of that run.")
 
 
 def _confusions(info: TaskInfo, picked: pd.DataFrame) -> list:
@@ -329,8 +351,8 @@ def _calibration(info: TaskInfo, picked: pd.DataFrame):
         return None
     png = figures.reliability_figure(runs, n_bins, f"{info.name}: reliability (internal test set)")
     return figure(png, f"Accuracy vs mean top-1 confidence in {n_bins} equal-width bins (the bins of the ECE); "
-                       "below the diagonal = overconfident. Largest label fraction, first seed; legend: ECE [95% "
-                       "bootstrap CI].")
+                       f"below the diagonal = overconfident. Largest label fraction, {_first_run_words(rows)}; legend: "
+                       "ECE [95% bootstrap CI].")
 
 
 def _external_view(info: TaskInfo) -> dict | None:
@@ -452,7 +474,7 @@ def _overlays(info: TaskInfo, picked: pd.DataFrame) -> list:
         path = Path(r["path"]).parent / name
         if path.is_file() and path.suffix.lower() == ".png":
             imgs.append(figure(path.read_bytes(), f"{r['model']} ({r['protocol']}), fraction "
-                                                  f"{fmt.frac(r['fraction'])}, seed {int(r['seed'])}: test images "
+                                                  f"{fmt.frac(r['fraction'])}, {_run_words(r)}: test images "
                                                   f"with predicted masks ({name}).", "photo"))
     return imgs
 
@@ -528,13 +550,14 @@ def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
     if view["empty"]:
         return view
     runs = report.runs[task]
-    n_seeds = info.internal.groupby(["protocol", "fraction", "model"])["seed"].nunique()
+    folded = rmodel.is_folded(info.internal)
+    n_seeds = info.internal.groupby(["protocol", "fraction", "model"])["fold" if folded else "seed"].nunique()
     picked = _pick_runs(info.df)
     eval_sets = sorted(info.df["eval_set"].unique(), key=lambda e: (e != "internal", e))
     view.update({
         "absent": sorted({c for t in info.internal["absent_classes"] for c in (t or ())}),
         "results": _results_table(info, sig),
-        "two_seeds": bool((n_seeds == 2).any()), "three_seeds": bool((n_seeds >= 3).any()),
+        "two_seeds": bool((n_seeds == 2).any()), "three_seeds": bool((n_seeds >= 3).any()), "folded": folded,
         "has_sig": sig.has_task(task),
         "chance_runs": [r for r in runs if r.chance],
         "runs": _runs_table(info, runs),
@@ -542,8 +565,8 @@ def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
         "footprint": _footprint_table(report.footprint.get(task, ())),
         "all_metrics": _all_metrics_table(info, info.internal, info.metrics)
         if len(info.metrics) > len(info.key_metrics) + 1 else None,
-        "pairs": table(["protocol", "fraction", "seed", "metric", "model a", "model b", "a", "b", "a − b [95% CI]",
-                        "p", "method", "best"], pairs_rows(sig, task)),
+        "pairs": table(["protocol", "fraction", "fold / seed" if folded else "seed", "metric", "model a", "model b",
+                        "a", "b", "a − b [95% CI]", "p", "method", "best"], pairs_rows(sig, task)),
         "retfound": _retfound_table(info),
         "per_class": _per_class(info, picked),
         "overlays": _overlays(info, picked),
@@ -591,12 +614,13 @@ def _summary_table(report: rmodel.ReportModel):
             second = s.iloc[1] if len(s) > 1 else None
             text = sig_cell(report.significance, task, protocol, best["fraction"], second["model"])[0] \
                 if second is not None else ""
+            units = int(best["n_seeds"])
             rows.append([task, fmt.metric_label(info.primary), protocol, fmt.frac(best["fraction"]),
-                         int(best["n_seeds"]), best["model"], _value_cell(best, info.primary, primary=True),
+                         f"{units} folds" if best["unit"] == "fold" else units, best["model"], _value_cell(best, info.primary, primary=True),
                          second["model"] if second is not None else None,
                          _value_cell(second, info.primary) if second is not None else None,
                          Cell(text or "–", "num" + (" sig" if "*" in text else ""))])
-    return table(["task", "metric", "protocol", "fraction", "seeds", "best model", "value", "runner-up", "value",
+    return table(["task", "metric", "protocol", "fraction", "seeds / folds", "best model", "value", "runner-up", "value",
                   "p runner-up vs best"], rows, classes={6: "primary"})
 
 

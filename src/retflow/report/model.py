@@ -113,12 +113,23 @@ class TaskInfo:
             ["_p", "fraction", "_m"], kind="stable").drop(columns=["_p", "_m"])
 
 
+def is_folded(df: pd.DataFrame) -> bool:
+    """Whether ``df``'s runs are cross-validation folds (a ``fold`` column with a value)."""
+    return "fold" in df and bool(df["fold"].notna().any())
+
+
 def summarise(df: pd.DataFrame, metrics: list[str], keys: list[str]) -> pd.DataFrame:
     """seed_summary of several metrics side by side: ``<m>``, ``<m>_lo``, ``<m>_hi``, ``<m>_half``,
-    ``<m>_ci``, ``<m>_seeds`` (per-seed tuples) per metric, plus ``n_seeds`` and ``n_cases``."""
+    ``<m>_ci``, ``<m>_seeds`` (per-seed tuples) per metric, plus ``n_seeds``, ``n_cases`` and ``unit``.
+
+    Cross-validated runs (:func:`is_folded`) are summarised with the fold as the unit, as the k-fold
+    table and the headline do: each fold's mean over its seeds (:func:`by_fold`), the interval across
+    folds; ``n_seeds`` then counts folds and ``unit`` is ``"fold"`` (else ``"seed"``)."""
+    folded = is_folded(df)
     out = None
     for metric in metrics:
-        s = figures.seed_summary(df, metric, keys)
+        rows = by_fold(df, metric, keys) if folded else df
+        s = figures.seed_summary(rows, metric, keys)
         s = s[keys + ["value", "lo", "hi", "half", "ci", "n_seeds", "per_seed"]].rename(columns={
             "value": metric, "lo": f"{metric}_lo", "hi": f"{metric}_hi", "half": f"{metric}_half",
             "ci": f"{metric}_ci", "n_seeds": f"{metric}_n", "per_seed": f"{metric}_seeds"})
@@ -126,9 +137,11 @@ def summarise(df: pd.DataFrame, metrics: list[str], keys: list[str]) -> pd.DataF
     if out is None:
         out = df[keys].drop_duplicates().reset_index(drop=True)
     n_cols = [f"{m}_n" for m in metrics]
-    seeds = df.groupby(keys, dropna=False)["seed"].nunique().rename("n_seeds").reset_index()
+    unit = "fold" if folded else "seed"
+    seeds = df.groupby(keys, dropna=False)[unit].nunique().rename("n_seeds").reset_index()
     n_cases = df.groupby(keys, dropna=False)["n"].mean().rename("n_cases").reset_index()
-    return out.drop(columns=n_cols).merge(seeds, on=keys, how="left").merge(n_cases, on=keys, how="left")
+    return (out.drop(columns=n_cols).merge(seeds, on=keys, how="left").merge(n_cases, on=keys, how="left")
+            .assign(unit=unit))
 
 
 # ---------------------------------------------------------------- estimates (the seed/CI rule)
@@ -184,7 +197,20 @@ class Significance:
             self.by_key.setdefault(key, {})[int(c.get("seed") or 0)] = c
 
     def has_task(self, task) -> bool:
-        return any(key[0] == str(task) for key in self.by_key)
+        return any(key[0] == str(task) for key in [*self.by_key, *self.folds])
+
+    def runs(self, task, protocol, fraction) -> list[tuple[str, dict]]:
+        """Every compare of one task / protocol / fraction with its unit's name, in order: ``("seed 0",
+        compare)``, ...; cross-validation ``("fold 0", compare)``, ... (``"fold 0 seed 1"`` with seeds)."""
+        key = (str(task), str(protocol), pkey(fraction))
+        folds = self.folds.get(key, {})
+        several = len({s for _, s in folds}) > 1
+        return ([(f"seed {s}", c) for s, c in sorted(self.by_key.get(key, {}).items())]
+                + [(f"fold {f}" + (f" seed {s}" if several else ""), c) for (f, s), c in sorted(folds.items())])
+
+    def keys(self, task) -> list[tuple[str, float]]:
+        """The (protocol, fraction) pairs of ``task`` with compares, sorted."""
+        return sorted({(k[1], k[2]) for k in [*self.by_key, *self.folds] if k[0] == str(task)})
 
     def seeds(self, task, protocol, fraction) -> dict:
         return dict(sorted(self.by_key.get((str(task), str(protocol), pkey(fraction)), {}).items()))
@@ -230,20 +256,23 @@ class RunRow:
     min_train_loss: float
     chance_loss: float
     chance: bool | None  # never left chance (None: not known)
+    fold: int | None  # cross-validation fold (None: the fixed split)
 
 
 def run_rows(info: TaskInfo, margin: float) -> tuple[RunRow, ...]:
     """Every internal-test run of a task, in protocol / fraction / model / seed order."""
     if info.internal.empty or not info.primary:
         return ()
-    frame = info.order(info.internal.sort_values("seed", kind="stable"))
+    folded = is_folded(info.internal)
+    frame = info.order(info.internal.sort_values(["fold", "seed"] if folded else "seed", kind="stable"))
     col = lambda r, k: float(r[k]) if k in r and not is_nan(r[k]) else math.nan
     out = []
     for _, r in frame.iterrows():
         out.append(RunRow(str(r["protocol"]), str(r["model"]), float(r["fraction"]), int(r["seed"]),
                           col(r, info.primary), col(r, f"{info.primary}_lo"), col(r, f"{info.primary}_hi"),
                           col(r, "best_epoch"), col(r, "epochs"), col(r, "min_train_loss"), col(r, "chance_loss"),
-                          never_left_chance(col(r, "min_train_loss"), col(r, "chance_loss"), margin)))
+                          never_left_chance(col(r, "min_train_loss"), col(r, "chance_loss"), margin),
+                          int(r["fold"]) if folded else None))
     return tuple(out)
 
 
@@ -347,11 +376,13 @@ def _chance_notes(rows: pd.DataFrame, margin: float) -> tuple[str, ...]:
     return tuple(notes)
 
 
-def by_fold(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Cross-validation runs with the fold as the unit: each fold's mean over its seeds (bootstrap CI of
-    a fold with one seed kept), the fold number in the ``seed`` column, ``n`` the fold's test size."""
+def by_fold(rows: pd.DataFrame, metric: str, keys: Sequence[str] = ("task", "protocol", "model", "fraction")
+            ) -> pd.DataFrame:
+    """Cross-validation runs with the fold as the unit: per ``keys`` and fold, the mean over its seeds
+    (bootstrap CI of a fold with one seed kept), the fold number in the ``seed`` column, ``n`` the
+    fold's test size."""
     cols = [c for c in (metric, f"{metric}_lo", f"{metric}_hi", "n") if c in rows]
-    keys = ["task", "protocol", "model", "fraction", "fold"]
+    keys = [*keys, "fold"]
     out = rows.groupby(keys, dropna=False)[cols].mean().reset_index()
     several = rows.groupby(keys, dropna=False)["seed"].nunique().to_numpy() > 1
     for c in (f"{metric}_lo", f"{metric}_hi"):
