@@ -15,6 +15,9 @@ from pathlib import Path
 from retflow.layout import fraction_tag  # noqa: F401 - re-exported
 from retflow.settings.load import ConfigError  # noqa: F401 - one ConfigError, re-exported
 
+#: phantom kinds that write OCT volumes (volumes/*.nii.gz, id column ``volume``; retflow.phantoms.generate)
+VOLUME_KINDS = ("oct_volume", "oct_offcentre")
+
 
 def dataset_path(config: dict, name: str, key: str = "path") -> Path | None:
     """Absolute path of a dataset's ``path``/``images`` entry, resolved against ``data_root``."""
@@ -39,6 +42,10 @@ def semantic_errors(config: dict) -> list[str]:
         if "folds" in ds and ds["role"] != "labelled":  # optional override: no default
             errors.append(f"datasets.{name}.folds: only labelled datasets are cross-validated "
                           f"(role '{ds['role']}'); remove the key")
+        phantom = ds.get("phantom") or {}  # phantom datasets only
+        if phantom.get("kind") == "oct_offcentre" and phantom["n_slices"] < 3:
+            errors.append(f"datasets.{name}.phantom.n_slices: phantom kind oct_offcentre needs >= 3 B-scans per "
+                          f"volume (a central one and off-centre ones), got {phantom['n_slices']}; set it to 3 or more")
         if ds.get("label_columns") == []:  # an explicit empty list, never "every column"
             from retflow.data.ingest import empty_label_columns
 
@@ -378,7 +385,7 @@ def segmentation_errors(config: dict, name: str) -> list[str]:
     if not has_masks:
         errors.append(f"tasks.{name}: segmentation needs masks: datasets.{task['dataset']}.mask_column "
                       f"(or phantom.masks: true)")
-    if ds["source"] in ("volumes", "imagefolder") or phantom.get("kind") == "oct_volume":
+    if ds["source"] in ("volumes", "imagefolder") or phantom.get("kind") in VOLUME_KINDS:
         errors.append(f"tasks.{name}: segmentation masks are read for 2-D csv/phantom datasets only "
                       f"('{task['dataset']}' is {phantom.get('kind') or ds['source']})")
     if task.get("external"):

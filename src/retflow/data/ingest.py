@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from retflow.config import VOLUME_KINDS
 from retflow.errors import UserError
 
 MULTI_SUFFIXES = (".nii.gz",)
@@ -318,8 +319,8 @@ def list_records(name: str, spec: dict, location: Path, image_dir: Path | None =
     source = spec["source"]
     if source == "phantom":
         kind = spec["phantom"]["kind"]
-        id_col = "volume" if kind == "oct_volume" else "image"
-        sub = "volumes" if kind == "oct_volume" else "images"
+        id_col = "volume" if kind in VOLUME_KINDS else "image"
+        sub = "volumes" if kind in VOLUME_KINDS else "images"
         # the generator's labels.csv columns; label columns and maps as the dataset declares them
         phantom_spec = {**spec, "id_column": id_col, "patient_column": "patient_id", "eye_column": "eye",
                         "split_column": None,
@@ -337,7 +338,7 @@ def list_records(name: str, spec: dict, location: Path, image_dir: Path | None =
 def is_volume_dataset(spec: dict) -> bool:
     if spec["source"] == "volumes":
         return True
-    return spec["source"] == "phantom" and spec["phantom"]["kind"] == "oct_volume"
+    return spec["source"] == "phantom" and spec["phantom"]["kind"] in VOLUME_KINDS
 
 
 def label_columns(records: pd.DataFrame) -> list[str]:

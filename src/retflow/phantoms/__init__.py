@@ -5,6 +5,7 @@ Public API::
     make_cfp(rng, size, dr_grade, cdr, eye="R", style="A") -> uint8 (H, W, 3)
     make_oct_bscan(rng, shape=(H, W), diagnosis="normal", style="A", position=0.0) -> (uint8 (H, W), signs)
     make_oct_volume(rng, n_slices, shape, diagnosis="normal", style="A") -> (uint8 (N, H, W), signs)
+    sample_offcentre_eye(rng, positions, lesion, foveal_drusen) -> OctEye  (kind oct_offcentre)
     apply_style(img, style, rng, modality=None) -> uint8
     generate_dataset(kind, out_dir, n, seed, style="A", size=128, n_slices=9, labelled=True) -> DataFrame
 
@@ -14,11 +15,12 @@ import its own module twice.
 
 from .cfp import cfp_shape, make_cfp
 from .oct import DIAGNOSES, KEY_SIGNS, OctEye, make_oct_bscan, make_oct_volume, render_bscan, sample_oct_eye
+from .offcentre import sample_offcentre_eye
 from .style import STYLES, DeviceStyle, apply_style, get_style
 
 __all__ = [
     "make_cfp", "cfp_shape", "make_oct_bscan", "make_oct_volume", "sample_oct_eye", "render_bscan",
-    "OctEye", "DIAGNOSES", "KEY_SIGNS", "apply_style", "get_style", "DeviceStyle", "STYLES",
+    "OctEye", "DIAGNOSES", "KEY_SIGNS", "sample_offcentre_eye", "apply_style", "get_style", "DeviceStyle", "STYLES",
     "generate_dataset",
 ]
 

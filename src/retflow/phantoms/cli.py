@@ -9,7 +9,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate one procedural retinal phantom dataset.")
-    ap.add_argument("--kind", required=True, choices=["cfp", "oct", "oct_volume", "paired_cfp", "paired_oct"])
+    ap.add_argument("--kind", required=True, choices=["cfp", "oct", "oct_volume", "paired_cfp", "paired_oct",
+                                                           "oct_offcentre"])
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--style", default="A", choices=["A", "B"])

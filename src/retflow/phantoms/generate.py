@@ -14,6 +14,13 @@ Layouts (``out_dir`` is e.g. ``results/raw/<dataset>``):
   B-scan), ``z`` the B-scan index with the fovea at ``z = n_slices // 2``; so
   ``nii.get_fdata()[:, :, k].T`` is B-scan ``k`` as an (H, W) image.  1-2 eyes per patient.
   Columns ``volume,patient_id,eye,diagnosis,drusen,irf,srf,ped`` (key signs: union over slices).
+* ``oct_offcentre``: volumes as ``oct_volume`` (needs ``n_slices >= 3``) whose label needs the
+  off-centre B-scans (:mod:`retflow.phantoms.offcentre`): ``extrafoveal_irf`` (0/1, about half
+  the eyes) = intraretinal cysts over a focal thickening at ``|z| >= 0.4`` only, never in the
+  central B-scans; ``foveal_drusen`` (0/1, independent of it) = drusen at ``|z| <= 0.35``, the
+  central content both classes share.  Columns ``volume,patient_id,eye,extrafoveal_irf,
+  foveal_drusen,irf_slices`` (``irf_slices``: the B-scan indices ``k`` showing a cyst,
+  ``;``-separated, empty when none).  1-2 eyes per patient.
 
 With ``labelled=False`` only the id, ``patient_id`` and ``eye`` columns are written (a pool
 for self-supervised pretraining).
@@ -40,18 +47,23 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .. import config as rfc
+from ..errors import UserError
 from .cfp import make_cfp
 from .oct import DIAGNOSES, KEY_SIGNS, LAYER_CLASSES, render_bscan, sample_oct_eye
+from .offcentre import FOVEAL_DRUSEN_P, POSITIVE_P, sample_offcentre_eye
 
-__all__ = ["generate_dataset", "save_volume", "load_volume", "main", "KINDS", "DR_GRADE_P",
+__all__ = ["generate_dataset", "save_volume", "load_volume", "main", "KINDS", "VOLUME_KINDS", "DR_GRADE_P",
            "GLAUCOMA_P", "MASK_CLASSES"]
 
-KINDS = ("cfp", "oct", "oct_volume", "paired_cfp", "paired_oct")  # paired_*: retflow.phantoms.paired
+# paired_*: retflow.phantoms.paired; the index of a kind enters its seed, so new kinds go last
+KINDS = ("cfp", "oct", "oct_volume", "paired_cfp", "paired_oct", "oct_offcentre")
+VOLUME_KINDS = rfc.VOLUME_KINDS
 DR_GRADE_P = (0.40, 0.15, 0.20, 0.15, 0.10)  # ICDR grade prevalence (per patient)
 GLAUCOMA_P = 0.30
 CDR_HEALTHY = (0.2, 0.5)
 CDR_GLAUCOMA = (0.55, 0.85)
-_ID_COLS = {"cfp": "image", "oct": "image", "oct_volume": "volume"}
+_ID_COLS = {"cfp": "image", "oct": "image", "oct_volume": "volume", "oct_offcentre": "volume"}
 MASK_CLASSES = {"cfp": ("background", "vessel"), "oct": LAYER_CLASSES}  # mask value -> class
 
 
@@ -145,14 +157,40 @@ def _oct_volume(out: Path, n: int, ss: np.random.SeedSequence, style: str, size:
     return rows
 
 
+def _oct_offcentre(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int,
+                   n_slices: int) -> list[dict]:
+    pop = np.random.default_rng(ss.spawn(1)[0])
+    pos = np.linspace(-1.0, 1.0, n_slices)
+    rows, i = [], 0
+    while len(rows) < n:
+        pid = _pid(i, n)
+        eyes = ["R", "L"] if pop.random() < 0.5 and n - len(rows) >= 2 else [str(pop.choice(["R", "L"]))]
+        for eye in eyes:
+            rng = np.random.default_rng(ss.spawn(1)[0])
+            lesion, drusen = bool(pop.random() < POSITIVE_P), bool(pop.random() < FOVEAL_DRUSEN_P)
+            e = sample_offcentre_eye(rng, pos, lesion, drusen)
+            vol = np.empty((n_slices, size, size), np.uint8)
+            shown = []
+            for z, p in enumerate(pos.tolist()):
+                vol[z], s = render_bscan(e, rng, (size, size), p, style)
+                if s["irf"]:
+                    shown.append(z)
+            name = f"{pid}_{eye}.nii.gz"
+            save_volume(vol, out / "volumes" / name)
+            rows.append(dict(volume=name, patient_id=pid, eye=eye, extrafoveal_irf=int(lesion),
+                             foveal_drusen=int(drusen), irf_slices=";".join(map(str, shown))))
+        i += 1
+    return rows
+
+
 def generate_dataset(
     kind: str, out_dir: Path, n: int, seed: int, style: str = "A", size: int = 128,
     n_slices: int = 9, labelled: bool = True, masks: bool = False,
 ) -> pd.DataFrame:
-    """Generate ``n`` images (``cfp``, ``oct``) or volumes (``oct_volume``) under ``out_dir``.
+    """Generate ``n`` images (``cfp``, ``oct``) or volumes (``oct_volume``, ``oct_offcentre``) under ``out_dir``.
 
     Writes the files and ``out_dir/labels.csv`` (layout in the module docstring) and returns
-    the labels table as written.  ``masks``: also write segmentation masks (not ``oct_volume``).
+    the labels table as written.  ``masks``: also write segmentation masks (``cfp``, ``oct`` only).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -160,12 +198,15 @@ def generate_dataset(
         raise ValueError(f"masks are generated for kinds {sorted(MASK_CLASSES)}, not {kind!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if kind == "oct_offcentre" and n_slices < 3:
+        raise UserError(f"n_slices: phantom kind oct_offcentre needs >= 3 B-scans per volume (a central one "
+                        f"and off-centre ones), got {n_slices}; set phantom.n_slices to 3 or more")
     if kind.startswith("paired_"):  # the same eyes for both kinds: one seed, no kind in it
         from .paired import generate_paired
 
         return generate_paired(kind, Path(out_dir), n, seed, style, size)
     out = Path(out_dir)
-    (out / ("volumes" if kind == "oct_volume" else "images")).mkdir(parents=True, exist_ok=True)
+    (out / ("volumes" if kind in VOLUME_KINDS else "images")).mkdir(parents=True, exist_ok=True)
     if masks:
         (out / "masks").mkdir(parents=True, exist_ok=True)
     ss = np.random.SeedSequence([int(seed), KINDS.index(kind)])
@@ -173,8 +214,10 @@ def generate_dataset(
         rows = _cfp(out, n, ss, style, size, masks)
     elif kind == "oct":
         rows = _oct(out, n, ss, style, size, masks)
-    else:
+    elif kind == "oct_volume":
         rows = _oct_volume(out, n, ss, style, size, n_slices)
+    else:
+        rows = _oct_offcentre(out, n, ss, style, size, n_slices)
     table = pd.DataFrame(rows)
     if not labelled:
         table = table[[_ID_COLS[kind], "patient_id", "eye", *(["mask"] if masks else [])]]
@@ -191,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--style", choices=("A", "B"), default="A", help="imaging device")
     ap.add_argument("--size", type=int, default=128, help="image height in pixels")
-    ap.add_argument("--n-slices", type=int, default=9, help="B-scans per volume (oct_volume)")
+    ap.add_argument("--n-slices", type=int, default=9, help="B-scans per volume (oct_volume, oct_offcentre)")
     ap.add_argument("--unlabelled", action="store_true", help="write only id/patient/eye columns")
     ap.add_argument("--masks", action="store_true", help="also write segmentation masks (cfp, oct)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
@@ -199,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     table = generate_dataset(a.kind, a.out, a.n, a.seed, a.style, a.size, a.n_slices, not a.unlabelled, a.masks)
     dt = time.perf_counter() - t0
-    what = "volumes" if a.kind == "oct_volume" else "images"
+    what = "volumes" if a.kind in VOLUME_KINDS else "images"
     print(f"phantoms: {len(table)} {a.kind} {what} of {table['patient_id'].nunique()} patients "
           f"(style {a.style}, size {a.size}) -> {a.out} in {dt:.1f}s ({len(table) / dt:.0f}/s)")
     return 0

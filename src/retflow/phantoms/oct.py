@@ -70,6 +70,9 @@ class OctEye:
     cysts: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))  # u, z, ru, rz, ry, depth
     foci: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))  # u, z, rz, depth
     thickening: np.ndarray = field(default_factory=lambda: np.zeros(4))  # u, ru, rz, amplitude
+    # focal thickening (oedema) anywhere in the cube, zero outside |z - z0| < rz (unlike the
+    # foveal ``thickening``, whose Gaussian reaches every slice)
+    oedema: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))  # u, z, ru, rz, amplitude
 
 
 def _rows(rows: list) -> np.ndarray:
@@ -217,6 +220,12 @@ def render_bscan(
     tu, tru, trz, tamp = e.thickening
     if tamp > 0:
         thick = tamp * np.exp(-((u - tu) / tru) ** 2 / 2) * np.exp(-(z / trz) ** 2 / 2)
+        th[3] += 0.35 * thick
+        th[5] += 0.65 * thick
+    if len(e.oedema):
+        v = _vis(e.oedema[:, 1], e.oedema[:, 3], z)
+        thick = sum(a * vi**2 * np.exp(-((u - uc) / ru) ** 2 / 2)
+                    for (uc, _, ru, _, a), vi in zip(e.oedema.tolist(), v.tolist()) if vi > 0)
         th[3] += 0.35 * thick
         th[5] += 0.65 * thick
     drusen_h, ped_h = _profile(e.drusen, u, z), _profile(e.ped, u, z, 0.6)

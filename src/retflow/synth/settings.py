@@ -18,7 +18,8 @@ from retflow.settings.synth import SynthQualitySettings, SynthSettings
 
 #: label columns of the phantom generator's fundus / B-scan datasets (retflow.phantoms.generate)
 PHANTOM_LABELS = {"cfp": {"dr_grade", "glaucoma", "cdr"}, "oct": {"diagnosis", "drusen", "irf", "srf", "ped"},
-                  "oct_volume": {"diagnosis", "drusen", "irf", "srf", "ped"}}
+                  "oct_volume": {"diagnosis", "drusen", "irf", "srf", "ped"},
+                  "oct_offcentre": {"extrafoveal_irf", "foveal_drusen"}}
 CLASSIFICATION = ("binary", "multiclass", "ordinal")
 #: how the default Stable-Diffusion prompts name a modality ("<modality text>, <label> <class>")
 MODALITY_TEXT = {"cfp": "a colour fundus photograph", "oct": "an OCT B-scan"}
