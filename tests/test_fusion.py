@@ -176,6 +176,8 @@ def test_fusion_model_trains_the_head_and_the_encoders_only_when_fine_tuned(enco
     opt.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert {"head.weight", "head.bias"} <= changed
+    # the head standardises each feature over the batch (MAE's linear-probe norm), without parameters of its own
+    assert isinstance(model.head_norm, torch.nn.BatchNorm1d) and not model.head_norm.affine
     enc = {k for k in changed if k.startswith(("cfp.", "oct."))}
     if encoders == "frozen":
         assert not enc and not model.cfp.training and not model.oct.training
@@ -265,6 +267,14 @@ def test_fusion_entry_point_writes_predictions_that_evaluate_accepts(tmp_path):
     assert summary["encoders"] == "frozen" and summary["trainable_params"] < summary["total_params"]
     for name in ("best.pth", "train_log.csv", "settings.json"):
         assert (out / name).exists()
+    # one training pair is too few for the head's BatchNorm: one line naming the file, the fraction and the fix
+    one = pairs[pairs.split != "train"]
+    one = pd.concat([pairs[pairs.split == "train"].head(1), one])
+    one.to_parquet(tmp_path / "one.parquet")
+    with pytest.raises(UserError, match=r"one\.parquet: task 'refer' has 1 training pair at label fraction 1; "
+                                        r"fusion needs at least 2 \(raise the fraction or add pairs\)$"):
+        main(["--settings", s.to_json(), "--pairs", str(tmp_path / "one.parquet"), "--cfp-store", str(stores["pcfp"]),
+              "--oct-store", str(stores["poct"]), "--init-cfp", "", "--init-oct", "", "--out-dir", str(tmp_path / "r1")])
 
 
 def test_bad_pairs_inputs_are_one_line_naming_the_file(tmp_path):

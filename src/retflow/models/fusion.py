@@ -1,4 +1,4 @@
-"""Late fusion of a CFP and an OCT ViT encoder: pooled embeddings concatenated -> LayerNorm + Linear.
+"""Late fusion of a CFP and an OCT ViT encoder: pooled embeddings concatenated -> BatchNorm + Linear.
 
 Each encoder is a timm ViT built by :func:`retflow.models.vit.create_vit` with ``num_classes=0``
 (its pooled embedding: the mean patch token + ``fc_norm`` for ``pool: avg``, the class token
@@ -7,6 +7,13 @@ after the final norm for ``pool: token``), loaded from its modality's pretrainin
 ``encoders: frozen`` trains the head only (encoders in eval mode, no gradients; RETFound's
 linear-probe idea on both modalities); ``finetune`` trains all of it, each encoder with
 layer-wise lr decay (:func:`retflow.models.lr_decay.param_groups_lrd`) and drop path.
+
+The head standardises the concatenated embedding per feature with a BatchNorm without affine
+parameters, as MAE's and RETFound's linear probe do: MAE features differ in scale by orders of
+magnitude, and the two encoders' by more. A LayerNorm there (per eye, across features) left the
+fusion at AUROC 0.61-0.65 on the showcase's refer task while each modality alone fine-tuned to
+0.75 (CFP) and 0.85 (OCT); with the BatchNorm the same fusion fine-tune reached 0.84 on validation
+by its fifth epoch (frozen encoders: 0.81 on test vs 0.69).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ class FusionModel(nn.Module):
         self.cfp, self.oct = cfp, oct
         self.cfp_chans = cfp.patch_embed.proj.in_channels
         dim = cfp.num_features + oct.num_features
-        self.head_norm = nn.LayerNorm(dim)
+        self.head_norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)  # MAE's linear-probe head norm
         self.head = nn.Linear(dim, n_out)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # as timm / RETFound initialise a fine-tuning head
         nn.init.zeros_(self.head.bias)
@@ -84,10 +91,9 @@ def build_fusion(specs: dict[str, ViTSpec], n_out: int, encoders: str, pool: str
 
 
 def fusion_param_groups(model: FusionModel, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Optimizer groups: the head (LayerNorm + Linear, lr scale 1, no decay on 1-D weights) and,
+    """Optimizer groups: the head (Linear, lr scale 1, no decay on its bias) and,
     when the encoders train, each encoder's layer-wise lr-decay groups (its last layer at scale 1)."""
-    groups = [{"params": [p for p in model.head_norm.parameters()] + [model.head.bias], "weight_decay": 0.0,
-               "lr_scale": 1.0},
+    groups = [{"params": [model.head.bias], "weight_decay": 0.0, "lr_scale": 1.0},
               {"params": [model.head.weight], "weight_decay": weight_decay, "lr_scale": 1.0}]
     if not model.frozen:
         for net in (model.cfp, model.oct):

@@ -109,6 +109,9 @@ def run(s: FusionSettings, pairs_path: str, cfp_store: str, oct_store: str, init
     rows, y = parts["train"]
     keep = label_fraction_indices(stratum(task, y), s.fraction, s.seed)
     parts["train"] = (rows[keep], y[keep])
+    if len(keep) < 2:  # the head's BatchNorm standardises over a batch
+        raise UserError(f"{pairs_path}: task '{task.name}' has {len(keep)} training pair at label fraction "
+                        f"{s.fraction:g}; fusion needs at least 2 (raise the fraction or add pairs)")
     ds = _datasets(s, pairs, parts, {"cfp": cfp_store, "oct": oct_store})
     scale = TargetScale.fit(task, ds["train"].labels)
     model = build_fusion({"cfp": s.cfp.vit.spec(), "oct": s.oct.vit.spec()}, n_outputs(task), s.encoders, s.pool,
