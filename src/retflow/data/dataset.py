@@ -74,6 +74,15 @@ def seed_item(aug_seed: int | None, i: int) -> None:
     random.seed(item_seed)
 
 
+def target_array(labels) -> np.ndarray | None:
+    """A dataset's targets as it returns them: class indices (int64), multilabel 0/1 rows or
+    regression values (float32, kept); None (unlabelled) stays None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    return labels if np.issubdtype(labels.dtype, np.floating) else labels.astype(np.int64)
+
+
 class StoreDataset(Dataset):
     """Rows ``indices`` of a store as (image tensor C x H x W, label) pairs.
 
@@ -85,10 +94,7 @@ class StoreDataset(Dataset):
     def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
         self.images = ImageStore(store)
         self.indices = np.asarray(indices, dtype=np.int64)
-        # class indices (int64), multilabel 0/1 rows or regression values (float32)
-        self.labels = None if labels is None else np.asarray(labels)
-        if self.labels is not None and not np.issubdtype(self.labels.dtype, np.floating):
-            self.labels = self.labels.astype(np.int64)
+        self.labels = target_array(labels)
         self.transform = transform
         self.in_chans = in_chans
         self.aug_seed: int | None = None

@@ -1,8 +1,10 @@
 """Prepare one dataset: ingest -> check labels -> preprocess -> split by patient -> leakage -> store.
 
 Writes into the output folder: ``shards/`` (uint8 image shards, see :mod:`retflow.data.store`;
-with ``mask_column`` also ``mask_shards/``, the segmentation masks in step with the images),
-``manifest.parquet`` (one row per stored image), ``quarantine.csv`` (every input or label that
+with ``mask_column`` also ``mask_shards/``, the segmentation masks in step with the images; for a
+volume dataset with ``preprocess.oct.volume`` set also ``volume_shards/``, each volume whole,
+resampled, see :mod:`retflow.data.volume_store`), ``manifest.parquet`` (one row per stored image;
+with ``volume_shards/`` its ``volume_index`` column), ``quarantine.csv`` (every input or label that
 was not used, with its reason) and ``qc.json`` (counts for the report). Nothing is dropped
 silently: an unusable file, a bad label or an unknown eye value is a row in ``quarantine.csv``.
 The step fails only where no store can be made (an unreadable labels CSV, no usable image, no
@@ -35,6 +37,7 @@ from retflow.data.labels import check_labels
 from retflow.data.preprocess import process_record, process_record_with_mask
 from retflow.data.splits import FOLD_COLUMN, assign_folds, complete_given_splits, fold_problem, patient_split
 from retflow.data.store import MASK_SHARD_DIR, ShardWriter
+from retflow.data.volume_store import VOLUME_INDEX, VOLUME_SHARD_DIR, process_volume_record
 
 QUARANTINE_COLUMNS = ["image_id", "source", "reason", "detail", "column", "scope"]
 
@@ -76,12 +79,16 @@ def add_folds(manifest: pd.DataFrame, name: str, spec: dict, labels: list[str], 
     return {**info, "images": {str(k): int(counts.get(k, 0)) for k in range(folds)}}
 
 
-def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False, jpeg_draft: bool = True):
-    """Worker: ``("ok", rows, images[, masks])`` or ``("bad", reason, detail)``; never raises.
-    (``jpeg_draft=False``: the benchmark's full-decoding reference, never the workflow.)"""
+def _work(rec: dict, modality: str, prep: dict, volume: bool, masks: bool = False, jpeg_draft: bool = True,
+          whole: bool = False):
+    """Worker: ``("ok", rows, images[, masks | stack])`` or ``("bad", reason, detail)``; never raises.
+    ``whole``: also the volume's resampled stack (``preprocess.oct.volume``). (``jpeg_draft=False``:
+    the benchmark's full-decoding reference, never the workflow.)"""
     try:
         if masks:
             return ("ok", *process_record_with_mask(rec, modality, prep, volume, jpeg_draft=jpeg_draft))
+        if whole:
+            return ("ok", *process_volume_record(rec, prep))
         rows, images = process_record(rec, modality, prep, volume, jpeg_draft=jpeg_draft)
         return "ok", rows, images
     except UnreadableInput as exc:
@@ -100,15 +107,15 @@ def _map(records: list[dict], worker, workers: int):
         yield from pool.imap(worker, records, chunksize=max(1, min(32, len(records) // (8 * workers))))
 
 
-class _MaskWriter:
-    """The mask shards (``mask_shards/``), written in step with the images; a no-op without masks."""
+class _OptionalWriter:
+    """Shards written beside the images -- the masks (``mask_shards/``, in step with the images) or
+    the whole volumes (``volume_shards/``, one per volume record); a no-op without a ``shard_size``."""
 
-    def __init__(self, out_dir: Path, shard_size: int, enabled: bool):
-        self.writer = ShardWriter(out_dir, shard_size, folder=MASK_SHARD_DIR) if enabled else None
+    def __init__(self, out_dir: Path, folder: str, shard_size: int | None):
+        self.writer = ShardWriter(out_dir, shard_size, folder=folder) if shard_size is not None else None
 
-    def add(self, mask) -> None:
-        if self.writer is not None:
-            self.writer.add(mask)
+    def add(self, array) -> int | None:
+        return self.writer.add(array) if self.writer is not None else None
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -164,23 +171,31 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     masks = "mask_source" in records.columns
     if masks and is_volume_dataset(spec):
         raise DatasetError(f"dataset '{name}': mask_column is supported for 2-D image datasets only")
+    volumes = is_volume_dataset(spec) and prep["oct"]["volume"] is not None  # whole volumes too
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, prep["shard_size"])
-    mask_writer = _MaskWriter(out_dir, prep["shard_size"], masks)
+    mask_writer = _OptionalWriter(out_dir, MASK_SHARD_DIR, prep["shard_size"] if masks else None)
+    volume_writer = _OptionalWriter(out_dir, VOLUME_SHARD_DIR,
+                                    prep["oct"]["volume"]["shard_size"] if volumes else None)
     rows = []
-    worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec), masks=masks)
+    worker = partial(_work, modality=spec["modality"], prep=prep, volume=is_volume_dataset(spec), masks=masks,
+                     whole=volumes)
     try:
         for rec, result in zip(todo, _map(todo, worker, workers)):
             if result[0] == "bad":
                 quarantine.append(_quarantine_row(rec, result[1], result[2]))
                 continue
+            volume_index = volume_writer.add(result[3]) if volumes else None
             for k, (row, img) in enumerate(zip(result[1], result[2])):
                 row["index"] = writer.add(img)
                 mask_writer.add(result[3][k] if masks else None)
+                if volumes:
+                    row[VOLUME_INDEX] = volume_index
                 rows.append(row)
     except BaseException:
         writer.abort()
         mask_writer.abort()
+        volume_writer.abort()
         raise
     n_total = len(records)
     qdf = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
@@ -199,6 +214,7 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     def fail(message: str):
         writer.abort()
         mask_writer.abort()
+        volume_writer.abort()
         write_json({**qc, "error": message}, out_dir / "qc.json")
         raise DatasetError(message)
 
@@ -219,6 +235,7 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
     findings = leakage.within_dataset(manifest, name, leak_cfg)
     shape = writer.close()
     mask_shape = mask_writer.close()
+    volume_shape = volume_writer.close()
     with atomic_path(out_dir / "manifest.parquet") as tmp:
         manifest.to_parquet(tmp, index=False)
     unlisted = unlisted_files(records, image_dir or (location.parent if location.is_file() else None))
@@ -236,6 +253,8 @@ def prepare(name: str, spec: dict, location: Path, image_dir: Path | None, prep:
         qc["folds"] = folds
     if masks:
         qc["mask_shape"] = mask_shape
+    if volumes:
+        qc["volume_shape"] = volume_shape  # [n_volumes, D, H, W]
     write_json(qc, out_dir / "qc.json")
     return qc
 

@@ -4,7 +4,9 @@
   pad to square, optional contrast enhancement, resize; the field bounds (in source pixels),
   a found flag and quality measures go into the manifest.
 - OCT B-scan images and volumes: the central ``bscans`` B-scans of a volume (RETFound takes the
-  central one), robust min/max intensity scaling to uint8, resize; stored as one channel.
+  central one), robust min/max intensity scaling to uint8 (:func:`scale_uint8`), resize; stored
+  as one channel. Whole volumes (``preprocess.oct.volume``) are resampled from the same read by
+  :mod:`retflow.data.volume_store` (:func:`process_volume` gives it the B-scan rows).
 
 :func:`process_record` is what the preparation step maps over records in worker processes;
 it returns ``(rows, images)`` or raises :class:`UnreadableInput` with the quarantine reason.
@@ -27,7 +29,7 @@ from PIL import Image
 from retflow.data.fundus import crop_pad_square, crop_to_field, detect_field, enhance_contrast, quality_flags
 from retflow.data.io import UnreadableInput, check_file, read_image, source_digest
 from retflow.data.leakage import phash
-from retflow.data.volumes import central_bscans, read_volume
+from retflow.data.volumes import OctVolume, central_bscans, read_volume
 
 BLANK_STD = 2.0  # grey levels: an image flatter than this carries no picture
 
@@ -65,16 +67,22 @@ def preprocess_cfp(img: np.ndarray, size: int, crop_border: bool, enhance: str,
     return out, info
 
 
+def scale_uint8(arr: np.ndarray) -> np.ndarray:
+    """Robust min/max intensity scaling to uint8: the 0.5th / 99.5th percentiles of ``arr`` (any
+    shape: one B-scan, or a whole volume) become 0 / 255, values beyond them are clipped."""
+    arr = np.asarray(arr, dtype=np.float32)
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((arr - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+
+
 def preprocess_oct(bscan: np.ndarray, size: int) -> tuple[np.ndarray, dict]:
     """Scale a B-scan to uint8 by robust min/max and resize it to a square, one channel."""
     arr = np.asarray(bscan, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr.mean(axis=2)
-    lo, hi = np.percentile(arr, [0.5, 99.5])
-    if hi <= lo:
-        hi = lo + 1.0
-    scaled = np.clip((arr - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
-    out = resize(scaled, size)
+    out = resize(scale_uint8(arr), size)
     return out[..., None], {"bounds": [0, int(arr.shape[0]), 0, int(arr.shape[1])], "field_found": True,
                             "field_fraction": 1.0}
 
@@ -119,31 +127,40 @@ def process_record(rec: dict, modality: str, prep: dict, volume: bool, *,
     """Preprocess one record into stored images and their manifest rows; ``prep`` is the validated
     ``preprocess`` section (``jpeg_draft``: see :func:`preprocess_image`)."""
     source = rec["source"]
-    min_side = prep["min_side"]
-    rows, images = [], []
     if volume:
-        vol = read_volume(source)
-        data = vol.data
-        _check_picture(source, data[data.shape[0] // 2], min_side, data.shape[1:])
-        k = prep["oct"]["bscans"]
-        for index, bscan in central_bscans(data, k):
-            img, info = preprocess_oct(bscan, prep["oct"]["size"])
-            suffix = f"_b{index:03d}" if k > 1 else ""
-            rows.append({**rec, "image_id": rec["image_id"] + suffix, "frame": index, "n_frames": data.shape[0],
-                         "laterality": vol.meta.get("laterality", ""), **info})
-            images.append(img)
-    else:
-        img, info, orig = preprocess_image(source, modality, prep[modality]["size"], min_side,
-                                           crop_border=prep["cfp"]["crop_border"], enhance=prep["cfp"]["enhance"],
-                                           jpeg_draft=jpeg_draft)
-        rows.append({**rec, "frame": -1, "n_frames": 1, "laterality": "", **info})
+        return process_volume(rec, read_volume(source), prep)
+    img, info, orig = preprocess_image(source, modality, prep[modality]["size"], prep["min_side"],
+                                       crop_border=prep["cfp"]["crop_border"], enhance=prep["cfp"]["enhance"],
+                                       jpeg_draft=jpeg_draft)
+    rows = [{**rec, "frame": -1, "n_frames": 1, "laterality": "", **info}]
+    return _identified(rows, [img], source, orig), [img]
+
+
+def process_volume(rec: dict, vol: OctVolume, prep: dict) -> tuple[list[dict], list[np.ndarray]]:
+    """The stored B-scans of an already read volume (the central ``preprocess.oct.bscans``) and
+    their manifest rows, as :func:`process_record` gives them for a volume dataset."""
+    source = rec["source"]
+    data = vol.data
+    _check_picture(source, data[data.shape[0] // 2], prep["min_side"], data.shape[1:])
+    k = prep["oct"]["bscans"]
+    rows, images = [], []
+    for index, bscan in central_bscans(data, k):
+        img, info = preprocess_oct(bscan, prep["oct"]["size"])
+        suffix = f"_b{index:03d}" if k > 1 else ""
+        rows.append({**rec, "image_id": rec["image_id"] + suffix, "frame": index, "n_frames": data.shape[0],
+                     "laterality": vol.meta.get("laterality", ""), **info})
         images.append(img)
+    return _identified(rows, images, source, data.shape), images
+
+
+def _identified(rows: list[dict], images: list[np.ndarray], source: str, shape) -> list[dict]:
+    """The rows with the source's content digest, each stored image's perceptual hash and the source shape."""
     digest = source_digest(source)
     for row, img in zip(rows, images):
         row["sha256"] = digest
         row["phash"] = phash(img)
-        row["source_shape"] = "x".join(str(s) for s in (orig if not volume else data.shape))
-    return rows, images
+        row["source_shape"] = "x".join(str(s) for s in shape)
+    return rows
 
 
 # ---------------------------------------------------------------- segmentation masks ----------
