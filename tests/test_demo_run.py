@@ -71,7 +71,7 @@ def demo(tmp_path_factory):
     kill_tree(proc)
     killed_with_checkpoint = resume.exists() and not (work / PRETRAIN_TARGET).exists()
     snakemake(work, "--unlock", "--configfile", str(config))
-    result = snakemake(work, "--cores", "2", "--configfile", str(config), timeout=900)
+    result = snakemake(work, "--cores", "2", "--configfile", str(config), timeout=1800)
     return {"work": work, "result": result, "killed_with_checkpoint": killed_with_checkpoint}
 
 
