@@ -125,10 +125,11 @@ def pretrain_settings(wildcards):
 
 
 def pretrain_stores(wildcards):
-    """The real pool of a pretraining run (none when it trains on synthetic images only)."""
-    if rfc.parse_pretrain_run(wildcards.method)[1] == "synthetic":
-        return []
-    return [store_dir(d) for d in config["pretrain"]["pools"][wildcards.modality]]
+    """The real pool of a pretraining run (none on synthetic images only; mae3d: the volume datasets)."""
+    return [
+        store_dir(d)
+        for d in rfc.pretrain_pool(config, wildcards.method, wildcards.modality)
+    ]
 
 
 def pretrain_synthetic(wildcards):

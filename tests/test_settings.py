@@ -12,7 +12,8 @@ from retflow.settings import stages as S
 from retflow.settings.load import schema
 
 RUN_FIELDS = {"protocol", "task", "vit", "normalize", "fraction", "seed", "device", "pool", "fold",
-              "lora"}  # lora: protocol lora's adapters (tests/test_lora.py checks them)
+              "lora",  # lora: protocol lora's adapters (tests/test_lora.py checks them)
+              "input", "vit3d"}  # a volume model's (models.<name>.input, the vit3d section; tests/test_volume_models.py)
 
 
 def fields(record) -> set[str]:
@@ -51,7 +52,7 @@ def test_segment_record_has_exactly_the_segment_sections_keys():
 
 
 def test_pretrain_records_have_exactly_the_pretrain_sections_keys():
-    run_only = {"method", "modality", "vit", "normalize", "seed", "device"}
+    run_only = {"method", "modality", "vit", "vit3d", "normalize", "seed", "device"}
     workflow_only = {"methods", "pools", "recipes"}  # the DAG's fan-out, and overrides applied by the builder
     assert fields(S.PretrainSettings) - run_only == section_keys("pretrain") - workflow_only
     for method, record in S.METHOD_SETTINGS.items():

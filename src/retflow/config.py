@@ -140,9 +140,11 @@ def semantic_errors(config: dict) -> list[str]:
             errors.append(f"tasks.{name}.classes: duplicate class names")
     from retflow.fusion_config import errors as fusion_errors
     from retflow.settings.checks import pretrain_errors
+    from retflow.volume_config import errors as volume_errors
 
     errors += fusion_errors(config)
     errors += pretrain_errors(config)
+    errors += volume_errors(config)
     splits = config["splits"]
     total = sum(splits[k] for k in ("train", "val", "test"))
     if abs(total - 1.0) > 1e-6:
@@ -328,6 +330,19 @@ def parse_pretrain_run(run: str) -> tuple[str, str]:
     if tag.startswith("mixed"):
         return method, f"mixed({tag[len('mixed'):]})"
     return method, tag
+
+
+def pretrain_pool(config: dict, run: str, modality: str) -> list[str]:
+    """The datasets of a pretraining run's real pool: ``pretrain.pools.<modality>``; for mae3d its
+    volume datasets (:func:`retflow.volume_config.pool`); none for a run on synthetic images only."""
+    method, data = parse_pretrain_run(run)
+    if data == "synthetic":
+        return []
+    if method == "mae3d":
+        from retflow.volume_config import pool
+
+        return pool(config)
+    return list(config["pretrain"]["pools"][modality])
 
 
 def pretrain_runs(config: dict) -> list[tuple[str, str]]:

@@ -33,7 +33,7 @@ def weight_uses(config: dict) -> list[dict]:
                              "vit": rfc.vit_settings(config, modality)})
     p = config["pretrain"]
     for run, modality in rfc.pretrain_runs(config):
-        if p["init"]:
+        if p["init"] and rfc.parse_pretrain_run(run)[0] != "mae3d":  # mae3d starts from random weights
             uses.append({"key": "pretrain.init", "path": p["init"], "vit": rfc.vit_settings(config, modality)})
         teacher = p["token_recon"].get("teacher_checkpoint")
         if rfc.parse_pretrain_run(run)[0] == "token_recon" and teacher and teacher not in p["methods"]:

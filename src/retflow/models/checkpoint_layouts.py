@@ -333,10 +333,23 @@ def _from_export(path: Path, obj: Mapping[str, Any]) -> Checkpoint:
     return ck
 
 
+def _refuse_3d(path: Path, obj: Any) -> None:
+    """3-D checkpoints (:mod:`retflow.models.mae3d`: an mae3d run's, a volume model's best.pth) are not 2-D ViTs."""
+    if not isinstance(obj, Mapping):
+        return
+    if obj.get("input") == "volume":
+        raise CheckpointError(f"{path}: a 3-D (volume) model; predict, embed, export, inspect and saliency read "
+                              f"2-D ViTs only")
+    if obj.get("method") == "mae3d":
+        raise CheckpointError(f"{path}: a 3-D MAE (mae3d) checkpoint; only a volume model (models.<name>.input: "
+                              f"volume, init: pretrained, method: mae3d) loads it")
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read any supported checkpoint (file or export folder) and convert it to timm key names."""
     path = Path(path)
     obj = read_file(path)
+    _refuse_3d(path, obj)
     try:
         layout = detect_layout(obj)
     except CheckpointError as exc:

@@ -25,8 +25,9 @@ loss, no ``norm_pix_loss``, no encoder/decoder split and no patchify; it masks w
 (the demo decoder's 64, MAE's 512-wide decoder and ViT-L's 1024 are refused); and its keys (``patch_embedding.*``, ``blocks.N`` = the final
 norm) fit neither timm nor MONAI's own ``ViT``.
 
-The settings checks (:func:`vit3d_errors`, :func:`mask_ratio_errors`) are plain Python, no torch,
-and name the config keys (``vit3d.*``, ``pretrain.mae3d.mask_ratio``).
+The settings checks (:func:`~retflow.settings.checks.vit3d_errors`, ``width_errors``,
+``mask_ratio_errors``) live in :mod:`retflow.settings.checks` (plain Python, run at startup too)
+and name the config keys (``vit3d.*``, ``pretrain.mae3d.mask_ratio``); they are re-exported here.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models.vision_transformer import Block
+
+from retflow.settings.checks import mask_ratio_errors, vit3d_errors, width_errors
 
 from .pos_embed import get_3d_sincos_pos_embed, interpolate_pos_embed_3d
 
@@ -55,46 +58,7 @@ def _x(size: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in size)
 
 
-# ------------------------------------------------------------------ checks (torch-free)
-def vit3d_errors(img_size: Sequence[int], tubelet: Sequence[int], embed_dim: int, num_heads: int,
-                 key: str = "vit3d") -> list[str]:
-    """One line per problem of a 3-D ViT's sizes, naming ``{key}.img_size`` / ``tubelet`` / ...:
-    three positive sizes each, every volume axis a multiple of the tubelet's, ``embed_dim`` even
-    (3-D sin-cos) and divisible by ``num_heads``."""
-    errors = []
-    for name, v in (("img_size", img_size), ("tubelet", tubelet)):
-        if len(v) != 3 or any(int(s) != s or s < 1 for s in v):
-            errors.append(f"{key}.{name}: must be three positive integers [depth, height, width], got {list(v)}")
-    if errors:
-        return errors
-    bad = [f"{axis} {s} % {t} = {s % t}" for axis, s, t in zip(("depth", "height", "width"), img_size, tubelet)
-           if s % t]
-    if bad:
-        fix = [max(t, round(s / t) * t) for s, t in zip(img_size, tubelet)]
-        errors.append(f"{key}.img_size: {_x(img_size)} is not divisible by {key}.tubelet {_x(tubelet)} "
-                      f"({', '.join(bad)}); set img_size to multiples of the tubelet, e.g. {list(fix)}")
-    return errors + width_errors(embed_dim, num_heads, key)
-
-
-def width_errors(embed_dim: int, num_heads: int, key: str) -> list[str]:
-    """``{key}.embed_dim`` even (3-D sin-cos) and divisible by ``{key}.num_heads``."""
-    if embed_dim % 2 or embed_dim % num_heads:
-        return [f"{key}.embed_dim: {embed_dim} must be even (3-D sin-cos) and divisible by {key}.num_heads "
-                f"{num_heads}"]
-    return []
-
-
-def mask_ratio_errors(mask_ratio: float, num_patches: int | None = None,
-                      key: str = "pretrain.mae3d.mask_ratio") -> list[str]:
-    """``mask_ratio`` must lie in (0, 1) and, given ``num_patches``, leave at least one visible tubelet."""
-    if not 0.0 < mask_ratio < 1.0:
-        return [f"{key}: must be in (0, 1) (OCTCube uses 0.9), got {mask_ratio}"]
-    if num_patches is not None and int(num_patches * (1.0 - mask_ratio) + 1e-6) < 1:
-        return [f"{key}: {mask_ratio} leaves no visible tubelet of {num_patches}; lower it below "
-                f"{1 - 1 / num_patches:.4g}"]
-    return []
-
-
+# ------------------------------------------------------------------ checks (torch-free, retflow.settings.checks)
 def _raise(errors: list[str]) -> None:
     if errors:
         from retflow.settings.load import ConfigError
@@ -186,7 +150,10 @@ class PatchEmbed3D(nn.Module):
     def embed(self, patches: torch.Tensor) -> torch.Tensor:
         """``(B, N, t*p*p*C)`` tubelet vectors (:func:`patchify_3d`) -> ``(B, N, embed_dim)``."""
         w = self.proj.weight
-        return F.linear(patches, w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1), self.proj.bias)
+        # one channel: (t, p, p, C) order is the weight's own, and a plain flatten keeps its gradient's
+        # strides standard (a permuted view's are not, which DDP's gradient buckets warn about)
+        w = w.flatten(1) if w.shape[1] == 1 else w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1)
+        return F.linear(patches, w, self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check(x)

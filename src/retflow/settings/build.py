@@ -18,6 +18,7 @@ import dataclasses
 from retflow import config as rfc
 from retflow.layout import Layout
 from retflow.settings import stages as S
+from retflow.settings.checks import VOLUME, VOLUME_METHOD, volume_recipe_errors
 
 
 def _pick(record: type[S.Frozen], *sources: dict, **fixed) -> dict:
@@ -33,6 +34,10 @@ def _pick(record: type[S.Frozen], *sources: dict, **fixed) -> dict:
 
 def vit(config: dict, modality: str) -> S.ViTSettings:
     return S.ViTSettings.from_dict(rfc.vit_settings(config, modality), "vit")
+
+
+def vit3d(config: dict) -> S.ViT3DSettings:
+    return S.ViT3DSettings.from_dict(config["vit3d"], "vit3d")
 
 
 def normalize(config: dict, modality: str) -> S.NormalizeSettings:
@@ -73,6 +78,15 @@ def model_pool(config: dict, model: str | None) -> str:
     return config["models"][model]["pool"]
 
 
+def model_input(config: dict, model: str | None) -> str:
+    """What ``model`` takes (``models.<model>.input``: image | volume); without a model, the schema's default."""
+    if model is None:
+        from retflow.settings.load import section_defaults
+
+        return section_defaults("models", {"_": {"init": "random"}})["_"]["input"]
+    return config["models"][model]["input"]
+
+
 def lora(protocol: str, *sources: dict) -> S.LoraSettings | None:
     """Protocol ``lora``'s adapters from its section and recipes (later sources win); None for the others."""
     if protocol != "lora":
@@ -106,13 +120,19 @@ def finetune(config: dict, protocol: str, task_name: str, fraction: float, seed:
         raise rfc.ConfigError(f"task '{task_name}' is a segmentation task: its runs are built by "
                               f"retflow.settings.build.segment (rule segment), not finetune")
     modality = rfc.task_modality(config, task_name)
+    kind = model_input(config, model)
+    volume = kind == VOLUME
     data = _pick(S.FinetuneSettings, config[protocol], {"normalize": normalize(config, modality)},
                  task_recipe(config, task_name, protocol), model_recipe(config, model, protocol),
-                 protocol=protocol, task=task(config, task_name), vit=vit(config, modality),
+                 protocol=protocol, task=task(config, task_name), vit=None if volume else vit(config, modality),
                  fraction=float(fraction), seed=int(seed), device=config["device"], pool=model_pool(config, model),
-                 fold=fold(config, task_name, fold_k),
+                 fold=fold(config, task_name, fold_k), input=kind, vit3d=vit3d(config) if volume else None,
                  lora=lora(protocol, config[protocol], task_recipe(config, task_name, protocol),
                            model_recipe(config, model, protocol)))
+    if volume:
+        problems = volume_recipe_errors(data, protocol, f"models.{model} on task {task_name}")
+        if problems:
+            raise rfc.ConfigError(problems)
     return S.FinetuneSettings.from_dict(data, protocol)
 
 
@@ -182,8 +202,10 @@ def pretrain(config: dict, run: str, modality: str, layout: Layout | None = None
         if method == "token_recon":
             section["teacher_checkpoint"] = teacher_checkpoint(config, modality, layout)
         sections[method] = S.METHOD_SETTINGS[method].from_dict(section, f"pretrain.{method}")
+    # mae3d: the 3-D ViT on whole volumes, from random weights (pretrain.init is a 2-D checkpoint)
+    vits = {"vit": None, "vit3d": vit3d(config), "init": None} if method == VOLUME_METHOD else \
+        {"vit": vit(config, modality), "vit3d": None}
     fields = _pick(S.PretrainSettings, p, recipe, method=method, data=data, modality=modality,
-                   mask_ratio=p["mask_ratio"][modality], vit=vit(config, modality),
-                   normalize=normalize(config, modality), seed=config["seeds"][0], device=config["device"],
-                   **sections)
+                   mask_ratio=p["mask_ratio"][modality], normalize=normalize(config, modality),
+                   seed=config["seeds"][0], device=config["device"], **vits, **sections)
     return S.PretrainSettings.from_dict(fields, f"pretrain ({run}, {modality})")

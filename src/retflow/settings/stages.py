@@ -36,6 +36,24 @@ class ViTSettings(Frozen):
 
 
 @frozen
+class ViT3DSettings(Frozen):
+    """The ``vit3d`` section: the 3-D ViT of volume models and of mae3d (:mod:`retflow.models.mae3d`)."""
+
+    img_size: tuple[int, int, int]
+    tubelet: tuple[int, int, int]
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+    def spec(self):
+        from retflow.models.mae3d import ViT3DSpec
+
+        return ViT3DSpec.from_dict(self.to_dict())
+
+
+@frozen
 class NormalizeSettings(Frozen):
     """Model-input intensity normalisation of a modality (``preprocess.<modality>.normalize``)."""
 
@@ -108,7 +126,7 @@ class TrainingRun(Frozen):
     # the run
     protocol: str
     task: TaskSettings
-    vit: ViTSettings
+    vit: ViTSettings | None  # None: a volume model's run (FinetuneSettings.vit3d)
     normalize: NormalizeSettings
     fraction: float
     seed: int
@@ -149,6 +167,10 @@ class FinetuneSettings(TrainingRun):
     # the model's (models.<name>.pool): avg = mean patch token + fresh fc_norm (RETFound-MAE);
     # token = class token after the encoder's final norm (DINOv2 / RETFound-DINOv2)
     pool: str
+    # the model's (models.<name>.input): image = the 2-D ViT (``vit``) on stored images; volume = the 3-D
+    # ViT (``vit3d``; ``vit`` is then None) on the store's whole volumes (retflow.train.volume)
+    input: str
+    vit3d: ViT3DSettings | None  # None for an image model's run
 
 
 @frozen
@@ -304,8 +326,17 @@ class TokenReconSettings(Frozen):
     drop_path_rate: float
 
 
+@frozen
+class MAE3DSettings(Frozen):
+    """``pretrain.mae3d``: the 3-D MAE's masking, decoder and loss target (:mod:`retflow.models.mae3d`)."""
+
+    mask_ratio: float
+    decoder: DecoderSettings
+    norm_pix_loss: bool
+
+
 METHOD_SETTINGS = {"simclr": SimCLRSettings, "mocov3": MoCoV3Settings, "dino": DINOSettings,
-                   "token_recon": TokenReconSettings}
+                   "token_recon": TokenReconSettings, "mae3d": MAE3DSettings}
 
 
 @frozen
@@ -313,7 +344,8 @@ class PretrainSettings(Frozen):
     """One pretraining run: ``pretrain`` (with ``recipes.<method>`` applied) for one method + modality.
 
     Only the run's own method section is set (the others are None), so another method's settings
-    never make this run stale."""
+    never make this run stale. An mae3d run (whole OCT volumes) has ``vit3d`` and ``mae3d`` and no
+    ``vit`` (None) nor ``init``; every other run has ``vit`` and ``vit3d`` None."""
 
     method: str
     data: str
@@ -341,7 +373,9 @@ class PretrainSettings(Frozen):
     mocov3: MoCoV3Settings | None
     dino: DINOSettings | None
     token_recon: TokenReconSettings | None
-    vit: ViTSettings
+    mae3d: MAE3DSettings | None
+    vit: ViTSettings | None  # None: an mae3d run
+    vit3d: ViT3DSettings | None  # an mae3d run's 3-D ViT; None for the others
     normalize: NormalizeSettings
     seed: int
     device: str
@@ -350,6 +384,16 @@ class PretrainSettings(Frozen):
     def method_settings(self) -> Frozen | None:
         """The run's method section (None for MAE)."""
         return getattr(self, self.method) if self.method in METHOD_SETTINGS else None
+
+    @property
+    def is_mae(self) -> bool:
+        """Whether the method is a masked autoencoder (mae, mae3d): a mask ratio per batch, a reconstruction figure."""
+        return self.method in ("mae", "mae3d")
+
+    @property
+    def run_mask_ratio(self) -> float:
+        """The masked autoencoder's ratio: ``pretrain.mae3d.mask_ratio`` for mae3d, else the modality's."""
+        return self.mae3d.mask_ratio if self.method == "mae3d" else self.mask_ratio
 
     def schedule(self, eff_batch: int) -> Schedule:
         return Schedule.of(self, eff_batch)

@@ -1,7 +1,7 @@
 """One self-supervised pretraining epoch: per-step lr schedule, gradient accumulation, bf16 on CUDA.
 
-Method-agnostic: ``batch_loss`` turns a loader batch into the method's loss (MAE: one view and a
-mask ratio; SimCLR / DINO / MoCo-v3: a list of views; token reconstruction: one view); after each
+Method-agnostic: ``batch_loss`` turns a loader batch into the method's loss (MAE and the 3-D MAE:
+one view -- images or volumes -- and a mask ratio; SimCLR / DINO / MoCo-v3: a list of views; token reconstruction: one view); after each
 optimizer step the method's momentum teacher, if any, is updated.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ def to_device(batch, device, augment=None):
 
 def batch_loss(model, views, s: PretrainSettings) -> torch.Tensor:
     """The method's scalar loss for one batch (through the DDP wrapper, so gradients sync)."""
-    if s.method == "mae":
-        return model(views, mask_ratio=s.mask_ratio)[0]
+    if s.is_mae:  # mae, mae3d (volumes)
+        return model(views, mask_ratio=s.run_mask_ratio)[0]
     return model(views if isinstance(views, list) else [views])
 
 

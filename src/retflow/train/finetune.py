@@ -15,6 +15,9 @@ labels, ``min_train_loss``: the lowest epoch training loss, both null for probe_
 ``trainable_params``, ``total_params``, ``peak_mem_mb``, ``peak_mem_kind``:
 :mod:`retflow.train.footprint`). LoRA (protocol ``lora``, :mod:`retflow.train.lora`): the
 fine-tuning recipe on a frozen encoder with low-rank adapters; its best.pth holds the merged model.
+A volume model (``input: volume``, :mod:`retflow.train.volume`) runs the same protocols on the store's
+whole volumes with the 3-D ViT, one prediction per volume under its first B-scan row's ``image_id``;
+its best.pth says ``input: volume`` (its ``spec`` is the ``vit3d`` section).
 Resumable per epoch from ``<out>/resume/last.pth``.
 """
 
@@ -46,6 +49,7 @@ from retflow.train.engine_finetune import classifier_validation, fit, predict_ou
 from retflow.train.lora import add_adapters, merge_adapters
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
+from retflow.train.volume import VOLUME, first_rows, volume_classifier, volume_datasets
 from retflow.train.targets import (
     TargetScale,
     chance_loss,
@@ -67,11 +71,14 @@ def build_model(s: FinetuneSettings, n_out: int, init_path: str | None):
     """The ViT (encoder loaded from ``init_path`` if given) and its optimizer parameter groups:
     layer-wise lr decay and drop path for fine-tuning; a frozen encoder (drop path off) for probes."""
     probe = s.protocol in PROBES
-    model = create_vit(s.vit.spec(), num_classes=n_out, drop_path_rate=0.0 if probe else s.drop_path,
-                       global_pool=s.pool)
-    if init_path:
-        report = load_encoder(model, init_path)
-        print(f"loaded encoder from {init_path}: {report.summary()}")
+    drop_path = 0.0 if probe else s.drop_path
+    if s.input == VOLUME:  # the 3-D ViT: the same timm names, blocks and heads
+        model = volume_classifier(s, n_out, drop_path, init_path)
+    else:
+        model = create_vit(s.vit.spec(), num_classes=n_out, drop_path_rate=drop_path, global_pool=s.pool)
+        if init_path:
+            report = load_encoder(model, init_path)
+            print(f"loaded encoder from {init_path}: {report.summary()}")
     if probe:
         params = freeze_encoder(model, s.protocol)
         return model, [{"params": params, "weight_decay": s.weight_decay}]
@@ -120,31 +127,33 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
     torch.manual_seed(s.seed)
     device = pick_device(s.device)
     reset_peak(device)
-    spec, task = s.vit.spec(), s.task
+    task = s.task
     manifest = load_manifest(store)
     targets, valid = encode_targets(manifest, task)
     if s.fold is not None:  # a cross-validation run: its fold is the test set (retflow.data.splits.fold_split)
         strata = np.where(valid, stratum(task, targets).astype(str), "")
         manifest = manifest.assign(split=fold_split(manifest, s.fold, strata).to_numpy())
+    if s.input == VOLUME:  # one row per volume, split as its B-scans (the 2-D run's eyes)
+        first = first_rows(manifest)
+        manifest, targets, valid = manifest.iloc[first].reset_index(drop=True), targets[first], valid[first]
     parts = _split_rows(manifest, task, targets, valid)
     tr_rows, tr_y = parts["train"]
     keep = label_fraction_indices(stratum(task, tr_y), s.fraction, s.seed)
-    tr_rows, tr_y = tr_rows[keep], tr_y[keep]
-    index = manifest["index"].to_numpy()
+    parts["train"] = (tr_rows[keep], tr_y[keep])
     norm = s.normalize.to_dict()
-    eval_tf = eval_transform(spec.img_size, normalize=norm, in_chans=spec.in_chans)
-    # probe_logreg: embeddings of the un-augmented images
-    train_tf = eval_tf if s.protocol == "probe_logreg" else finetune_transform(s)
-    train_ds = StoreDataset(store, index[tr_rows], tr_y, train_tf, spec.in_chans)
-    val_ds = StoreDataset(store, index[parts["val"][0]], parts["val"][1], eval_tf, spec.in_chans)
-    test_ds = StoreDataset(store, index[parts["test"][0]], parts["test"][1], eval_tf, spec.in_chans)
-    scale = TargetScale.fit(task, tr_y)
+    if s.input == VOLUME:
+        data = volume_datasets(s, store, manifest, parts)
+    else:
+        data = _image_datasets(s, store, manifest, parts)
+    train_ds, val_ds, test_ds = data["train"], data["val"], data["test"]
+    scale = TargetScale.fit(task, parts["train"][1])
     model, groups = build_model(s, n_outputs(task), init_path)
     model.to(device)
     counts = param_counts(model)  # as it trains (a lora run: the frozen base + its adapters)
-    meta = {"spec": s.vit.to_dict(), "normalize": norm, "classes": list(task.classes), "task": task.name,
-            "task_spec": task.to_dict(), "target_scale": [scale.mean, scale.std],
-            "probe_head": s.protocol in ("probe_adamw", "probe_lars"), "pool": s.pool}
+    meta = {"spec": s.vit.to_dict() if s.vit is not None else s.vit3d.to_dict(), "normalize": norm,
+            "classes": list(task.classes), "task": task.name, "task_spec": task.to_dict(),
+            "target_scale": [scale.mean, scale.std], "probe_head": s.protocol in ("probe_adamw", "probe_lars"),
+            "pool": s.pool, **({"input": VOLUME} if s.input == VOLUME else {})}
     select = lambda y, out: select_score(y, out, task.type, s.select_by)  # noqa: E731
     if s.protocol == "probe_logreg":
         summary = _run_logreg(s, model, train_ds, val_ds, scale, select, device, meta, out_dir)
@@ -160,6 +169,16 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
                 "best_epoch": best_state["epoch"], **summary, **counts, **peak_memory(device)},
                out_dir / "train_summary.json")
     return 0
+
+
+def _image_datasets(s: FinetuneSettings, store: str, manifest, parts) -> dict[str, StoreDataset]:
+    """``{split: StoreDataset}`` of a 2-D run (``parts``: split -> (manifest rows, targets)): the recipe's
+    training augmentation (probe_logreg: embeddings of the un-augmented images), the evaluation transform."""
+    spec, index = s.vit.spec(), manifest["index"].to_numpy()
+    eval_tf = eval_transform(spec.img_size, normalize=s.normalize.to_dict(), in_chans=spec.in_chans)
+    train_tf = eval_tf if s.protocol == "probe_logreg" else finetune_transform(s)
+    return {split: StoreDataset(store, index[rows], labels, train_tf if split == "train" else eval_tf, spec.in_chans)
+            for split, (rows, labels) in parts.items()}
 
 
 def _run_logreg(s: FinetuneSettings, model, train_ds, val_ds, scale, select, device, meta, out_dir) -> dict:

@@ -11,7 +11,8 @@ settings, process count and input files: :mod:`retflow.train.resume`). The final
 ``{'model': ...}`` in RETFound's layout (encoder keys ``encoder.*`` = timm ViT names; MAE: the
 full encoder + decoder state) and ``'args'``: the settings it ran with, which are also written to
 ``<out>/settings.json`` when the run starts (:class:`~retflow.settings.stages.PretrainSettings`,
-built by :func:`retflow.settings.build.pretrain`).
+built by :func:`retflow.settings.build.pretrain`). ``mae3d`` runs the same loop on whole OCT volumes
+(its pool: :func:`retflow.train.volume.volume_pool`; the model: :mod:`retflow.models.mae3d`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from retflow.data.pools import pool_indices
 from retflow.data.store import ImageStore
 from retflow.models.lr_decay import param_groups_weight_decay
 from retflow.models.vit import ViTSpec
-from retflow.settings.checks import gpu_augment_errors
+from retflow.settings.checks import VOLUME_METHOD, gpu_augment_errors
 from retflow.settings.load import ConfigError
 from retflow.settings.stages import PretrainSettings
 from retflow.train import distributed as D
@@ -41,6 +42,7 @@ from retflow.train.pretrain_model import build_model, export_state
 from retflow.train.resume import load_resume, run_fingerprint
 from retflow.train.sampling import loader
 from retflow.train.stop_signal import StopFlag
+from retflow.train.volume import volume_pool
 
 
 def use_batch_augment(s: PretrainSettings, device: torch.device) -> bool:
@@ -62,6 +64,14 @@ def sample_transform(s: PretrainSettings, on_device: bool):
     from retflow.data.ssl_views import ssl_view_transform
 
     return ssl_view_transform(s.method, s.method_settings, size, s.crop_scale, normalize, chans)
+
+
+def pool_dataset(s: PretrainSettings, stores: list[str], on_device: bool, train: bool = True):
+    """The run's dataset over ``stores``: images through :func:`sample_transform`, or mae3d's whole
+    volumes (``train``: their random flips; the figure's are shown as stored)."""
+    if s.method == VOLUME_METHOD:
+        return volume_pool(stores, s.normalize.to_dict(), s.labelled_pool_splits, train=train)
+    return build_pool(stores, s.vit.spec(), sample_transform(s, on_device), s.labelled_pool_splits)
 
 
 def build_pool(stores: list[str], spec: ViTSpec, transform, splits) -> torch.utils.data.ConcatDataset | None:
@@ -106,16 +116,13 @@ def run(s: PretrainSettings, stores: list[str], out_dir: Path, synthetic_stores:
     if info.is_main:
         s.write(Path(out_dir) / "settings.json")  # what this run ran with, next to its outputs
     torch.manual_seed(s.seed)  # identical initial weights on every rank
-    spec = s.vit.spec()
     on_device = use_batch_augment(s, info.device)
     if on_device:
         check_same_image_size(list(stores) + list(synthetic_stores or []))
-    transform = sample_transform(s, on_device)
-    data = PretrainData(build_pool(stores, spec, transform, s.labelled_pool_splits),
-                        build_pool(synthetic_stores or [], spec, transform, s.labelled_pool_splits),
+    data = PretrainData(pool_dataset(s, stores, on_device), pool_dataset(s, synthetic_stores or [], on_device),
                         s.data, s.epochs, s.synthetic_epochs, s.seed)
-    augment = BatchAugment(spec.img_size, s.crop_scale, normalize=s.normalize.to_dict(),
-                           in_chans=spec.in_chans) if on_device else None
+    augment = BatchAugment(s.vit.img_size, s.crop_scale, normalize=s.normalize.to_dict(),
+                           in_chans=s.vit.in_chans) if on_device else None
     fingerprint = run_fingerprint(s, input_files(s, stores, synthetic_stores), world_size=info.world_size)
     model = build_model(s, log=print if info.is_main else None).to(info.device)
     if info.world_size > 1 and info.device.type == "cuda" and s.method in ("simclr", "mocov3"):
@@ -201,8 +208,7 @@ def finish(model, s: PretrainSettings, figure_store: str, log_rows, out_dir: Pat
 
     with atomic_path(out_dir / "log.csv") as tmp:
         pd.DataFrame(log_rows).to_csv(tmp, index=False)
-    spec = s.vit.spec()
-    figure_data = build_pool([figure_store], spec, sample_transform(s, on_device=False), s.labelled_pool_splits)
+    figure_data = pool_dataset(s, [figure_store], on_device=False, train=False)
     save_pretrain_figure(model, figure_data, s, out_dir / "figure.png", device)
     save_atomic({"model": export_state(model), "method": s.method, "epoch": s.epochs, "args": s.to_dict()},
                 out_dir / "checkpoint.pth")

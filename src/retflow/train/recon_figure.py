@@ -1,5 +1,6 @@
 """The pretraining run's figure: MAE reconstructions (original, masked input, reconstruction with
-visible patches pasted); for the other methods the augmented views the method trains on."""
+visible patches pasted; the 3-D MAE's: the central B-scan of each volume); for the other methods the
+augmented views the method trains on."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
     imgs = torch.stack([dataset[int(i)][0] for i in picks]).to(device)
     torch.manual_seed(seed)
     masked, recon = model.reconstruct(imgs, mask_ratio)
+    what = "MAE reconstructions"
+    if imgs.ndim == 5:  # volumes (B, C, D, H, W): the central B-scan of each
+        imgs, masked, recon = (t[:, :, t.shape[2] // 2] for t in (imgs, masked, recon))
+        what = "3-D MAE reconstructions, central B-scan of each volume"
     fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5.0), squeeze=False)
     for col in range(count):
         for row, (title, t) in enumerate((("original", imgs[col]), ("masked", masked[col]), ("reconstruction", recon[col]))):
@@ -45,7 +50,7 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(title, fontsize=10)
-    fig.suptitle(f"MAE reconstructions (mask ratio {mask_ratio:g})", fontsize=11)
+    fig.suptitle(f"{what} (mask ratio {mask_ratio:g})", fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
@@ -54,8 +59,8 @@ def save_reconstruction_figure(model, dataset, mask_ratio: float, path: Path, de
 
 def save_pretrain_figure(model, dataset, s: PretrainSettings, path: Path, device) -> None:
     """``figure.png`` of a pretraining run (see the module docstring)."""
-    if s.method == "mae":
-        save_reconstruction_figure(model, dataset, s.mask_ratio, path, device, seed=s.seed,
+    if s.is_mae:  # mae, mae3d
+        save_reconstruction_figure(model, dataset, s.run_mask_ratio, path, device, seed=s.seed,
                                    normalize=s.normalize.to_dict())
     else:
         save_views_figure(dataset, s, path)

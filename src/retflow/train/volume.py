@@ -1,0 +1,85 @@
+"""The 3-D (volume) parts of training: the mae3d pool, a volume run's rows and datasets, the 3-D classifier.
+
+A volume model (``models.<name>.input: volume``, :mod:`retflow.volume_config`) reads a store's whole
+volumes (``volume_shards/``) with :class:`~retflow.data.volume_dataset.VolumeDataset`: one item
+per volume, the manifest row of its first B-scan (:func:`~retflow.data.volume_dataset.volume_rows`)
+giving its split, label and ``image_id``. Everything else -- the epoch loop, targets, resume,
+predictions -- is the 2-D code's (:mod:`retflow.train.finetune`, :mod:`retflow.train.pretrain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from retflow.checkpoint_file import CheckpointError
+from retflow.data.dataset import load_manifest
+from retflow.data.pools import pool_mask
+from retflow.data.volume_dataset import VolumeDataset, volume_rows
+from retflow.models.mae3d import VisionTransformer3D, vit3d
+from retflow.settings.checks import VOLUME  # noqa: F401 - FinetuneSettings.input of a 3-D model's run
+from retflow.settings.stages import FinetuneSettings
+
+
+def volume_pool(stores: Sequence[str], normalize: dict, splits: Sequence[str],
+                train: bool = True) -> torch.utils.data.ConcatDataset | None:
+    """The volumes mae3d pretrains on: of each store the volumes a pool may use (a pretrain dataset's all,
+    a labelled one's ``splits``: :func:`retflow.data.pools.pool_mask` on one row per volume); ``train``:
+    random A-scan-axis flips."""
+    if not stores:
+        return None
+    parts = []
+    for store in stores:
+        rows = volume_rows(load_manifest(store))
+        parts.append(VolumeDataset(store, rows[pool_mask(rows, splits)], None, normalize, train=train))
+    return torch.utils.data.ConcatDataset(parts)
+
+
+def first_rows(manifest: pd.DataFrame) -> np.ndarray:
+    """Positions of one manifest row per volume, the first of its B-scan rows (:func:`volume_rows`)."""
+    return volume_rows(manifest.reset_index(drop=True)).index.to_numpy()
+
+
+def volume_datasets(s: FinetuneSettings, store: str, manifest: pd.DataFrame,
+                    parts: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, VolumeDataset]:
+    """``{split: VolumeDataset}`` of a volume run: ``parts`` maps a split to (rows of ``manifest``, one per
+    volume; their targets); the training split flips (probe_logreg: embeddings of the volumes as stored)."""
+    norm = s.normalize.to_dict()
+    return {split: VolumeDataset(store, manifest.iloc[rows], labels, norm,
+                                 train=split == "train" and s.protocol != "probe_logreg")
+            for split, (rows, labels) in parts.items()}
+
+
+def _pretraining_grid(state: Mapping) -> tuple[int, int, int] | None:
+    """The tubelet grid an mae3d checkpoint was pretrained with (its ``args.vit3d``), if it says."""
+    args = state.get("args")
+    vit = args.get("vit3d") if isinstance(args, Mapping) else None
+    if not isinstance(vit, Mapping):
+        return None
+    return tuple(int(s) // int(t) for s, t in zip(vit["img_size"], vit["tubelet"]))
+
+
+def volume_classifier(s: FinetuneSettings, n_out: int, drop_path: float, init_path: str | None) -> VisionTransformer3D:
+    """The run's 3-D ViT (``vit3d``, the model's pooling) with ``n_out`` outputs; its encoder from an
+    mae3d ``checkpoint.pth`` at ``init_path`` (RETFound recipe: decoder dropped, head re-initialised,
+    position table resized to the configured grid); a problem is a CheckpointError naming the file."""
+    from retflow.train.checkpoint import load_state
+
+    model = vit3d(s.vit3d.spec(), num_classes=n_out, global_pool=s.pool, drop_path_rate=drop_path)
+    if not init_path:
+        return model
+    state = load_state(init_path)
+    weights = state.get("model") if isinstance(state, Mapping) else None
+    if not isinstance(weights, Mapping):
+        raise CheckpointError(f"{init_path}: no 'model' state dict; a volume model starts from an mae3d run's "
+                              f"checkpoint.pth")
+    try:
+        report = model.load_encoder_from_mae(weights, src_grid=_pretraining_grid(state))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{init_path}: {exc}") from None
+    print(f"loaded 3-D encoder from {init_path}: {len(model.state_dict()) - len(report['missing'])} tensors, "
+          f"fresh {', '.join(report['missing']) or 'none'}; dropped {len(report['dropped'])}", flush=True)
+    return model
