@@ -367,7 +367,8 @@ def test_compare_and_saliency_targets():
         "out/finetune/glaucoma/mae/frac1/seed0/predictions.parquet",
         "out/finetune/glaucoma/scratch/frac1/seed0/predictions.parquet",
     ]
-    run = targets.saliency_run(dict(CONFIG, models={"scratch": MODELS["scratch"], "mae": MODELS["mae"]}), "glaucoma")
+    models = {"scratch": CONFIG["models"]["scratch"], "mae": CONFIG["models"]["mae"]}
+    run = targets.saliency_run(dict(CONFIG, models=models), "glaucoma")
     assert (run.protocol, run.model, run.fraction, run.seed) == ("finetune", "mae", 1.0, 0)
     assert targets.saliency_tasks(CONFIG) == ["dr_grading", "glaucoma", "oct_diagnosis"]
     assert targets.saliency_inputs(CONFIG, layout, W) == {"best": "out/finetune/glaucoma/mae/frac1/seed0/best.pth",

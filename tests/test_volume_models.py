@@ -354,9 +354,6 @@ def add_model(name, **spec):
                                                   protocols=["probe_adamw"]),
      "models.mae3d on task offcentre_irf (probe_adamw): augment 'retfound' is a 2-D image augmentation; a volume "
      "model trains with random A-scan-axis flips: set augment: basic in its recipe.probe_adamw"),
-    (lambda c: c["tasks"]["offcentre_irf"].update(models=["mae3d", "mae", "scratch3d"]),
-     "tasks.offcentre_irf: its saliency maps would explain volume model mae3d (the first pretrained model of "
-     "tasks.offcentre_irf.models, else the first), and saliency reads 2-D models only; list a 2-D pretrained model before it"),
     (lambda c: c["preprocess"]["oct"].update(volume=None),
      "preprocess.oct.volume: null, but volume model(s) mae3d, scratch3d read stored whole volumes; set it to "
      "{depth, height, width} = vit3d.img_size [8, 32, 32]"),
@@ -451,3 +448,15 @@ def test_paper_dry_run_with_a_3d_model_prints_its_gpu_request(tmp_path):
     assert (passed.vit3d.img_size, passed.epochs, passed.batch_size, passed.vit) == ((48, 224, 224), 400, 8, None)
     stores = mae3d[mae3d.index("--stores") + 1:mae3d.index("--synthetic-stores")]
     assert stores == ["results_paper/data/oct_volumes"]  # the volume datasets of pretrain.pools.oct only
+
+
+def test_saliency_explains_the_first_2d_model_and_skips_a_task_of_volume_models_only(config):
+    import copy
+
+    from retflow.report.targets import saliency_run
+
+    config = copy.deepcopy(config)  # the module's fixture stays as it is
+    config["tasks"]["offcentre_irf"]["models"] = ["mae3d", "mae", "scratch3d"]
+    assert saliency_run(config, "offcentre_irf").model == "mae"
+    config["tasks"]["offcentre_irf"]["models"] = ["mae3d", "scratch3d"]
+    assert saliency_run(config, "offcentre_irf") is None

@@ -71,7 +71,6 @@ def _models_errors(config: dict) -> list[str]:
 
 def _task_errors(config: dict, task: str, models: list[str]) -> list[str]:
     from retflow import config as rfc
-    from retflow.report.targets import saliency_run
 
     spec, shown = config["tasks"][task], ", ".join(models)
     fix = f"list only 2-D models in tasks.{task}.models"
@@ -92,11 +91,6 @@ def _task_errors(config: dict, task: str, models: list[str]) -> list[str]:
     if images and bscans != 1:
         errors.append(f"tasks.{task}: compares 2-D model(s) {', '.join(images)} with volume model(s) {shown} on the "
                       f"same eyes, which needs one B-scan per volume: set preprocess.oct.bscans: 1 (got {bscans})")
-    run = saliency_run(config, task)  # the run whose model the task's saliency maps explain, if any
-    if run is not None and is_volume_model(config, run.model):
-        errors.append(f"tasks.{task}: its saliency maps would explain volume model {run.model} (the first pretrained "
-                      f"model of tasks.{task}.models, else the first), and saliency reads 2-D models only; list a 2-D "
-                      f"{'pretrained ' if config['models'][run.model]['init'] == 'pretrained' else ''}model before it")
     protocols, _, _ = rfc.task_fanout(config, task)
     for protocol in protocols:
         for model in models:

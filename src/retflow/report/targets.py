@@ -12,8 +12,9 @@ What each job runs with is built by :mod:`retflow.settings.report` (``compare``,
   its ``compare_with`` tasks' runs of one protocol (same model, fraction, seed) on the same test eyes.
 * **saliency**: one job per classification task (binary, multiclass, ordinal; not a fusion task, whose
   model takes two images) on one run: the
-  ``finetune`` protocol when it is run (else the first protocol), the first model initialised
-  from our pretraining (else the first model), the largest label fraction, the first fold and seed.
+  ``finetune`` protocol when it is run (else the first protocol), the first 2-D model initialised
+  from our pretraining (else the first 2-D model; 3-D volume models are not explained, and a task with
+  only those has none), the largest label fraction, the first fold and seed.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def saliency_run(config: dict, task: str) -> rfc.Run | None:
     protocols = list(dict.fromkeys(r.protocol for r in runs))
     protocol = "finetune" if "finetune" in protocols else protocols[0]
     runs = [r for r in runs if r.protocol == protocol]
-    models = list(dict.fromkeys(r.model for r in runs))
+    # saliency reads 2-D models: a task's 3-D (volume) models are not explained
+    models = [m for m in dict.fromkeys(r.model for r in runs) if config["models"][m]["input"] == "image"]
+    if not models:
+        return None
     pretrained = [m for m in models if config["models"][m]["init"] == "pretrained"]
     model = (pretrained or models)[0]
     runs = [r for r in runs if r.model == model]
