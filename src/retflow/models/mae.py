@@ -30,12 +30,46 @@ from timm.models.vision_transformer import Block
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import ViTSpec, create_vit
 
-__all__ = ["MaskedAutoencoderViT"]
+__all__ = ["MAEObjective", "MaskedAutoencoderViT", "restore_tokens"]
 
 _NORM_PIX_EPS = 1e-6
 
 
-class MaskedAutoencoderViT(nn.Module):
+def restore_tokens(visible: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """MAE's unshuffle: the visible decoder tokens followed by mask tokens, put back in patch order."""
+    b, n = ids_restore.shape
+    fill = mask_token.to(visible.dtype).expand(b, n - visible.shape[1], -1)
+    tokens = torch.cat([visible, fill], dim=1)
+    return torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, visible.shape[-1]))
+
+
+class MAEObjective:
+    """MAE's loss for a model with ``patchify``, ``norm_pix_loss``, ``forward_encoder`` and
+    ``forward_decoder`` (the 2-D MAE here, the 3-D one in :mod:`retflow.models.mae3d`)."""
+
+    def _target(self, x: torch.Tensor):
+        """Patchified float32 target, plus per-patch (mean, std) when ``norm_pix_loss``."""
+        target = self.patchify(x).float()
+        if not self.norm_pix_loss:
+            return target, None, None
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + _NORM_PIX_EPS) ** 0.5
+        return (target - mean) / std, mean, std
+
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over masked patches only (computed in float32)."""
+        target, _, _ = self._target(x)
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def forward(self, x: torch.Tensor, mask_ratio: float):
+        """Returns ``(loss, pred, mask)`` as in MAE."""
+        latent, mask, ids_restore = self.forward_encoder(x, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(x, pred, mask), pred, mask
+
+
+class MaskedAutoencoderViT(MAEObjective, nn.Module):
     """MAE with a timm ViT encoder and a small transformer decoder.
 
     ``forward(imgs, mask_ratio)`` returns ``(loss, pred, mask)``: ``pred`` is
@@ -184,36 +218,11 @@ class MaskedAutoencoderViT(nn.Module):
         """Insert mask tokens, unshuffle, decode; returns ``(B, L, p*p*C)`` without the cls token
         (register tokens are not decoded)."""
         x = self.decoder_embed(latent)
-        b, n = ids_restore.shape
-        visible = x[:, self.num_prefix:]
-        fill = self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)
-        tokens = torch.cat([visible, fill], dim=1)
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        tokens = restore_tokens(x[:, self.num_prefix:], self.mask_token, ids_restore)
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def _target(self, imgs: torch.Tensor):
-        """Patchified float32 target, plus per-patch (mean, std) when ``norm_pix_loss``."""
-        target = self.patchify(imgs).float()
-        if not self.norm_pix_loss:
-            return target, None, None
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + _NORM_PIX_EPS) ** 0.5
-        return (target - mean) / std, mean, std
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked patches only (computed in float32)."""
-        target, _, _ = self._target(imgs)
-        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def forward(self, imgs: torch.Tensor, mask_ratio: float):
-        """Returns ``(loss, pred, mask)`` as in MAE."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
 
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask_ratio: float):

@@ -44,13 +44,13 @@ from timm.models.vision_transformer import Block
 
 from retflow.settings.checks import mask_ratio_errors, vit3d_errors, width_errors
 
+from .mae import MAEObjective, restore_tokens
 from .pos_embed import get_3d_sincos_pos_embed, interpolate_pos_embed_3d
 
 __all__ = ["ViT3DSpec", "VisionTransformer3D", "MaskedAutoencoderViT3D", "PatchEmbed3D", "vit3d",
            "vit3d_errors", "width_errors", "mask_ratio_errors",
            "patchify_3d", "unpatchify_3d"]
 
-_NORM_PIX_EPS = 1e-6
 _STRIP_PREFIXES = ("module.", "encoder.", "backbone.")
 
 
@@ -308,7 +308,7 @@ def vit3d(spec: ViT3DSpec, num_classes: int, global_pool: str = "avg", drop_path
 
 
 # ------------------------------------------------------------------ MAE
-class MaskedAutoencoderViT3D(nn.Module):
+class MaskedAutoencoderViT3D(MAEObjective, nn.Module):
     """MAE over tubelets with a :class:`VisionTransformer3D` encoder and a small decoder.
 
     ``forward(vols, mask_ratio)`` returns ``(loss, pred, mask)``: ``pred`` is
@@ -393,33 +393,11 @@ class MaskedAutoencoderViT3D(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Insert mask tokens, unshuffle, decode: ``(B, L, t*p*p*C)`` (class token removed)."""
         x = self.decoder_embed(latent)
-        b, n = ids_restore.shape
-        visible = x[:, 1:]
-        tokens = torch.cat([visible, self.mask_token.to(x.dtype).expand(b, n - visible.shape[1], -1)], dim=1)
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        tokens = restore_tokens(x[:, 1:], self.mask_token, ids_restore)
         x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def _target(self, vols: torch.Tensor):
-        target = self.patchify(vols).float()
-        if not self.norm_pix_loss:
-            return target, None, None
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + _NORM_PIX_EPS) ** 0.5
-        return (target - mean) / std, mean, std
-
-    def forward_loss(self, vols: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over masked tubelets only (float32)."""
-        target, _, _ = self._target(vols)
-        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-
-    def forward(self, vols: torch.Tensor, mask_ratio: float):
-        latent, mask, ids_restore = self.forward_encoder(vols, mask_ratio)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(vols, pred, mask), pred, mask
 
     @torch.no_grad()
     def reconstruct(self, vols: torch.Tensor, mask_ratio: float):
