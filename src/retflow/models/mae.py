@@ -30,9 +30,20 @@ from timm.models.vision_transformer import Block
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import ViTSpec, create_vit
 
-__all__ = ["MAEObjective", "MaskedAutoencoderViT", "restore_tokens"]
+__all__ = ["MAEObjective", "MaskedAutoencoderViT", "init_mae_module", "restore_tokens"]
 
 _NORM_PIX_EPS = 1e-6
+
+
+def init_mae_module(m: nn.Module) -> None:
+    """MAE initialisation of one module: xavier-uniform Linear weights, zero biases, LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def restore_tokens(visible: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -140,17 +151,7 @@ class MaskedAutoencoderViT(MAEObjective, nn.Module):
         if enc.reg_token is not None:
             nn.init.normal_(enc.reg_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(self._init_module)
-
-    @staticmethod
-    def _init_module(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_mae_module)
 
     # --------------------------------------------------------------- helpers
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:

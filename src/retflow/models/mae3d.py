@@ -44,7 +44,7 @@ from timm.models.vision_transformer import Block
 
 from retflow.settings.checks import mask_ratio_errors, vit3d_errors, width_errors
 
-from .mae import MAEObjective, restore_tokens
+from .mae import MAEObjective, init_mae_module, restore_tokens
 from .pos_embed import get_3d_sincos_pos_embed, interpolate_pos_embed_3d
 
 __all__ = ["ViT3DSpec", "VisionTransformer3D", "MaskedAutoencoderViT3D", "PatchEmbed3D", "vit3d",
@@ -165,17 +165,6 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _init_module(m: nn.Module) -> None:
-    """MAE initialisation: xavier Linear, zero bias, LayerNorm 1/0."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 class VisionTransformer3D(nn.Module):
     """A ViT over tubelets with timm's parameter names and feature API.
 
@@ -214,7 +203,7 @@ class VisionTransformer3D(nn.Module):
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
-        self.apply(_init_module)
+        self.apply(init_mae_module)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=2e-5)
 
@@ -342,7 +331,7 @@ class MaskedAutoencoderViT3D(MAEObjective, nn.Module):
                 get_3d_sincos_pos_embed(decoder_embed_dim, self.grid_size, cls_token=True))[None])
         nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(_init_module)
+            m.apply(init_mae_module)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """Encoder weights under the fine-tune model's names (``encoder.`` stripped), detached CPU copies."""
