@@ -27,11 +27,14 @@ def reduced_config(path: Path) -> Path:
     size that runs in a few minutes."""
     cfg = yaml.safe_load((ROOT / "config/showcase.yaml").read_text())
     sizes = {"cfp_pool": 240, "oct_pool": 240, "cfp_clinic": 160, "oct_clinic": 120,
-             "cfp_device_b": 60, "oct_device_b": 60, "paired_cfp": 80, "paired_oct": 80}
+             "cfp_device_b": 60, "oct_device_b": 60, "paired_cfp": 80, "paired_oct": 80,
+             "oct_offcentre": 80, "oct_volume_pool": 60}
     for name, n in sizes.items():
         cfg["datasets"][name]["phantom"].update(n=n, size=64)
     cfg["pretrain"].update(epochs=6, batch_size=32)
     cfg["pretrain"]["recipes"]["simclr"]["epochs"] = 2
+    cfg["pretrain"]["recipes"]["mae3d"]["epochs"] = 2
+    cfg["tasks"]["extrafoveal_irf"]["recipe"]["finetune"].update(epochs=2, batch_size=16)
     cfg["finetune"].update(epochs=2, min_steps=6)
     cfg["fractions"] = [0.5]
     for task in cfg["tasks"].values():  # one run per task and model; glaucoma keeps every protocol
@@ -138,3 +141,6 @@ def test_demo_fusion_pairs_compares_on_the_same_eyes_and_reports(demo):
     html = (res / "report.html").read_text()
     assert "Fusion vs single modality: refer_fusion" in html and "CFP only (refer_cfp)" in html
     assert "trainable parameters" in html
+    # the 3-D branch: mae3d pretrained on the volume pool, volume models next to the 2-D ones on the same eyes
+    assert (res / "pretrain/mae3d/oct/checkpoint.pth").exists()
+    assert "Whole volume vs central B-scan" in html and "mae3d" in html

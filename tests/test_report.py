@@ -778,3 +778,39 @@ def test_reference_values_and_chance_margin_are_checked_by_the_schema():
     assert "config: report.chance_margin: 2 is greater than the maximum of 1" in lines
     assert "config: tasks.t.reference.source: required key is missing" in lines
     assert "config: tasks.t.reference.auroc: 'high' is not a number" in lines
+
+
+def test_whole_volume_vs_central_bscan_in_the_headline_and_the_task(tmp_path):
+    """A task with volume (3-D) and image (2-D) models: each volume model against the image model of its
+    kind of init, on the same eyes, with the compare JSON's difference (restated volume - image), CI and p."""
+    lay = Layout(tmp_path / "results")
+    metrics = [_hand_metrics(lay, "oct", m, 1.0, 0, v)
+               for m, v in (("mae", 0.52), ("scratch", 0.55), ("mae3d", 0.85), ("scratch3d", 0.60))]
+    pairs = [{"a": "mae3d", "b": "mae", "difference": 0.33, "ci_low": 0.20, "ci_high": 0.46, "p_value": 1e-5},
+             {"a": "scratch", "b": "scratch3d", "difference": -0.05, "ci_low": -0.15, "ci_high": 0.05, "p_value": 0.30},
+             {"a": "mae3d", "b": "scratch", "difference": 0.30, "ci_low": 0.17, "ci_high": 0.43, "p_value": 1e-4}]
+    path = Path(lay.compare_json("oct", "finetune", 1.0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"task": "oct", "protocol": "finetune", "fraction": 1.0, "seed": 0, "metric": "auroc",
+                                "models": ["mae", "scratch", "mae3d", "scratch3d"], "best": "mae3d",
+                                "pairs": [dict(p, method="delong", n=100) for p in pairs], "best_vs_rest": []}))
+    inputs = ReportInputs.of(lay.root, metrics=metrics, compare=[str(path)])
+    models = HAND_SETTINGS.models + tuple(m.replace(name=m.name + "3d", input="volume") for m in HAND_SETTINGS.models)
+    settings = HAND_SETTINGS.replace(models=models)
+    report = rmodel.build(collect_results(inputs), collect_compare(inputs), settings)
+    found = {(v.volume_model, v.image_model): v for v in report.volume["oct"]}
+    assert set(found) == {("mae3d", "mae"), ("scratch3d", "scratch")}  # same kind of init only
+    better, same = found[("mae3d", "mae")].comparison, found[("scratch3d", "scratch")].comparison
+    assert better.verdict == rmodel.VOLUME_BETTER and better.verdict_text == "whole volume better (p<0.001)"
+    assert (better.pretrained.value, better.baseline.value) == pytest.approx((0.85, 0.52))
+    assert same.difference.value == pytest.approx(0.05)  # scratch - scratch3d restated as volume - image
+    assert (same.difference.lo, same.difference.hi) == pytest.approx((-0.05, 0.15))
+    assert same.verdict_text == "no difference at this compute (p=0.300)"
+    assert report.volume["glaucoma"] == () and report.volume["cdr"] == ()
+    text = build_report(inputs, None, settings, tmp_path / "r.html").read_text()
+    head = text[text.index('id="headline"'):text.index("<nav>")]
+    assert "Whole volume vs central B-scan" in head and "whole volume better (p&lt;0.001)" in head
+    assert "mae3d 0.850 [0.800, 0.900]" in head and "mae 0.520 [0.470, 0.570]" in head
+    assert "+0.330 [+0.200, +0.460]" in head and "+0.050 [−0.050, +0.150]" in head
+    assert "Whole volume vs central B-scan (same eyes)" in section(text, "oct")
+    assert "Whole volume vs central B-scan" not in section(text, "glaucoma")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -538,6 +539,37 @@ def _fusion_view(section: rmodel.FusionSection) -> dict:
             "unpaired": unpaired, "n_unpaired": sum(n for _, _, n in section.unpaired)}
 
 
+# ---------------------------------------------------------------- whole volume vs central B-scan
+def _volume_table(items: Sequence[tuple[str, rmodel.VolumeVs]], with_task: bool):
+    """Rows of (task, volume-vs-image comparison): the two models' values, volume − image with its CI per
+    seed (fold) and the verdict with its p-values (the headline's rules)."""
+    header = (["task"] if with_task else []) + ["protocol", "fraction", "volume model [95% CI]",
+                                                "central B-scan model [95% CI]", "volume − B-scan [95% CI]", "verdict"]
+    rows = []
+    for task, v in items:
+        c = v.comparison
+        better = c.verdict == rmodel.VOLUME_BETTER
+        rows.append(([task] if with_task else []) + [
+            v.protocol, fmt.frac(c.fraction),
+            Cell(f"{v.volume_model} {estimate_text(c.pretrained, unit=v.unit)}", "primary" if better else ""),
+            f"{v.image_model} {estimate_text(c.baseline, unit=v.unit)}",
+            Cell(estimate_text(c.difference, fmt.signed, v.unit), "num" + (" sig" if better else "")),
+            Cell(c.verdict_text, "sig" if better else "")])
+    return table(header, rows) if rows else None
+
+
+def _volume_headline(report: rmodel.ReportModel):
+    """The headline's volume comparisons: per task and protocol, those at the task's largest label fraction."""
+    items = []
+    for task in report.tasks:
+        found = report.volume.get(task, ())
+        for protocol in dict.fromkeys(v.protocol for v in found):
+            mine = [v for v in found if v.protocol == protocol]
+            top = max(v.comparison.fraction for v in mine)
+            items += [(task, v) for v in mine if v.comparison.fraction == top]
+    return _volume_table(items, with_task=True)
+
+
 def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
     info = report.infos[task]
     spec, sig = info.spec, report.significance
@@ -563,6 +595,7 @@ def _task_view(task: str, report: rmodel.ReportModel, saliency: dict) -> dict:
         "runs": _runs_table(info, runs),
         "kfold": _kfold_table(report.kfold.get(task, ())),
         "footprint": _footprint_table(report.footprint.get(task, ())),
+        "volume": _volume_table([(task, v) for v in report.volume.get(task, ())], with_task=False),
         "all_metrics": _all_metrics_table(info, info.internal, info.metrics)
         if len(info.metrics) > len(info.key_metrics) + 1 else None,
         "pairs": table(["protocol", "fraction", "fold / seed" if folded else "seed", "metric", "model a", "model b",
@@ -717,6 +750,7 @@ def build_report(inputs, benchmarks_dir, settings: ReportSettings, out_path) -> 
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "results_dir": inputs.results, "n_results": report.n_results,
         "headlines": [_headline_row(h) for h in report.headlines],
+        "volume_headline": _volume_headline(report),
         "chance_margin": settings.chance_margin,
         "summary": _summary_table(report),
         "tasks": tasks,

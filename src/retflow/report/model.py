@@ -49,6 +49,7 @@ KEY_METRICS = {
     "regression": ["mae", "rmse", "r2", "pearson", "spearman"],
 }
 HELPS, NO_DIFFERENCE, SCRATCH_BETTER = "pretraining helps", "no difference at this compute", "scratch better"
+VOLUME_BETTER, IMAGE_BETTER = "whole volume better", "central B-scan better"
 frozen = dataclasses.dataclass(frozen=True)
 
 
@@ -353,15 +354,17 @@ class Headline:
         return metric_label(self.metric)
 
 
-def _verdict(diffs: Sequence[SeedDifference], lower: bool) -> str:
+def _verdict(diffs: Sequence[SeedDifference], lower: bool, words: tuple[str, str] = (HELPS, SCRATCH_BETTER)) -> str:
+    """``words[0]`` when every unit's difference a - b favours a with p < ALPHA, ``words[1]`` when every
+    unit's favours b, else NO_DIFFERENCE (module docstring)."""
     ps = [d for d in diffs if not is_nan(d.p)]
     if not ps or len(ps) < len(diffs):
         return "no paired comparison"
     sign = -1 if lower else 1
     if all(d.p < ALPHA and sign * d.difference > 0 for d in ps):
-        return HELPS
+        return words[0]
     if all(d.p < ALPHA and sign * d.difference < 0 for d in ps):
-        return SCRATCH_BETTER
+        return words[1]
     return NO_DIFFERENCE
 
 
@@ -393,7 +396,9 @@ def by_fold(rows: pd.DataFrame, metric: str, keys: Sequence[str] = ("task", "pro
 
 
 def _compare_at(info: TaskInfo, sig: Significance, protocol: str, fraction: float, pre: str, base: str,
-                margin: float, folds: bool = False) -> Comparison:
+                margin: float, folds: bool = False, words: tuple[str, str] = (HELPS, SCRATCH_BETTER)) -> Comparison:
+    """Model ``pre`` vs model ``base`` at one protocol and label fraction: both estimates, the paired
+    difference pre - base per seed (per fold: ``folds``) from the compare JSONs, the verdict in ``words``."""
     rows = info.internal[(info.internal["protocol"] == protocol) & (info.internal["fraction"].map(pkey) == pkey(fraction))]
     metric = info.primary
     if folds:  # the unit is the fold (the seed column holds it)
@@ -412,7 +417,7 @@ def _compare_at(info: TaskInfo, sig: Significance, protocol: str, fraction: floa
     frame = pd.DataFrame([{"seed": d.seed, "d": d.difference, "d_lo": d.lo, "d_hi": d.hi} for d in diffs])
     return Comparison(float(fraction), Estimate.of(pre_rows, metric), Estimate.of(base_rows, metric),
                       Estimate.of(frame, "d") if len(frame) else None, tuple(diffs),
-                      _verdict(diffs, info.lower_is_better(metric)),
+                      _verdict(diffs, info.lower_is_better(metric), words),
                       _chance_notes(pd.concat([pre_rows, base_rows]), margin))
 
 
@@ -754,6 +759,50 @@ def fusion_sections(compares: list[dict]) -> tuple[FusionSection, ...]:
     return tuple(out)
 
 
+# ---------------------------------------------------------------- whole volume vs central B-scan
+@frozen
+class VolumeVs:
+    """A volume model (``models.<name>.input: volume``, the 3-D ViT on whole volumes) vs an image model
+    (the 2-D ViT on the stored central B-scan(s)) of the same kind of init (pretrained / file vs
+    pretrained / file, random vs random), in one protocol at one label fraction, on the same test eyes:
+    ``comparison.pretrained`` holds the volume model's estimate, ``baseline`` the image model's,
+    ``difference`` volume - image per seed (fold) with its CI and p, ``verdict`` VOLUME_BETTER /
+    IMAGE_BETTER / NO_DIFFERENCE."""
+
+    protocol: str
+    volume_model: str
+    image_model: str
+    comparison: Comparison
+    unit: str  # seed | fold
+
+
+def _init_kind(init: str) -> str:
+    return "random" if init == "random" else "pretrained"
+
+
+def volume_comparisons(info: TaskInfo, sig: Significance, settings: ReportSettings) -> tuple[VolumeVs, ...]:
+    """Every volume model vs every image model of its init kind that ran the same protocol and label fraction
+    of ``info``'s task, in protocol / fraction / model order; () for a task without both kinds."""
+    if info.internal.empty or not info.primary:
+        return ()
+    spec = {m.name: m for m in settings.models}
+    kind = {name: (m.input, _init_kind(m.init)) for name, m in spec.items()}
+    volumes = [m for m in info.models if kind.get(m, ("",))[0] == "volume"]
+    images = [m for m in info.models if kind.get(m, ("",))[0] == "image"]
+    out = []
+    for protocol in info.protocols if volumes and images else ():
+        rows = info.internal[info.internal["protocol"] == protocol]
+        folds = "fold" in rows and bool(rows["fold"].notna().any())
+        for fraction in sorted(set(rows["fraction"].map(float))):
+            ran = set(rows[rows["fraction"].map(pkey) == pkey(fraction)]["model"])
+            for v in (m for m in volumes if m in ran):
+                for i in (m for m in images if m in ran and kind[m][1] == kind[v][1]):
+                    out.append(VolumeVs(protocol, v, i, _compare_at(
+                        info, sig, protocol, fraction, v, i, settings.chance_margin, folds,
+                        words=(VOLUME_BETTER, IMAGE_BETTER)), "fold" if folds else "seed"))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- the whole report
 @frozen
 class ReportModel:
@@ -766,6 +815,7 @@ class ReportModel:
     kfold: Mapping[str, tuple[KFoldRow, ...]]  # cross-validated tasks only (empty tuple otherwise)
     footprint: Mapping[str, tuple[FootprintRow, ...]] = dataclasses.field(default_factory=dict)
     fusion: tuple[FusionSection, ...] = ()  # fusion tasks with same-eyes comparisons
+    volume: Mapping[str, tuple[VolumeVs, ...]] = dataclasses.field(default_factory=dict)  # per task; () without both
 
 
 def build(results: pd.DataFrame, compares: list[dict], settings: ReportSettings,
@@ -777,7 +827,7 @@ def build(results: pd.DataFrame, compares: list[dict], settings: ReportSettings,
     tasks = [t.name for t in settings.tasks]
     if not results.empty:
         tasks += [t for t in sorted(results["task"].dropna().unique()) if t not in tasks]
-    infos, headlines, runs, kfold, footprint = {}, [], {}, {}, {}
+    infos, headlines, runs, kfold, footprint, volume = {}, [], {}, {}, {}, {}
     for task in tasks:
         df = results[results["task"] == task] if not results.empty else results
         info = infos[task] = TaskInfo(task, settings.task(task), df, settings)
@@ -785,8 +835,9 @@ def build(results: pd.DataFrame, compares: list[dict], settings: ReportSettings,
         runs[task] = run_rows(info, settings.chance_margin)
         kfold[task] = kfold_rows(info)
         footprint[task] = footprint_rows(info)
+        volume[task] = volume_comparisons(info, sig, settings)
     return ReportModel(tuple(tasks), infos, tuple(headlines), runs, sig, len(results), kfold, footprint,
-                       fusion_sections(list(fusion)))
+                       fusion_sections(list(fusion)), volume)
 
 
 def seeds_text(values: Sequence[SeedValue], fmt) -> list[str]:

@@ -153,6 +153,7 @@ class ReportModel(Frozen):
     method: str | None
     path: Any  # init file: one file or {modality: file}; else None
     pretrain_run: str | None  # init pretrained: results/pretrain/<pretrain_run>/ (retflow.config.pretrain_run)
+    input: str  # image (the 2-D ViT on stored images) | volume (the 3-D ViT on whole volumes)
 
 
 @frozen
@@ -290,7 +291,8 @@ def report(config: dict) -> ReportSettings:
                       "fractions": [float(f) for f in fractions], "seeds": [int(s) for s in seeds],
                       "reference": spec.get("reference")})  # optional, no default
     models = [{"name": n, "init": m["init"], "method": m.get("method"), "path": m.get("path"),
-               "pretrain_run": rfc.pretrain_run(config, m) if m["init"] == "pretrained" else None}
+               "pretrain_run": rfc.pretrain_run(config, m) if m["init"] == "pretrained" else None,
+               "input": m["input"]}
               for n, m in config["models"].items()]
     shown = ["vit", "pretrain", *dict.fromkeys(p for t in tasks for p in t["protocols"])]  # the protocols that run
     return ReportSettings.from_dict({
