@@ -28,7 +28,7 @@ def reduced_config(path: Path) -> Path:
     cfg = yaml.safe_load((ROOT / "config/showcase.yaml").read_text())
     sizes = {"cfp_pool": 240, "oct_pool": 240, "cfp_clinic": 160, "oct_clinic": 120,
              "cfp_device_b": 60, "oct_device_b": 60, "paired_cfp": 80, "paired_oct": 80,
-             "oct_offcentre": 80, "oct_volume_pool": 60}
+             "oct_offcentre": 80, "oct_volume_pool": 60, "oct_offcentre_b": 40}
     for name, n in sizes.items():
         cfg["datasets"][name]["phantom"].update(n=n, size=64)
     cfg["pretrain"].update(epochs=6, batch_size=32)
@@ -144,3 +144,5 @@ def test_demo_fusion_pairs_compares_on_the_same_eyes_and_reports(demo):
     # the 3-D branch: mae3d pretrained on the volume pool, volume models next to the 2-D ones on the same eyes
     assert (res / "pretrain/mae3d/oct/checkpoint.pth").exists()
     assert "Whole volume vs central B-scan" in html and "mae3d" in html
+    found = sorted(res.glob("finetune/extrafoveal_irf/mae3d/frac*/seed0/external/oct_offcentre_b/metrics.json"))
+    assert len(found) == 1, found  # an external volume set, predicted whole by the volume model

@@ -27,6 +27,7 @@ from retflow.settings.load import schema
 from retflow.train import finetune as ft
 from retflow.train import pretrain as pt
 from retflow.train.checkpoint import load_state, save_atomic
+from retflow.train.predict import main as predict_main
 
 VOL = {"depth": 8, "height": 32, "width": 32}
 TINY3D = {"img_size": [8, 32, 32], "tubelet": [2, 8, 8], "embed_dim": 48, "depth": 2, "num_heads": 3}
@@ -264,7 +265,41 @@ def test_volume_models_run_the_probes_and_lora(config, store, mae3d_run, tmp_pat
     assert ft.run(s, store, str(mae3d_run / "checkpoint.pth"), tmp_path) == 0
     best = load_state(tmp_path / "best.pth")
     assert best["input"] == "volume" and not any(".lora_" in k for k in best["model"])
-    assert len(pd.read_parquet(tmp_path / "predictions.parquet")) > 0
+    ran = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert len(ran) > 0
+    # predict (external validation) rebuilds the classifier, probe head included, from best.pth alone
+    assert predict_main(["--checkpoint", str(tmp_path / "best.pth"), "--store", store, "--split", "test",
+                         "--out", str(tmp_path / "again.parquet"), "--device", "cpu"]) == 0
+    again = pd.read_parquet(tmp_path / "again.parquet")
+    assert again.image_id.tolist() == ran.image_id.tolist()
+    np.testing.assert_allclose(again.prob_1, ran.prob_1, atol=1e-6)
+
+
+def test_predict_gives_a_volume_models_test_predictions_again_and_every_volume(config, store, runs, tmp_path):
+    """External validation of a volume model: predict reads best.pth and the store's whole volumes, one row per
+    volume, the same numbers as the run's own test predictions."""
+    ran = pd.read_parquet(runs / "mae3d" / "predictions.parquet")
+    out = tmp_path / "test.parquet"
+    assert predict_main(["--checkpoint", str(runs / "mae3d" / "best.pth"), "--store", store, "--split", "test",
+                         "--out", str(out), "--device", "cpu"]) == 0
+    again = pd.read_parquet(out)
+    assert again.image_id.tolist() == ran.image_id.tolist()
+    np.testing.assert_allclose(again[["prob_0", "prob_1"]], ran[["prob_0", "prob_1"]], atol=1e-6)
+    assert predict_main(["--checkpoint", str(runs / "mae3d" / "best.pth"), "--store", store,
+                         "--out", str(tmp_path / "all.parquet"), "--device", "cpu"]) == 0
+    assert len(pd.read_parquet(tmp_path / "all.parquet")) == N_EYES  # every volume once, not every B-scan
+
+
+def test_predict_names_a_store_without_whole_volumes_for_a_volume_model(store, runs, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    pd.read_parquet(f"{store}/manifest.parquet").drop(columns=["volume_index"]).to_parquet(flat / "manifest.parquet")
+    best = runs / "mae3d" / "best.pth"
+    with pytest.raises(SystemExit) as err:
+        predict_main(["--checkpoint", str(best), "--store", str(flat), "--out", str(tmp_path / "p.parquet"),
+                      "--device", "cpu"])
+    assert str(err.value) == (f"ERROR: {flat} holds no whole volumes (volume_shards/) for the volume model {best}; "
+                              f"prepare it with preprocess.oct.volume set")
 
 
 def test_the_3d_scratch_baseline_trains_from_random_weights(config, store, tmp_path, capsys):
@@ -279,7 +314,8 @@ def test_predict_export_and_inspect_refuse_3d_checkpoints_in_one_line(runs, mae3
     best = runs / "mae3d" / "best.pth"
     with pytest.raises(CheckpointError) as err:
         load_model(best)
-    assert str(err.value) == f"{best}: a 3-D (volume) model; predict, embed, export, inspect and saliency read 2-D ViTs only"
+    assert str(err.value) == (f"{best}: a 3-D (volume) model; embed, export, inspect and saliency read 2-D ViTs "
+                              f"only (predict reads it: retflow.train.predict)")
     ck = mae3d_run / "checkpoint.pth"
     with pytest.raises(CheckpointError) as err:
         load_model(ck)
@@ -340,9 +376,10 @@ def add_model(name, **spec):
     (lambda c: c["tasks"]["vessel_seg"].update(models=["mae", "scratch3d"]),
      "tasks.vessel_seg: volume model(s) scratch3d do not segment (segmentation is 2-D); list only 2-D models in "
      "tasks.vessel_seg.models"),
-    (lambda c: c["tasks"]["offcentre_irf"].update(external=["oct_device_b"]),
-     "tasks.offcentre_irf.external: volume model(s) mae3d, scratch3d cannot predict external sets (predict reads 2-D "
-     "models); list only 2-D models in tasks.offcentre_irf.models or move the external sets to a task without them"),
+    (lambda c: c["tasks"]["offcentre_irf"].update(external=["oct_device_b", "cfp_device_b"]),
+     "tasks.offcentre_irf.external: volume model(s) mae3d, scratch3d predict whole volumes, external set "
+     "'cfp_device_b' holds none (source volumes, or phantom kind oct_volume / oct_offcentre); list only 2-D models "
+     "in tasks.offcentre_irf.models or move 'cfp_device_b' to a task without them"),
     (lambda c: c["preprocess"]["oct"].update(bscans=3),
      "tasks.offcentre_irf: compares 2-D model(s) mae, scratch with volume model(s) mae3d, scratch3d on the same eyes, "
      "which needs one B-scan per volume: set preprocess.oct.bscans: 1 (got 3)"),

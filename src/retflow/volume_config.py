@@ -6,8 +6,8 @@ row per volume, under the ``image_id`` of the volume's first B-scan row, so that
 ``preprocess.oct.bscans: 1`` its predictions pair with a 2-D model's on the same eyes. It starts
 from random weights (the 3-D scratch baseline) or from the DAG's ``mae3d`` run, which pretrains on
 the volume datasets of ``pretrain.pools.oct`` (:func:`pool`). Volume models run the protocols
-finetune, lora, probe_adamw, probe_lars and probe_logreg; not segmentation, fusion or external
-sets.
+finetune, lora, probe_adamw, probe_lars and probe_logreg, and predict external volume sets; not
+segmentation or fusion.
 
 :func:`errors` are the startup checks (one line each, naming the key and the fix), run by
 :func:`retflow.config.semantic_errors`; the other functions are pure functions of the validated config.
@@ -83,9 +83,11 @@ def _task_errors(config: dict, task: str, models: list[str]) -> list[str]:
     if ds in config["datasets"] and not is_volume_dataset(config, ds):
         errors.append(f"tasks.{task}: volume model(s) {shown} need a volume dataset ({_VOLUME_SOURCES}), "
                       f"'{ds}' is not one; {fix}")
-    if spec["external"]:
-        errors.append(f"tasks.{task}.external: volume model(s) {shown} cannot predict external sets (predict reads "
-                      f"2-D models); {fix} or move the external sets to a task without them")
+    for ext in rfc.external_sets(spec):  # predicted whole, like the task's own volumes
+        name = ext["dataset"]
+        if name in config["datasets"] and not is_volume_dataset(config, name):
+            errors.append(f"tasks.{task}.external: volume model(s) {shown} predict whole volumes, external set "
+                          f"'{name}' holds none ({_VOLUME_SOURCES}); {fix} or move '{name}' to a task without them")
     images = [m for m in rfc.task_models(config, task) if m in config["models"] and not is_volume_model(config, m)]
     bscans = config["preprocess"]["oct"]["bscans"]
     if images and bscans != 1:

@@ -338,8 +338,8 @@ def _refuse_3d(path: Path, obj: Any) -> None:
     if not isinstance(obj, Mapping):
         return
     if obj.get("input") == "volume":
-        raise CheckpointError(f"{path}: a 3-D (volume) model; predict, embed, export, inspect and saliency read "
-                              f"2-D ViTs only")
+        raise CheckpointError(f"{path}: a 3-D (volume) model; embed, export, inspect and saliency read 2-D ViTs "
+                              f"only (predict reads it: retflow.train.predict)")
     if obj.get("method") == "mae3d":
         raise CheckpointError(f"{path}: a 3-D MAE (mae3d) checkpoint; only a volume model (models.<name>.input: "
                               f"volume, init: pretrained, method: mae3d) loads it")

@@ -1,5 +1,6 @@
 """Predict a prepared store with a fine-tuned checkpoint (internal or external validation, with an
-optional mapping from the model's classes to the external set's classes)."""
+optional mapping from the model's classes to the external set's classes); a volume model's best.pth
+(``input: volume``) predicts the store's whole volumes, one row per volume as in its training run."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import numpy as np
 
 from retflow.checkpoint_file import CheckpointError
 from retflow.data.dataset import StoreDataset, eval_transform, load_manifest
+from retflow.data.volume_dataset import VolumeDataset
+from retflow.data.volume_store import VOLUME_INDEX, VOLUME_SHARD_DIR
 from retflow.models.checkpoint_layouts import load_model
 from retflow.settings.stages import TaskSettings
 from retflow.train.engine_finetune import predict_outputs
 from retflow.train.targets import TargetScale, encode_targets, write_predictions
+from retflow.train.volume import first_rows, load_volume_classifier, volume_checkpoint
 
 
 def load_finetuned(checkpoint: Path, device):
@@ -67,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     try:
-        model, state, spec = load_finetuned(Path(args.checkpoint), device)
+        volume = volume_checkpoint(args.checkpoint)  # a volume model reads the store's whole volumes
+        if volume is not None:
+            model, state, spec = load_volume_classifier(args.checkpoint, volume).to(device), volume, None
+        else:
+            model, state, spec = load_finetuned(Path(args.checkpoint), device)
     except (CheckpointError, FileNotFoundError) as exc:
         raise SystemExit(f"ERROR: {exc}") from None
     task = TaskSettings.from_dict(checkpoint_task(state, args.label), f"{args.checkpoint}: task_spec")
@@ -77,14 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         eval_task = task.replace(classes=list(args.classes), type="binary" if len(args.classes) == 2 else "multiclass")
     manifest = load_manifest(args.store)
     targets, valid = encode_targets(manifest, eval_task)
+    if volume is not None:  # one row per volume: its first B-scan's (split, label, image_id), as in training
+        if VOLUME_INDEX not in manifest.columns:
+            raise SystemExit(f"ERROR: {args.store} holds no whole volumes ({VOLUME_SHARD_DIR}/) for the volume model "
+                             f"{args.checkpoint}; prepare it with preprocess.oct.volume set")
+        first = first_rows(manifest)
+        manifest, targets, valid = manifest.iloc[first].reset_index(drop=True), targets[first], valid[first]
     if args.split is not None:
         valid = valid & (manifest["split"] == args.split).to_numpy()
     rows = np.flatnonzero(valid)
     excluded = int(len(manifest) - len(rows)) if args.split is None else 0
     if excluded:
         print(f"{excluded} images without a usable '{task.label}' label were not predicted", file=sys.stderr)
-    tf = eval_transform(spec.img_size, state.get("normalize"), spec.in_chans)
-    ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], targets[rows], tf, spec.in_chans)
+    if volume is not None:
+        ds = VolumeDataset(args.store, manifest.iloc[rows], targets[rows], state.get("normalize"))
+    else:
+        tf = eval_transform(spec.img_size, state.get("normalize"), spec.in_chans)
+        ds = StoreDataset(args.store, manifest["index"].to_numpy()[rows], targets[rows], tf, spec.in_chans)
     outputs = predict_outputs(model, ds, device, task, scale)
     if args.label_map:
         outputs = map_outputs(outputs, [str(c) for c in state["classes"]], list(args.classes),

@@ -10,6 +10,7 @@ predictions -- is the 2-D code's (:mod:`retflow.train.finetune`, :mod:`retflow.t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -83,3 +84,36 @@ def volume_classifier(s: FinetuneSettings, n_out: int, drop_path: float, init_pa
     print(f"loaded 3-D encoder from {init_path}: {len(model.state_dict()) - len(report['missing'])} tensors, "
           f"fresh {', '.join(report['missing']) or 'none'}; dropped {len(report['dropped'])}", flush=True)
     return model
+
+
+def volume_checkpoint(path: str | Path) -> Mapping | None:
+    """The object of a volume model's fine-tuned ``best.pth`` (``input: volume``) at ``path``, else None (an
+    export folder, a 2-D file: memory-mapped, so its tensors are not read); a bad file is a CheckpointError."""
+    from retflow.train.checkpoint import load_state
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = load_state(path)
+    return state if isinstance(state, Mapping) and state.get("input") == VOLUME else None
+
+
+def load_volume_classifier(path: str | Path, state: Mapping) -> VisionTransformer3D:
+    """The 3-D classifier of a volume model's ``best.pth`` (``state``: its object, :func:`volume_checkpoint`),
+    rebuilt exactly from what it records (``spec`` = the vit3d section, ``task_spec``, ``pool``,
+    ``probe_head``), in eval mode on CPU; a file that does not match raises a CheckpointError naming it."""
+    from retflow.models.mae3d import ViT3DSpec
+    from retflow.models.vit import attach_probe_head
+    from retflow.settings.stages import TaskSettings
+    from retflow.train.targets import n_outputs
+
+    try:
+        spec, task = ViT3DSpec.from_dict(state["spec"]), TaskSettings.from_dict(state["task_spec"])
+        model = vit3d(spec, num_classes=n_outputs(task), global_pool=state["pool"], drop_path_rate=0.0)
+        if state.get("probe_head"):
+            attach_probe_head(model)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable volume model's best.pth ({first})") from None
+    return model.eval()
