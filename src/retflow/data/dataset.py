@@ -83,20 +83,14 @@ def target_array(labels) -> np.ndarray | None:
     return labels if np.issubdtype(labels.dtype, np.floating) else labels.astype(np.int64)
 
 
-class StoreDataset(Dataset):
-    """Rows ``indices`` of a store as (image tensor C x H x W, label) pairs.
+class StoreItems(Dataset):
+    """What the 2-D and 3-D store datasets share: item ``i`` is stored item ``indices[i]`` with target
+    ``labels[i]`` (:func:`target_array`; None: unlabelled, target -1), its augmentations seeded per
+    (seed, item) by :meth:`set_aug_seed` (:func:`seed_item`)."""
 
-    Images are read lazily from a memory-mapped array; grayscale (OCT) images are replicated to
-    ``in_chans`` channels at model input. ``labels`` (class indices) may be None for
-    unlabelled pretraining, in which case the label is -1.
-    """
-
-    def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
-        self.images = ImageStore(store)
+    def __init__(self, indices, labels=None):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = target_array(labels)
-        self.transform = transform
-        self.in_chans = in_chans
         self.aug_seed: int | None = None
 
     def set_aug_seed(self, seed: int | None) -> None:
@@ -106,13 +100,30 @@ class StoreDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def target(self, i: int):
+        return -1 if self.labels is None else self.labels[i]
+
+
+class StoreDataset(StoreItems):
+    """Rows ``indices`` of a store as (image tensor C x H x W, label) pairs.
+
+    Images are read lazily from a memory-mapped array; grayscale (OCT) images are replicated to
+    ``in_chans`` channels at model input. ``labels`` (class indices) may be None for
+    unlabelled pretraining, in which case the label is -1.
+    """
+
+    def __init__(self, store: Path | str, indices, labels=None, transform=None, in_chans: int = 3):
+        super().__init__(indices, labels)
+        self.images = ImageStore(store)
+        self.transform = transform
+        self.in_chans = in_chans
+
     def __getitem__(self, i: int):
         img = model_channels(torch.from_numpy(self.images[int(self.indices[i])]).permute(2, 0, 1), self.in_chans)
         if self.transform is not None:
             seed_item(self.aug_seed, i)
             img = self.transform(img)
-        label = -1 if self.labels is None else self.labels[i]
-        return img, label
+        return img, self.target(i)
 
 
 def encode_labels(values: pd.Series, classes: list) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 The 3-D counterpart of :class:`retflow.data.dataset.StoreDataset`: the same targets
 (:func:`~retflow.data.dataset.target_array`; -1 when unlabelled), normalisation statistics
 (:func:`~retflow.data.dataset.norm_stats`, the ``preprocess.oct.normalize`` form) and per-item
-augmentation seeding (:func:`~retflow.data.dataset.seed_item`). The one augmentation (``train``)
+augmentation seeding (:class:`~retflow.data.dataset.StoreItems`, which both extend). The one augmentation (``train``)
 is a random flip along the A-scan axis; no crops, no resizing (the store holds the model's size).
 """
 
@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
-from retflow.data.dataset import norm_stats, seed_item, target_array
+from retflow.data.dataset import StoreItems, norm_stats, seed_item
 from retflow.data.store import ImageStore
 from retflow.data.volume_store import VOLUME_INDEX, VOLUME_SHARD_DIR
 
@@ -30,7 +29,7 @@ def volume_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     return manifest.drop_duplicates(VOLUME_INDEX)
 
 
-class VolumeDataset(Dataset):
+class VolumeDataset(StoreItems):
     """Whole volumes as (float tensor ``(1, D, H, W)``, target) pairs.
 
     ``manifest_rows``: one manifest row per volume (:func:`volume_rows`); ``labels``: their
@@ -47,22 +46,13 @@ class VolumeDataset(Dataset):
         if len(rows) != len(manifest_rows):
             raise ValueError(f"{len(manifest_rows) - len(rows)} manifest rows repeat a {VOLUME_INDEX}: pass one "
                              f"row per volume (retflow.data.volume_dataset.volume_rows(manifest))")
-        self.volumes = ImageStore(store_dir, folder=VOLUME_SHARD_DIR)
-        self.indices = manifest_rows[VOLUME_INDEX].to_numpy(dtype=np.int64)
-        self.labels = target_array(labels)
+        super().__init__(manifest_rows[VOLUME_INDEX].to_numpy(dtype=np.int64), labels)
         if self.labels is not None and len(self.labels) != len(self.indices):
             raise ValueError(f"{len(self.labels)} labels for {len(self.indices)} volumes: give one per manifest row")
+        self.volumes = ImageStore(store_dir, folder=VOLUME_SHARD_DIR)
         (mean,), (std,) = norm_stats(normalize, 1)
         self.mean, self.std = mean, std
         self.train = train
-        self.aug_seed: int | None = None
-
-    def set_aug_seed(self, seed: int | None) -> None:
-        """Seed augmentations per (seed, item): identical across resumes and worker counts."""
-        self.aug_seed = seed
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def __getitem__(self, i: int):
         vol = torch.from_numpy(self.volumes[int(self.indices[i])]).float().div_(255.0)
@@ -71,5 +61,4 @@ class VolumeDataset(Dataset):
             seed_item(self.aug_seed, i)
             if torch.rand(()) < 0.5:
                 vol = vol.flip(-1)  # the A-scan axis: a left-right mirror of every B-scan
-        label = -1 if self.labels is None else self.labels[i]
-        return vol, label
+        return vol, self.target(i)
