@@ -340,6 +340,36 @@ def test_a_volume_model_names_the_file_it_cannot_load(config, store, mae3d_run, 
     assert msg.endswith("set vit3d embed_dim/depth/num_heads to the checkpoint's")
 
 
+
+def test_a_volume_model_starts_from_an_mae3d_file_checked_before_any_job(config, store, mae3d_run, tmp_path):
+    """init: file with input: volume -- another run's mae3d checkpoint.pth: the pre-flight weights check reads
+    it against vit3d (meta device), a misfit is one line naming the key, and the run loads its encoder."""
+    from retflow.preflight_weights import check_weights, weight_uses
+
+    good = str(mae3d_run / "checkpoint.pth")
+    cfg = validate(volume_config(add_model("file3d", init="file", path=good, input="volume")))
+    assert semantic_errors(cfg) == []
+    uses = [u for u in weight_uses(cfg) if u["key"] == "models.file3d.path"]
+    assert uses == [{"key": "models.file3d.path", "path": good, "vit3d": cfg["vit3d"]}]
+    report = check_weights(uses)
+    assert report["problems"] == [] and report["checked"][0]["layout"] == "mae3d"
+    wide = mae3d_settings(config, vit3d=build.vit3d(config).replace(embed_dim=24, num_heads=2))
+    assert pt.run(wide, [store], tmp_path / "wide") == 0
+    bad = str(tmp_path / "wide" / "checkpoint.pth")
+    (problem,) = check_weights([dict(uses[0], path=bad)])["problems"]
+    assert problem.startswith(f"models.file3d.path: {bad}: does not fit the configured 3-D ViT") and "\n" not in problem
+    two_d = str(tmp_path / "flat.pth")
+    save_atomic({"model": {"patch_embed.proj.weight": torch.zeros(32, 3, 8, 8)}}, two_d)
+    (problem,) = check_weights([dict(uses[0], path=two_d)])["problems"]
+    assert problem == (f"models.file3d.path: {two_d}: has 3 input channel(s) and tubelet 8x8 but the configured 3-D "
+                       f"ViT has 1 and 2x8x8; set vit3d.in_chans / vit3d.tubelet to the checkpoint's")
+    s = build.finetune(cfg, "finetune", "offcentre_irf", 1.0, 0, model="file3d")
+    assert s.input == "volume"
+    model, _ = ft.build_model(s, 2, good)  # the run's loader: the same file, the same encoder as mae3d's
+    ref, _ = ft.build_model(run_settings(config, "mae3d"), 2, good)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+
 # ------------------------------------------------------------------ config refusals, one line each
 def errors_of(edit) -> list[str]:
     return semantic_errors(validate(volume_config(edit)))
@@ -353,9 +383,6 @@ def add_model(name, **spec):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (add_model("file3d", init="file", path="x.pth", input="volume"),
-     "models.file3d: init 'file' is not supported with input 'volume'; a volume model starts from random weights "
-     "(init: random) or the DAG's mae3d run (init: pretrained, method: mae3d)"),
     (add_model("mae_on_volumes", init="pretrained", method="mae", input="volume"),
      "models.mae_on_volumes: input 'volume' needs method 'mae3d' (a 3-D ViT), got 'mae'; set method: mae3d or "
      "input: image"),

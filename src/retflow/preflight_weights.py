@@ -22,15 +22,20 @@ from retflow.atomic import write_json
 
 def weight_uses(config: dict) -> list[dict]:
     """``{key, path, vit}`` for every (weights file, ViT) pair the config will load: ``init: file``
-    models of the tasks that use them, ``pretrain.init``, a file as token_recon's teacher."""
+    models of the tasks that use them (a volume model's: ``{key, path, vit3d}``), ``pretrain.init``, a file
+    as token_recon's teacher."""
     uses = []
     for task, modality in ((t, m) for t in config["tasks"] for m in rfc.task_modalities(config, t)):
         for name in rfc.task_models(config, task):
             model = config["models"][name]
             if model["init"] == "file":
                 key = f"models.{name}.path" + (f".{modality}" if isinstance(model["path"], dict) else "")
-                uses.append({"key": key, "path": rfc.model_weights_file(config, name, modality),
-                             "vit": rfc.vit_settings(config, modality)})
+                use = {"key": key, "path": rfc.model_weights_file(config, name, modality)}
+                if model["input"] == "volume":  # an mae3d checkpoint for the 3-D ViT
+                    use["vit3d"] = dict(config["vit3d"])
+                else:
+                    use["vit"] = rfc.vit_settings(config, modality)
+                uses.append(use)
     p = config["pretrain"]
     for run, modality in rfc.pretrain_runs(config):
         if p["init"] and rfc.parse_pretrain_run(run)[0] != "mae3d":  # mae3d starts from random weights
@@ -54,6 +59,8 @@ def check_use(use: dict) -> dict:
     from retflow.models.vit import ViTSpec, create_vit
 
     out = dict(use, layout=None, problem=None)
+    if "vit3d" in use:
+        return _check_volume_use(out)
     try:
         ck = read_checkpoint(use["path"])
         out["layout"] = ck.layout
@@ -62,6 +69,27 @@ def check_use(use: dict) -> dict:
         load_encoder(model, ck, check_only=True)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         out["problem"] = f"{use['key']}: {' '.join(str(exc).split())}"
+    return out
+
+
+def _check_volume_use(out: dict) -> dict:
+    """An ``init: file`` volume model's file: an mae3d checkpoint whose encoder fits the configured 3-D ViT."""
+    import warnings
+
+    import torch
+
+    from retflow.checkpoint_file import CheckpointError
+    from retflow.models.mae3d import ViT3DSpec, vit3d
+    from retflow.train.volume import load_mae3d_encoder
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():  # shapes only: loading into it copies nothing
+            warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+            model = vit3d(ViT3DSpec.from_dict(out["vit3d"]), num_classes=0)
+            load_mae3d_encoder(model, out["path"])
+        out["layout"] = "mae3d"
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        out["problem"] = f"{out['key']}: {' '.join(str(exc).split())}"
     return out
 
 
@@ -77,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = check_weights(json.loads(args.uses))
     for c in report["checked"]:
-        print(f"{c['key']}: {c['path']} ({c['layout']}): {c['problem'] or 'fits ' + c['vit']['arch']}")
+        fits = "the 3-D ViT (vit3d)" if "vit3d" in c else c["vit"]["arch"]
+        print(f"{c['key']}: {c['path']} ({c['layout']}): {c['problem'] or 'fits ' + fits}")
     write_json(report, Path(args.out))
     return 0

@@ -4,8 +4,9 @@ A model with ``models.<name>.input: volume`` is a 3-D ViT (``vit3d``) that reads
 stored whole volumes (``preprocess.oct.volume``; :mod:`retflow.data.volume_store`) and predicts one
 row per volume, under the ``image_id`` of the volume's first B-scan row, so that with
 ``preprocess.oct.bscans: 1`` its predictions pair with a 2-D model's on the same eyes. It starts
-from random weights (the 3-D scratch baseline) or from the DAG's ``mae3d`` run, which pretrains on
-the volume datasets of ``pretrain.pools.oct`` (:func:`pool`). Volume models run the protocols
+from random weights (the 3-D scratch baseline), from the DAG's ``mae3d`` run, which pretrains on
+the volume datasets of ``pretrain.pools.oct`` (:func:`pool`), or from an mae3d ``checkpoint.pth`` of
+another run (``init: file``; the pre-flight weights check reads it against ``vit3d``). Volume models run the protocols
 finetune, lora, probe_adamw, probe_lars and probe_logreg, and predict external volume sets; not
 segmentation or fusion.
 
@@ -53,10 +54,7 @@ def _models_errors(config: dict) -> list[str]:
     errors = []
     for name, model in config["models"].items():
         method = model.get("method")  # only init: pretrained models name one
-        if model["input"] == VOLUME and model["init"] == "file":
-            errors.append(f"models.{name}: init 'file' is not supported with input 'volume'; a volume model starts "
-                          f"from random weights (init: random) or the DAG's mae3d run (init: pretrained, method: mae3d)")
-        elif model["input"] == VOLUME and model["init"] == "pretrained" and method != VOLUME_METHOD:
+        if model["input"] == VOLUME and model["init"] == "pretrained" and method != VOLUME_METHOD:
             errors.append(f"models.{name}: input 'volume' needs method 'mae3d' (a 3-D ViT), got '{method}'; "
                           f"set method: mae3d or input: image")
         if method == VOLUME_METHOD and model["input"] != VOLUME:

@@ -185,7 +185,8 @@ class VisionTransformer3D(nn.Module):
         self.patch_embed = PatchEmbed3D(spec.img_size, spec.tubelet, spec.in_chans, e)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, e))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + spec.num_patches, e))
-        dpr = torch.linspace(0, drop_path_rate, spec.depth).tolist()
+        # stochastic depth rising linearly over the blocks (plain floats: the model builds on the meta device)
+        dpr = [drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
         self.blocks = nn.Sequential(*(
             Block(e, spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, drop_path=dpr[i], norm_layer=LayerNorm)
             for i in range(spec.depth)))

@@ -65,25 +65,32 @@ def _pretraining_grid(state: Mapping) -> tuple[int, int, int] | None:
 
 def volume_classifier(s: FinetuneSettings, n_out: int, drop_path: float, init_path: str | None) -> VisionTransformer3D:
     """The run's 3-D ViT (``vit3d``, the model's pooling) with ``n_out`` outputs; its encoder from an
-    mae3d ``checkpoint.pth`` at ``init_path`` (RETFound recipe: decoder dropped, head re-initialised,
-    position table resized to the configured grid); a problem is a CheckpointError naming the file."""
-    from retflow.train.checkpoint import load_state
-
+    mae3d ``checkpoint.pth`` at ``init_path`` (:func:`load_mae3d_encoder`; RETFound recipe: decoder dropped,
+    head re-initialised, position table resized to the configured grid)."""
     model = vit3d(s.vit3d.spec(), num_classes=n_out, global_pool=s.pool, drop_path_rate=drop_path)
     if not init_path:
         return model
+    report = load_mae3d_encoder(model, init_path)
+    print(f"loaded 3-D encoder from {init_path}: {len(model.state_dict()) - len(report['missing'])} tensors, "
+          f"fresh {', '.join(report['missing']) or 'none'}; dropped {len(report['dropped'])}", flush=True)
+    return model
+
+
+def load_mae3d_encoder(model: VisionTransformer3D, init_path: str | Path) -> dict[str, list[str]]:
+    """Load the encoder of an mae3d ``checkpoint.pth`` at ``init_path`` (this DAG's run or a file from
+    another: ``init: file``) into ``model`` (:meth:`VisionTransformer3D.load_encoder_from_mae`; a model on
+    the ``meta`` device: shapes checked, nothing loaded); a problem is a CheckpointError naming the file."""
+    from retflow.train.checkpoint import load_state
+
     state = load_state(init_path)
     weights = state.get("model") if isinstance(state, Mapping) else None
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"{init_path}: no 'model' state dict; a volume model starts from an mae3d run's "
                               f"checkpoint.pth")
     try:
-        report = model.load_encoder_from_mae(weights, src_grid=_pretraining_grid(state))
+        return model.load_encoder_from_mae(weights, src_grid=_pretraining_grid(state))
     except CheckpointError as exc:
         raise CheckpointError(f"{init_path}: {exc}") from None
-    print(f"loaded 3-D encoder from {init_path}: {len(model.state_dict()) - len(report['missing'])} tensors, "
-          f"fresh {', '.join(report['missing']) or 'none'}; dropped {len(report['dropped'])}", flush=True)
-    return model
 
 
 def volume_checkpoint(path: str | Path) -> Mapping | None:
