@@ -31,14 +31,15 @@ def test_showcase_dry_run_fans_out_every_protocol_fraction_and_seed(tmp_path):
     counts = job_counts(result.stdout)
     # dr_grading 2 fractions x 3 models = 6; glaucoma 5 protocols (finetune, lora, 3 probes) x 3 fractions x 2 seeds
     # x 2 models (mae, scratch) = 60; cup_disc_ratio 3; oct_diagnosis 2 fractions x 3 folds x 3 models = 18;
-    # oct_signs 3 folds x 3 models = 9; refer_cfp, refer_oct 2 models each = 4: 100 fine-tune/probe/lora runs,
+    # oct_signs 3 folds x 3 models = 9; refer_cfp, refer_oct 2 models each = 4; extrafoveal_irf 2 protocols x
+    # 4 models (mae, scratch and the volume models mae3d, scratch3d) = 8: 108 fine-tune/probe/lora runs,
     # + 2 fusion runs (refer_fusion: mae, scratch) evaluated like them
-    assert counts["finetune"] == 100 and counts["fusion"] == 2 and counts["evaluate_internal"] == 102
-    # externals: dr_grading 6 runs + oct_diagnosis 18 (every fold's model)
-    assert counts["predict_external"] == 24 and counts["evaluate_external"] == 24
+    assert counts["finetune"] == 108 and counts["fusion"] == 2 and counts["evaluate_internal"] == 110
+    # externals: dr_grading 6 runs + oct_diagnosis 18 (every fold's model) + extrafoveal_irf 8 (volumes predicted whole)
+    assert counts["predict_external"] == 32 and counts["evaluate_external"] == 32
     assert counts["pair_eyes"] == 1 and counts["same_eyes"] == 2  # one same-eyes comparison per fusion run
-    # mae and simclr, each on cfp and oct
-    assert counts["pretrain"] == 4 and counts["prepare_dataset"] == 9 and counts["phantom_dataset"] == 9
+    # mae and simclr, each on cfp and oct, and mae3d on the OCT pool's volumes
+    assert counts["pretrain"] == 5 and counts["prepare_dataset"] == 12 and counts["phantom_dataset"] == 12
     assert counts["segment"] == 4  # vessel_seg: 2 models (mae, scratch) x 2 fractions, finetune protocol only
     assert counts["report"] == 1
 
@@ -116,6 +117,8 @@ def zoo(cfg):
     cfg["pretrain"]["token_recon"] = {"teacher_checkpoint": "mae"}
     for method in ("dino", "mocov3", "token_recon"):
         cfg["models"][method] = {"init": "pretrained", "method": method}
+    for name in ("mae3d", "scratch3d"):  # 2-D methods only: no volume models
+        del cfg["models"][name]
     for task in cfg["tasks"].values():
         task["models"] = ["mae", "token_recon"]
     cfg["tasks"]["cup_disc_ratio"]["models"] = ["mae", "dino", "simclr", "mocov3", "token_recon", "scratch"]
@@ -130,8 +133,9 @@ def test_ssl_zoo_fans_out_one_pretraining_per_method_and_modality(tmp_path):
     # cfp: mae, dino, simclr, mocov3, token_recon; oct: mae, token_recon (+ its teacher, mae)
     assert counts["pretrain"] == 7
     # cup_disc_ratio: 6 models x 1; every other task 2 models: dr_grading 2 fractions, glaucoma 5 protocols x
-    # 3 fractions x 2 seeds, oct_diagnosis 2 fractions x 3 folds, oct_signs 3 folds, refer_cfp, refer_oct
-    assert counts["finetune"] == 6 + 2 * (2 + 30 + 6 + 3 + 1 + 1)
+    # 3 fractions x 2 seeds, oct_diagnosis 2 fractions x 3 folds, oct_signs 3 folds, refer_cfp, refer_oct,
+    # extrafoveal_irf 2 protocols
+    assert counts["finetune"] == 6 + 2 * (2 + 30 + 6 + 3 + 1 + 1 + 2)
     text = result.stdout
     assert '"method": "token_recon"' in text and '"teacher_checkpoint": "results/pretrain/mae/cfp/checkpoint.pth"' in text
 
