@@ -17,7 +17,8 @@ demo: $(VENV)/.installed
 	snakemake --cores $(CORES) --rerun-incomplete
 	@echo "open results/report.html"
 
-# everything a reader should see (SimCLR, every protocol x 3 label fractions x 2 seeds): 3,900 job-seconds
+# everything a reader should see (SimCLR, every protocol x 3 label fractions x 2 seeds, fusion, folds, 3-D OCT):
+# about 7,800 job-seconds (65 min on 2 cores shared with a CI run, 2026-12-06)
 showcase: $(VENV)/.installed
 	snakemake --cores $(CORES) --rerun-incomplete --configfile config/showcase.yaml
 	@echo "open results/report.html"
