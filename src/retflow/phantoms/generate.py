@@ -133,54 +133,53 @@ def _oct(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int, m
     return rows
 
 
-def _oct_volume(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int,
-                n_slices: int) -> list[dict]:
+def _volumes(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int, pos: np.ndarray,
+             draw) -> list[dict]:
+    """The volume kinds' loop: patients of one or two eyes (the population RNG), each eye with its own RNG,
+    ``draw(pop, rng) -> (OctEye, describe)``, its B-scans rendered at ``pos`` and saved as one NIfTI volume,
+    its row ``describe(per-B-scan signs)`` (the draws interleave as they always did: phantoms stay bit-identical)."""
     pop = np.random.default_rng(ss.spawn(1)[0])
-    pos = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
     rows, i = [], 0
     while len(rows) < n:
         pid = _pid(i, n)
         eyes = ["R", "L"] if pop.random() < 0.5 and n - len(rows) >= 2 else [str(pop.choice(["R", "L"]))]
         for eye in eyes:
             rng = np.random.default_rng(ss.spawn(1)[0])
-            diagnosis = str(pop.choice(DIAGNOSES))
-            e = sample_oct_eye(rng, diagnosis)
-            vol = np.empty((n_slices, size, size), np.uint8)
-            signs = dict.fromkeys(KEY_SIGNS, 0)
+            e, describe = draw(pop, rng)
+            vol = np.empty((len(pos), size, size), np.uint8)
+            per_slice = []
             for z, p in enumerate(pos.tolist()):
-                vol[z], s = render_bscan(e, rng, (size, size), p, style)
-                signs = {k: max(signs[k], s[k]) for k in KEY_SIGNS}
+                vol[z], signs = render_bscan(e, rng, (size, size), p, style)
+                per_slice.append(signs)
             name = f"{pid}_{eye}.nii.gz"
             save_volume(vol, out / "volumes" / name)
-            rows.append(dict(volume=name, patient_id=pid, eye=eye, diagnosis=diagnosis, **signs))
+            rows.append(dict(volume=name, patient_id=pid, eye=eye, **describe(per_slice)))
         i += 1
     return rows
+
+
+def _oct_volume(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int,
+                n_slices: int) -> list[dict]:
+    def draw(pop, rng):
+        diagnosis = str(pop.choice(DIAGNOSES))
+        return sample_oct_eye(rng, diagnosis), lambda per_slice: dict(
+            diagnosis=diagnosis, **{k: max([0, *(s[k] for s in per_slice)]) for k in KEY_SIGNS})
+
+    pos = np.linspace(-1.0, 1.0, n_slices) if n_slices > 1 else np.zeros(1)
+    return _volumes(out, n, ss, style, size, pos, draw)
 
 
 def _oct_offcentre(out: Path, n: int, ss: np.random.SeedSequence, style: str, size: int,
                    n_slices: int) -> list[dict]:
-    pop = np.random.default_rng(ss.spawn(1)[0])
     pos = np.linspace(-1.0, 1.0, n_slices)
-    rows, i = [], 0
-    while len(rows) < n:
-        pid = _pid(i, n)
-        eyes = ["R", "L"] if pop.random() < 0.5 and n - len(rows) >= 2 else [str(pop.choice(["R", "L"]))]
-        for eye in eyes:
-            rng = np.random.default_rng(ss.spawn(1)[0])
-            lesion, drusen = bool(pop.random() < POSITIVE_P), bool(pop.random() < FOVEAL_DRUSEN_P)
-            e = sample_offcentre_eye(rng, pos, lesion, drusen)
-            vol = np.empty((n_slices, size, size), np.uint8)
-            shown = []
-            for z, p in enumerate(pos.tolist()):
-                vol[z], s = render_bscan(e, rng, (size, size), p, style)
-                if s["irf"]:
-                    shown.append(z)
-            name = f"{pid}_{eye}.nii.gz"
-            save_volume(vol, out / "volumes" / name)
-            rows.append(dict(volume=name, patient_id=pid, eye=eye, extrafoveal_irf=int(lesion),
-                             foveal_drusen=int(drusen), irf_slices=";".join(map(str, shown))))
-        i += 1
-    return rows
+
+    def draw(pop, rng):
+        lesion, drusen = bool(pop.random() < POSITIVE_P), bool(pop.random() < FOVEAL_DRUSEN_P)
+        return sample_offcentre_eye(rng, pos, lesion, drusen), lambda per_slice: dict(
+            extrafoveal_irf=int(lesion), foveal_drusen=int(drusen),
+            irf_slices=";".join(str(z) for z, s in enumerate(per_slice) if s["irf"]))
+
+    return _volumes(out, n, ss, style, size, pos, draw)
 
 
 def generate_dataset(
