@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import resource
 import statistics
 import time
 import warnings
 
 import torch
+from bench_common import device_name, mfu_peak, pick_device, run_measure, sync
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -59,7 +59,6 @@ SIZES = {
     "large": dict(img_size=(48, 256, 256), tubelet=(4, 16, 16), embed_dim=1024, depth=24, num_heads=16,
                   decoder=(512, 8, 16)),
 }
-H100_BF16_TFLOPS = 989.0
 warnings.filterwarnings("ignore", message="torch.meshgrid")  # inside MONAI's sin-cos table
 
 
@@ -125,23 +124,6 @@ def build(name: str, version: str, device, norm_pix_loss: bool) -> nn.Module:
         return MonaiMAE(size, norm_pix_loss, sdpa=version == "monai_sdpa").to(device)
     spec = ViT3DSpec(size["img_size"], size["tubelet"], 1, size["embed_dim"], size["depth"], size["num_heads"], 4.0)
     return MaskedAutoencoderViT3D(spec, *size["decoder"], norm_pix_loss=norm_pix_loss).to(device)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measured_matmul_tflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def volumes(name: str, batch: int, device) -> torch.Tensor:
@@ -217,20 +199,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args.device)
     batches = args.batch if len(args.batch) == len(args.sizes) else args.batch[:1] * len(args.sizes)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if args.peak_tflops:
-        peak, peak_src = args.peak_tflops, "given"
-    elif device.type == "cuda" and "H100" in name:
-        peak, peak_src = H100_BF16_TFLOPS, "H100 bf16 dense spec"
-    else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        peak, peak_src = measured_matmul_tflops(device, dtype), f"measured {dtype} matmul peak"
+    name = device_name(device)
+    peak, peak_src = mfu_peak(device, args.peak_tflops)
     versions = ([] if args.skip_reference else ["monai"] + (["monai_sdpa"] if args.monai_sdpa else [])) + ["retflow"]
     print(f"device: {name}; MFU against {peak:.3g} TFLOP/s ({peak_src}); norm_pix_loss {args.norm_pix_loss}"
           f"{'; compile' if args.compile else ''}")
@@ -246,18 +218,12 @@ def main(argv=None) -> None:
                 flops = model_flops(size, version, batch, ratio, device, args.norm_pix_loss)
                 job = (size, version, batch, ratio, str(device), args.compile, args.steps, args.warmup, flops,
                        args.norm_pix_loss, args.weight_decay, args.lr, torch.get_num_threads())
-                if device.type == "cpu":
-                    with multiprocessing.get_context("spawn").Pool(1) as pool:
-                        r = pool.apply(measure, job)
-                else:
-                    r = measure(*job)
+                r = run_measure(measure, job, device)
                 ref = ref or r
                 print(f"{size:6} {'x'.join(map(str, sz['img_size'])):>10} {'x'.join(map(str, sz['tubelet'])):>8} "
                       f"{tokens:6d} {ratio:5.2f} {batch:5d} {version:10} {r['dtype']:5} {r['vol_s']:8.2f} "
                       f"{r['vol_s'] / ref['vol_s']:6.2f} {r['cpu_ms']:7.0f} {r['gflop_vol']:9.2f} {r['tflops']:8.3f} "
                       f"{100 * r['tflops'] / peak:6.1f} {r['mem']:7.2f}", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

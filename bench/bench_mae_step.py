@@ -28,12 +28,12 @@ On an H100: ``--archs large --batch 256 --steps 20 --warmup 5 [--compile]``.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import time
 from pathlib import Path
 
 import torch
+from bench_common import device_name, mfu_peak, pick_device, run_measure, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 from retflow.models import MaskedAutoencoderViT, ViTSpec, param_groups_weight_decay
@@ -45,7 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ARCHS = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
          "large": "vit_large_patch16_224"}
-H100_BF16_TFLOPS = 989.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,23 +73,6 @@ def build(arch: str, img_size: int, device, plain_attention: bool, s: PretrainSe
         if hasattr(m, "fused_attn"):
             m.fused_attn = not plain_attention
     return model
-
-
-def measured_matmul_tflops(device, dtype, n: int = 2048, reps: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def model_flops(arch: str, batch: int, img_size: int, mask_ratio: float, device, s: PretrainSettings) -> float:
@@ -166,20 +148,10 @@ def main(argv=None) -> None:
     config = load_config(args.config)
     s = build_settings.pretrain(config, "mae", "cfp")
     ratios = args.mask_ratios or [config["pretrain"]["mask_ratio"][m] for m in ("cfp", "oct")]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args.device)
     batches = args.batch if len(args.batch) == len(args.archs) else args.batch[:1] * len(args.archs)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if args.peak_tflops:
-        peak, peak_src = args.peak_tflops, "given"
-    elif device.type == "cuda" and "H100" in name:
-        peak, peak_src = H100_BF16_TFLOPS, "H100 bf16 dense spec"
-    else:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        peak, peak_src = measured_matmul_tflops(device, dtype), f"measured {dtype} matmul peak"
+    name = device_name(device)
+    peak, peak_src = mfu_peak(device, args.peak_tflops)
     print(f"device: {name}; MFU against {peak:.3g} TFLOP/s ({peak_src}); recipe: {args.config} "
           f"(decoder {s.decoder.embed_dim}x{s.decoder.depth}, {s.decoder.num_heads} heads)")
     print(f"{'arch':6} {'mask':>5} {'batch':>5} {'version':9} {'dtype':5} {'img/s':>9} {'ratio':>6} "
@@ -192,17 +164,11 @@ def main(argv=None) -> None:
             for version, plain in versions:
                 job = (arch, args.img_size, plain, batch, ratio, str(device), args.compile, args.steps, args.warmup,
                        flops, s.to_json(), torch.get_num_threads())
-                if device.type == "cpu":  # a fresh process: its memory peak is this version's alone
-                    with multiprocessing.get_context("spawn").Pool(1) as pool:
-                        r = pool.apply(measure, job)
-                else:
-                    r = measure(*job)
+                r = run_measure(measure, job, device)
                 ref = ref or r
                 print(f"{arch:6} {ratio:5.2f} {batch:5d} {version:9} {r['dtype']:5} {r['img_s']:9.1f} "
                       f"{r['img_s'] / ref['img_s']:6.2f} {r['gflop_img']:9.1f} {r['tflops']:8.3f} "
                       f"{100 * r['tflops'] / peak:6.1f} {r['mem']:7.2f}", flush=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
