@@ -51,46 +51,46 @@ def weight_uses(config: dict) -> list[dict]:
 
 
 def check_use(use: dict) -> dict:
-    """``use`` with ``layout`` and ``problem`` (None when the file fits its ViT)."""
-    import torch
-
+    """``use`` with ``layout`` and ``problem`` (None when the file fits its ViT): a 2-D file read by the
+    encoder loader's checks; a volume model's (``vit3d``) an mae3d checkpoint whose encoder must fit the 3-D ViT."""
     from retflow.checkpoint_file import CheckpointError
-    from retflow.models.checkpoint_layouts import load_encoder, read_checkpoint
-    from retflow.models.vit import ViTSpec, create_vit
 
     out = dict(use, layout=None, problem=None)
-    if "vit3d" in use:
-        return _check_volume_use(out)
     try:
-        ck = read_checkpoint(use["path"])
-        out["layout"] = ck.layout
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            model = create_vit(ViTSpec.from_dict(use["vit"]), num_classes=0, global_pool="avg")
-        load_encoder(model, ck, check_only=True)
+        (_check_volume_file if "vit3d" in use else _check_image_file)(out)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         out["problem"] = f"{use['key']}: {' '.join(str(exc).split())}"
     return out
 
 
-def _check_volume_use(out: dict) -> dict:
-    """An ``init: file`` volume model's file: an mae3d checkpoint whose encoder fits the configured 3-D ViT."""
+def _check_image_file(out: dict) -> None:
+    """Records the file's layout, then checks it loads into the configured 2-D ViT (built on the meta device)."""
+    import torch
+
+    from retflow.models.checkpoint_layouts import load_encoder, read_checkpoint
+    from retflow.models.vit import ViTSpec, create_vit
+
+    ck = read_checkpoint(out["path"])
+    out["layout"] = ck.layout
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = create_vit(ViTSpec.from_dict(out["vit"]), num_classes=0, global_pool="avg")
+    load_encoder(model, ck, check_only=True)
+
+
+def _check_volume_file(out: dict) -> None:
+    """Checks the file's encoder loads into the configured 3-D ViT (on the meta device), then records its layout."""
     import warnings
 
     import torch
 
-    from retflow.checkpoint_file import CheckpointError
     from retflow.models.mae3d import ViT3DSpec, vit3d
     from retflow.train.volume import load_mae3d_encoder
 
-    try:
-        with torch.device("meta"), warnings.catch_warnings():  # shapes only: loading into it copies nothing
-            warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
-            model = vit3d(ViT3DSpec.from_dict(out["vit3d"]), num_classes=0)
-            load_mae3d_encoder(model, out["path"])
-        out["layout"] = "mae3d"
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        out["problem"] = f"{out['key']}: {' '.join(str(exc).split())}"
-    return out
+    with torch.device("meta"), warnings.catch_warnings():  # shapes only: loading into it copies nothing
+        warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+        model = vit3d(ViT3DSpec.from_dict(out["vit3d"]), num_classes=0)
+        load_mae3d_encoder(model, out["path"])
+    out["layout"] = "mae3d"
 
 
 def check_weights(uses: list[dict]) -> dict:

@@ -785,8 +785,7 @@ def volume_comparisons(info: TaskInfo, sig: Significance, settings: ReportSettin
     of ``info``'s task, in protocol / fraction / model order; () for a task without both kinds."""
     if info.internal.empty or not info.primary:
         return ()
-    spec = {m.name: m for m in settings.models}
-    kind = {name: (m.input, _init_kind(m.init)) for name, m in spec.items()}
+    kind = {m.name: (m.input, _init_kind(m.init)) for m in settings.models}
     volumes = [m for m in info.models if kind.get(m, ("",))[0] == "volume"]
     images = [m for m in info.models if kind.get(m, ("",))[0] == "image"]
     out = []

@@ -49,7 +49,7 @@ from retflow.train.engine_finetune import classifier_validation, fit, predict_ou
 from retflow.train.lora import add_adapters, merge_adapters
 from retflow.train.probe import PROBES, embeddings, fit_logreg, freeze_encoder, probe_optimizer
 from retflow.train.recipe import finetune_transform, make_mixup
-from retflow.train.volume import VOLUME, first_rows, volume_classifier, volume_datasets
+from retflow.train.volume import VOLUME, per_volume, volume_classifier, volume_datasets
 from retflow.train.targets import (
     TargetScale,
     chance_loss,
@@ -134,8 +134,7 @@ def run(s: FinetuneSettings, store: str, init_path: str | None, out_dir: Path) -
         strata = np.where(valid, stratum(task, targets).astype(str), "")
         manifest = manifest.assign(split=fold_split(manifest, s.fold, strata).to_numpy())
     if s.input == VOLUME:  # one row per volume, split as its B-scans (the 2-D run's eyes)
-        first = first_rows(manifest)
-        manifest, targets, valid = manifest.iloc[first].reset_index(drop=True), targets[first], valid[first]
+        manifest, targets, valid = per_volume(manifest, targets, valid)
     parts = _split_rows(manifest, task, targets, valid)
     tr_rows, tr_y = parts["train"]
     keep = label_fraction_indices(stratum(task, tr_y), s.fraction, s.seed)

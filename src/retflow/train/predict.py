@@ -19,7 +19,7 @@ from retflow.models.checkpoint_layouts import load_model
 from retflow.settings.stages import TaskSettings
 from retflow.train.engine_finetune import predict_outputs
 from retflow.train.targets import TargetScale, encode_targets, write_predictions
-from retflow.train.volume import first_rows, load_volume_classifier, volume_checkpoint
+from retflow.train.volume import load_volume_classifier, per_volume, volume_checkpoint
 
 
 def load_finetuned(checkpoint: Path, device):
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if VOLUME_INDEX not in manifest.columns:
             raise SystemExit(f"ERROR: {args.store} holds no whole volumes ({VOLUME_SHARD_DIR}/) for the volume model "
                              f"{args.checkpoint}; prepare it with preprocess.oct.volume set")
-        first = first_rows(manifest)
-        manifest, targets, valid = manifest.iloc[first].reset_index(drop=True), targets[first], valid[first]
+        manifest, targets, valid = per_volume(manifest, targets, valid)
     if args.split is not None:
         valid = valid & (manifest["split"] == args.split).to_numpy()
     rows = np.flatnonzero(valid)

@@ -21,7 +21,7 @@ from retflow.data.dataset import load_manifest
 from retflow.data.pools import pool_mask
 from retflow.data.volume_dataset import VolumeDataset, volume_rows
 from retflow.models.mae3d import VisionTransformer3D, vit3d
-from retflow.settings.checks import VOLUME  # noqa: F401 - FinetuneSettings.input of a 3-D model's run
+from retflow.settings.checks import VOLUME  # FinetuneSettings.input / best.pth 'input' of a 3-D model
 from retflow.settings.stages import FinetuneSettings
 
 
@@ -39,9 +39,13 @@ def volume_pool(stores: Sequence[str], normalize: dict, splits: Sequence[str],
     return torch.utils.data.ConcatDataset(parts)
 
 
-def first_rows(manifest: pd.DataFrame) -> np.ndarray:
-    """Positions of one manifest row per volume, the first of its B-scan rows (:func:`volume_rows`)."""
-    return volume_rows(manifest.reset_index(drop=True)).index.to_numpy()
+def per_volume(manifest: pd.DataFrame, targets: np.ndarray, valid: np.ndarray
+               ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A store's manifest rows (with their targets and validity) reduced to one per volume, the first of its
+    B-scan rows (:func:`volume_rows`): its split, label and ``image_id`` are the volume's, in training and in
+    prediction alike."""
+    first = volume_rows(manifest.reset_index(drop=True)).index.to_numpy()
+    return manifest.iloc[first].reset_index(drop=True), targets[first], valid[first]
 
 
 def volume_datasets(s: FinetuneSettings, store: str, manifest: pd.DataFrame,
